@@ -1,0 +1,348 @@
+//! Configuration: the types (serde), the embedded default, validation and overrides.
+//!
+//! Unknown keys are errors, so a typo is reported with its key path and line instead of
+//! being silently ignored. Validation names the key and the problem.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Deserializer};
+
+/// `config/berth.toml`, compiled in: what `berth serve` runs on without `--config`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/berth.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default = "default_header_read_timeout", with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A connection on which nothing moves for this long is closed.
+    #[serde(default = "default_idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_shutdown_grace", with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Connections beyond this many (per listener) are refused.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub root: PathBuf,
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+    #[serde(default)]
+    pub min_free: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    #[serde(default = "default_upstream")]
+    pub default_upstream: String,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            default_upstream: default_upstream(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// How clients name this upstream (`?ns=`, first path segment).
+    pub host: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Where berth fetches from: `https://...`, or `http://...` for on-prem and tests.
+    pub url: String,
+    #[serde(default = "default_tag_ttl", with = "duration")]
+    pub tag_ttl: Duration,
+    #[serde(default)]
+    pub quota: Option<QuotaConfig>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Name of an environment variable holding the password or token.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// A `.dockerconfigjson` file (Kubernetes pull secret format).
+    #[serde(default)]
+    pub docker_config: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for this upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Time allowed until the upstream's response headers arrive.
+    #[serde(default = "default_response_timeout", with = "duration")]
+    pub response_timeout: Duration,
+    /// A blob fill that receives no byte for this long is abandoned.
+    #[serde(default = "default_stall_timeout", with = "duration")]
+    pub stall_timeout: Duration,
+    /// No blob fill runs longer than this.
+    #[serde(default = "default_fill_deadline", with = "duration")]
+    pub fill_deadline: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub requests: u32,
+    #[serde(with = "duration")]
+    pub per: Duration,
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_size() -> ByteSize {
+    ByteSize::gib(20)
+}
+fn default_upstream() -> String {
+    "docker.io".into()
+}
+fn default_tag_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_fill_deadline() -> Duration {
+    Duration::from_secs(3600)
+}
+
+mod duration {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration ({e}); write it like \"30s\", \"10m\" or \"6h\""
+            ))
+        })
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses and validates a TOML document; `origin` names it in messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        Ok(config)
+    }
+
+    pub fn embedded() -> Self {
+        // The embedded file is checked by a unit test; failing here is a build defect.
+        Config::parse(EMBEDDED_DEFAULT, "embedded config/berth.toml")
+            .expect("the embedded default configuration is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return Err("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if self.server.max_connections == 0 {
+            return Err("server.max_connections must be greater than zero".into());
+        }
+        if self.storage.max_size.as_u64() == 0 {
+            return Err("storage.max_size must be greater than zero".into());
+        }
+        if self.upstreams.is_empty() {
+            return Err("upstreams: at least one [[upstreams]] block is needed".into());
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let at = format!("upstreams[{i}] ({})", u.host);
+            for name in std::iter::once(&u.host).chain(&u.aliases) {
+                if !valid_host(name) {
+                    return Err(format!(
+                        "{at}: {name:?} is not a host name (letters, digits, '.', '-', optional :port)"
+                    ));
+                }
+                if !names.insert(name.to_ascii_lowercase()) {
+                    return Err(format!("{at}: host or alias {name:?} is configured twice"));
+                }
+            }
+            let parsed = reqwest::Url::parse(&u.url)
+                .map_err(|e| format!("{at}.url: {:?} is not a URL: {e}", u.url))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(format!(
+                    "{at}.url: {:?} must be an http:// or https:// URL",
+                    u.url
+                ));
+            }
+            if u.tag_ttl.is_zero() {
+                return Err(format!("{at}.tag_ttl must be greater than zero"));
+            }
+            if let Some(q) = u.quota {
+                if q.requests == 0 || q.per.is_zero() {
+                    return Err(format!(
+                        "{at}.quota: requests and per must be greater than zero"
+                    ));
+                }
+            }
+            let secrets = [
+                u.password_file.is_some(),
+                u.password_env.is_some(),
+                u.docker_config.is_some(),
+            ];
+            if secrets.iter().filter(|s| **s).count() > 1 {
+                return Err(format!(
+                    "{at}: set only one of password_file, password_env, docker_config"
+                ));
+            }
+            if (u.password_file.is_some() || u.password_env.is_some()) && u.username.is_none() {
+                return Err(format!("{at}: password_file/password_env need username"));
+            }
+            if u.username.is_some() && u.password_file.is_none() && u.password_env.is_none() {
+                return Err(format!(
+                    "{at}: username needs password_file or password_env"
+                ));
+            }
+        }
+        if !names.contains(&self.routing.default_upstream.to_ascii_lowercase()) {
+            return Err(format!(
+                "routing.default_upstream: {:?} is not the host or alias of any [[upstreams]]",
+                self.routing.default_upstream
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn valid_host(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok());
+    port_ok
+        && !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded();
+        assert_eq!(c.server.listen.port(), 5000);
+        assert_eq!(c.server.admin_listen.port(), 5001);
+        assert_eq!(c.storage.max_size, ByteSize::gib(20));
+        let hosts: Vec<_> = c.upstreams.iter().map(|u| u.host.as_str()).collect();
+        for h in [
+            "docker.io",
+            "ghcr.io",
+            "quay.io",
+            "registry.k8s.io",
+            "gcr.io",
+            "public.ecr.aws",
+            "mcr.microsoft.com",
+            "nvcr.io",
+        ] {
+            assert!(hosts.contains(&h), "{h} missing");
+        }
+    }
+
+    fn with_upstream(extra: &str) -> String {
+        format!(
+            "[server]\nlisten=\"127.0.0.1:1\"\nadmin_listen=\"127.0.0.1:2\"\n[storage]\nroot=\"/tmp/x\"\n\
+             [[upstreams]]\nhost=\"docker.io\"\nurl=\"http://127.0.0.1:3\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse(&with_upstream("tag_ttl = \"ten minutes\""), "t").unwrap_err();
+        assert!(e.0.contains("tag_ttl"), "{e}");
+        let e = Config::parse(&with_upstream("tagttl = \"1m\""), "t").unwrap_err();
+        assert!(e.0.contains("tagttl"), "{e}");
+        let e = Config::parse(&with_upstream("url2 = 1"), "t").unwrap_err();
+        assert!(e.0.contains("url2"), "{e}");
+        let bad_url = with_upstream("").replace("http://127.0.0.1:3", "ftp://x");
+        let e = Config::parse(&bad_url, "t").unwrap_err();
+        assert!(e.0.contains("url"), "{e}");
+        let e = Config::parse(
+            &with_upstream("[routing]\ndefault_upstream=\"nope.io\""),
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("routing.default_upstream"), "{e}");
+        let e = Config::parse(&with_upstream("username = \"u\""), "t").unwrap_err();
+        assert!(e.0.contains("password_file"), "{e}");
+    }
+}

@@ -1,0 +1,126 @@
+//! berth: a pull-through caching proxy for OCI container registries.
+//!
+//! The request path is `server` → `proxy` → `store` / `upstream`, with `oci` as the shared
+//! vocabulary. This file only wires the parts together.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod metrics;
+pub mod oci;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use config::Config;
+use metrics::Metrics;
+use proxy::Proxy;
+use server::{App, Limits, Role};
+use store::Store;
+use upstream::Upstreams;
+
+/// Installs the process-wide TLS crypto provider (aws-lc-rs). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Builds the parts from a configuration: what `serve` runs and `check-config` checks.
+pub fn build(config: &Config) -> Result<App, String> {
+    install_crypto_provider();
+    let metrics = Arc::new(Metrics::new());
+    metrics
+        .store_max_bytes
+        .set(config.storage.max_size.as_u64() as i64);
+    let upstreams = Upstreams::from_config(config, metrics.clone()).map_err(|e| e.to_string())?;
+    let store = Store::open(&config.storage.root)
+        .map_err(|e| format!("storage.root {}: {e}", config.storage.root.display()))?;
+    Ok(App {
+        proxy: Proxy::new(store, metrics.clone()),
+        upstreams,
+        metrics,
+    })
+}
+
+/// Runs berth until SIGTERM or SIGINT, then drains in-flight requests.
+pub async fn serve(config: Config) -> Result<(), String> {
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => {
+            install_crypto_provider();
+            Some(server::tls_acceptor(cert, key)?)
+        }
+        _ => None,
+    };
+    let app = Arc::new(build(&config)?);
+    let api = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
+    tracing::info!(
+        listen = %config.server.listen,
+        admin = %config.server.admin_listen,
+        store = %config.storage.root.display(),
+        upstreams = app.upstreams.all().len(),
+        tls = tls.is_some(),
+        version = env!("CARGO_PKG_VERSION"),
+        "berth is serving"
+    );
+    let limits = Limits {
+        header_read_timeout: config.server.header_read_timeout,
+        idle_timeout: config.server.idle_timeout,
+        shutdown_grace: config.server.shutdown_grace,
+        max_connections: config.server.max_connections,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api_task = tokio::spawn(server::serve(
+        api,
+        Role::Api,
+        app.clone(),
+        tls,
+        limits.clone(),
+        stop_rx.clone(),
+    ));
+    let admin_task = tokio::spawn(server::serve(
+        admin,
+        Role::Admin,
+        app,
+        None,
+        limits,
+        stop_rx,
+    ));
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; in-flight requests may finish");
+    let _ = stop_tx.send(true);
+    for task in [api_task, admin_task] {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "listener failed"),
+            Err(e) => tracing::error!(error = %e, "listener task failed"),
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers berth can only be killed; keep serving.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

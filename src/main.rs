@@ -1,0 +1,149 @@
+//! The `berth` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use berth::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "A pull-through caching proxy for OCI registries"
+)]
+struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (on the embedded default configuration unless --config is given).
+    Serve {
+        /// A configuration file; replaces the embedded default as a whole.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override server.listen (the pull API address).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Override server.admin_listen (metrics, health).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// Override storage.root (where blobs and the index live).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Check a configuration file (and the credentials it names) and exit.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Version => {
+            println!("berth {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { file } => {
+            let checked = Config::load(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|c| {
+                    berth::install_crypto_provider();
+                    let metrics = std::sync::Arc::new(berth::metrics::Metrics::new());
+                    berth::upstream::Upstreams::from_config(&c, metrics)
+                        .map(|_| c)
+                        .map_err(|e| e.to_string())
+                });
+            match checked {
+                Ok(c) => {
+                    println!(
+                        "{}: ok ({} upstreams, default {}, store {})",
+                        file.display(),
+                        c.upstreams.len(),
+                        c.routing.default_upstream,
+                        c.storage.root.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+            data_dir,
+        } => {
+            let mut config = match config {
+                Some(path) => match Config::load(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => Config::embedded(),
+            };
+            if let Some(l) = listen {
+                config.server.listen = l;
+            }
+            if let Some(a) = admin_listen {
+                config.server.admin_listen = a;
+            }
+            if let Some(d) = data_dir {
+                config.storage.root = d;
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(berth::serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Every metric berth exports, in one struct that is created once and passed in.
+//!
+//! prometheus-client encodes OpenMetrics; [`Metrics::encode`] also renders the classic
+//! 0.0.4 text format for scrapers that do not ask for OpenMetrics (and for `promtool
+//! check metrics`, which lints that format).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// What a request asked for.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Kind {
+    Base,
+    Manifest,
+    Blob,
+    Tags,
+    Referrers,
+    Other,
+}
+
+/// How berth answered it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served from the store without asking upstream.
+    Hit,
+    /// Fetched from upstream (this request started the fetch).
+    Miss,
+    /// A stale tag confirmed (or moved) by upstream.
+    Revalidated,
+    /// Served from the store because upstream could not be asked or failed.
+    Stale,
+    /// Joined a fetch another request had started.
+    Coalesced,
+    /// Refused: bad input, unknown host, unsupported method.
+    Rejected,
+    /// Failed: upstream error with nothing stored, or an internal fault.
+    Error,
+    /// Passed through to upstream without caching (tags list, referrers).
+    Passthrough,
+}
+
+/// Label values are lower-case words, as Prometheus convention has them.
+macro_rules! label_values {
+    ($ty:ty { $($variant:ident => $s:literal),* $(,)? }) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $s),* }
+            }
+        }
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+
+label_values!(Kind { Base => "base", Manifest => "manifest", Blob => "blob", Tags => "tags", Referrers => "referrers", Other => "other" });
+label_values!(Outcome { Hit => "hit", Miss => "miss", Revalidated => "revalidated", Stale => "stale", Coalesced => "coalesced", Rejected => "rejected", Error => "error", Passthrough => "passthrough" });
+label_values!(Source { Cache => "cache", Upstream => "upstream" });
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub kind: Kind,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Upstream,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: Source,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamRequestLabels {
+    pub upstream: String,
+    pub method: String,
+    pub kind: Kind,
+    /// HTTP status, or "error" when no response arrived.
+    pub status: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram>,
+    pub served_bytes: Family<SourceLabels, Counter>,
+    pub upstream_bytes: Family<UpstreamLabels, Counter>,
+    pub upstream_requests: Family<UpstreamRequestLabels, Counter>,
+    pub fills_in_flight: Gauge,
+    pub fill_failures: Family<UpstreamLabels, Counter>,
+    pub ratelimit_limit: Family<UpstreamLabels, Gauge>,
+    pub ratelimit_remaining: Family<UpstreamLabels, Gauge>,
+    pub store_bytes: Gauge,
+    pub store_blobs: Gauge,
+    pub store_max_bytes: Gauge,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0, 60.0, 120.0,
+    ]
+    .into_iter()
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("berth");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Pull API requests by kind and outcome",
+            requests.clone(),
+        );
+        let request_duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        registry.register_with_unit(
+            "request_duration",
+            "Time to answer a pull API request, until the response headers (blobs) or the whole body (manifests)",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let served_bytes = Family::<SourceLabels, Counter>::default();
+        registry.register_with_unit(
+            "served",
+            "Body bytes sent to clients, by where they came from (cache: the store; upstream: a fill in progress)",
+            Unit::Bytes,
+            served_bytes.clone(),
+        );
+        let upstream_bytes = Family::<UpstreamLabels, Counter>::default();
+        registry.register_with_unit(
+            "upstream_fetched",
+            "Body bytes received from upstreams",
+            Unit::Bytes,
+            upstream_bytes.clone(),
+        );
+        let upstream_requests = Family::<UpstreamRequestLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Requests sent to upstreams by upstream, method, kind and status",
+            upstream_requests.clone(),
+        );
+        let fills_in_flight = Gauge::default();
+        registry.register(
+            "fills_in_flight",
+            "Blob fills currently streaming from upstream",
+            fills_in_flight.clone(),
+        );
+        let fill_failures = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "fill_failures",
+            "Blob fills abandoned (upstream cut, stall, digest mismatch, local I/O)",
+            fill_failures.clone(),
+        );
+        let ratelimit_limit = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_ratelimit_limit",
+            "The upstream's ratelimit-limit header, as last seen",
+            ratelimit_limit.clone(),
+        );
+        let ratelimit_remaining = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "The upstream's ratelimit-remaining header, as last seen",
+            ratelimit_remaining.clone(),
+        );
+        let store_bytes = Gauge::default();
+        registry.register_with_unit(
+            "store",
+            "Bytes of blobs and manifests in the store",
+            Unit::Bytes,
+            store_bytes.clone(),
+        );
+        let store_blobs = Gauge::default();
+        registry.register(
+            "store_blobs",
+            "Blobs and manifests in the store",
+            store_blobs.clone(),
+        );
+        let store_max_bytes = Gauge::default();
+        registry.register_with_unit(
+            "store_max",
+            "The configured store size cap",
+            Unit::Bytes,
+            store_max_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            served_bytes,
+            upstream_bytes,
+            upstream_requests,
+            fills_in_flight,
+            fill_failures,
+            ratelimit_limit,
+            ratelimit_remaining,
+            store_bytes,
+            store_blobs,
+            store_max_bytes,
+        }
+    }
+
+    pub fn observe_request(&self, kind: Kind, outcome: Outcome, elapsed: Duration) {
+        let labels = RequestLabels { kind, outcome };
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn upstream_request(&self, upstream: &str, method: &str, kind: Kind, status: Option<u16>) {
+        self.upstream_requests
+            .get_or_create(&UpstreamRequestLabels {
+                upstream: upstream.to_owned(),
+                method: method.to_owned(),
+                kind,
+                status: status.map_or_else(|| "error".to_owned(), |s| s.to_string()),
+            })
+            .inc();
+    }
+
+    /// OpenMetrics text (what Prometheus asks for).
+    pub fn encode_openmetrics(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The classic text format 0.0.4: counters carry `_total` in HELP/TYPE, no UNIT, no EOF.
+    pub fn encode_classic(&self) -> String {
+        openmetrics_to_classic(&self.encode_openmetrics())
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Rewrites OpenMetrics text into the classic Prometheus text format.
+fn openmetrics_to_classic(om: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some((name, "counter")) = rest.split_once(' ') {
+                counters.insert(name.to_owned());
+            }
+        }
+    }
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        if let Some((prefix, rest)) = meta {
+            if let Some((name, tail)) = rest.split_once(' ') {
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+                    continue;
+                }
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_format_names_counters_with_total() {
+        let m = Metrics::new();
+        m.observe_request(Kind::Blob, Outcome::Hit, Duration::from_millis(1));
+        let classic = m.encode_classic();
+        assert!(
+            classic.contains("# TYPE berth_requests_total counter"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("berth_requests_total{kind=\"blob\",outcome=\"hit\"} 1"),
+            "{classic}"
+        );
+        assert!(!classic.contains("# EOF"));
+        assert!(m.encode_openmetrics().ends_with("# EOF\n"));
+    }
+}

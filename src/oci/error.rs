@@ -1,0 +1,136 @@
+//! OCI error codes, the one table that pairs each with its HTTP status, and the JSON body.
+//!
+//! Every error berth answers goes through [`Error`]; its [`ErrorCode`] alone decides the
+//! status, so the code and the status can never disagree.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// The error codes berth answers with (distribution-spec codes plus `UNAVAILABLE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The blob is not in the repository, here or upstream.
+    BlobUnknown,
+    /// The manifest is not in the repository, here or upstream.
+    ManifestUnknown,
+    /// The repository, or the upstream host a request names, is not known.
+    NameUnknown,
+    /// The repository name breaks the grammar.
+    NameInvalid,
+    /// The tag or reference breaks the grammar.
+    TagInvalid,
+    /// A digest breaks the grammar.
+    DigestInvalid,
+    /// The requested `Range` cannot be satisfied.
+    RangeInvalid,
+    /// Push, delete and anything else a read-only mirror does not do.
+    Unsupported,
+    /// The admin API needs a token.
+    Unauthorized,
+    /// The upstream refused berth's credentials for this repository.
+    Denied,
+    /// The upstream's quota (or berth's own budget for it) is spent.
+    TooManyRequests,
+    /// The upstream could not be reached and nothing is stored.
+    Unavailable,
+    /// The upstream sent bytes that do not match their digest.
+    UpstreamDigestMismatch,
+    /// The upstream sent a manifest berth will not store (too large, malformed).
+    UpstreamManifestInvalid,
+    /// The upstream answered in a way berth cannot use.
+    UpstreamInvalid,
+    /// A fault inside berth (local I/O, index).
+    Internal,
+}
+
+impl ErrorCode {
+    /// The table: OCI code string and HTTP status, one row per code.
+    pub fn describe(self) -> (&'static str, StatusCode) {
+        use ErrorCode::*;
+        match self {
+            BlobUnknown => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
+            ManifestUnknown => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND),
+            NameUnknown => ("NAME_UNKNOWN", StatusCode::NOT_FOUND),
+            NameInvalid => ("NAME_INVALID", StatusCode::BAD_REQUEST),
+            TagInvalid => ("TAG_INVALID", StatusCode::BAD_REQUEST),
+            DigestInvalid => ("DIGEST_INVALID", StatusCode::BAD_REQUEST),
+            RangeInvalid => ("RANGE_INVALID", StatusCode::RANGE_NOT_SATISFIABLE),
+            Unsupported => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
+            Unauthorized => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
+            Denied => ("DENIED", StatusCode::FORBIDDEN),
+            TooManyRequests => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
+            Unavailable => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
+            UpstreamDigestMismatch => ("DIGEST_INVALID", StatusCode::BAD_GATEWAY),
+            UpstreamManifestInvalid => ("MANIFEST_INVALID", StatusCode::BAD_GATEWAY),
+            UpstreamInvalid => ("UNKNOWN", StatusCode::BAD_GATEWAY),
+            Internal => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        self.describe().1
+    }
+}
+
+/// An error as the client will see it.
+#[derive(Clone, Debug)]
+pub struct Error {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Sent as `Retry-After` (429 and 503).
+    pub retry_after: Option<Duration>,
+}
+
+impl Error {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
+    }
+
+    /// The distribution-spec error body: `{"errors":[{"code","message","detail"}]}`.
+    pub fn to_json(&self) -> String {
+        let (code, _) = self.code.describe();
+        serde_json::json!({
+            "errors": [{ "code": code, "message": self.message, "detail": null }]
+        })
+        .to_string()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code.describe().0, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape() {
+        let e = Error::new(
+            ErrorCode::NameUnknown,
+            "upstream \"evil.example\" is not configured",
+        );
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["errors"][0]["code"], "NAME_UNKNOWN");
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+    }
+}

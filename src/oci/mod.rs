@@ -1,0 +1,15 @@
+//! The OCI distribution vocabulary: digests, names, references, media types, error codes
+//! and the request-path grammar. Pure parsing, no I/O; everything that enters berth from
+//! a client or an upstream is turned into these types before it is used.
+
+mod digest;
+mod error;
+pub mod media;
+mod name;
+mod route;
+
+pub use digest::{Algorithm, Digest, Hasher, InvalidDigest};
+pub use error::{Error, ErrorCode};
+pub use media::AcceptSet;
+pub use name::{InvalidName, Reference, Repository, Tag};
+pub use route::{Endpoint, Route};

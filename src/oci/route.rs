@@ -1,0 +1,216 @@
+//! The one parser of inbound paths: `/v2/...` and its query into a [`Route`].
+//!
+//! The repository part stays a `&str` here because which part of it names an upstream
+//! host (`/v2/ghcr.io/org/app/...`) depends on the configured upstreams; the routing table
+//! in `upstream` finishes the job and parses the rest into a [`super::Repository`].
+
+use http::Method;
+
+use super::digest::Digest;
+use super::error::{Error, ErrorCode};
+use super::name::Reference;
+
+/// What a request asks for, once its path has been parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /v2/`: the API version check.
+    Base,
+    Manifest(Reference),
+    Blob(Digest),
+    /// `GET /v2/<name>/tags/list?n=&last=`
+    TagsList {
+        n: Option<u32>,
+        last: Option<String>,
+    },
+    /// `GET /v2/<name>/referrers/<digest>?artifactType=`
+    Referrers {
+        digest: Digest,
+        artifact_type: Option<String>,
+    },
+}
+
+/// A parsed request: what it asks for, under which (not yet resolved) name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub endpoint: Endpoint,
+    /// The name part of the path, possibly starting with an upstream host.
+    pub name: &'a str,
+    /// The `ns` query parameter containerd sends for mirrors.
+    pub ns: Option<String>,
+    /// HEAD rather than GET.
+    pub head: bool,
+}
+
+fn unsupported(what: &str) -> Error {
+    Error::new(
+        ErrorCode::Unsupported,
+        format!("berth is a read-only mirror: {what} is not supported"),
+    )
+}
+
+fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| percent_decode(v))
+}
+
+/// Minimal `%XX` decoding for query values (never used on paths: encoded paths are invalid).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl<'a> Route<'a> {
+    /// Parses a request line. Anything berth does not serve is an OCI error.
+    pub fn parse(method: &Method, path: &'a str, query: Option<&str>) -> Result<Self, Error> {
+        let head = match *method {
+            Method::GET => false,
+            Method::HEAD => true,
+            Method::PUT | Method::POST | Method::PATCH => return Err(unsupported("pushing")),
+            Method::DELETE => return Err(unsupported("deleting")),
+            _ => return Err(unsupported(&format!("the {method} method"))),
+        };
+        let ns = query_param(query, "ns").filter(|s| !s.is_empty());
+        let rest = match path.strip_prefix("/v2") {
+            Some("") | Some("/") => {
+                return Ok(Route {
+                    endpoint: Endpoint::Base,
+                    name: "",
+                    ns,
+                    head,
+                })
+            }
+            Some(r) if r.starts_with('/') => &r[1..],
+            _ => {
+                return Err(Error::new(
+                    ErrorCode::NameUnknown,
+                    "only the OCI distribution API under /v2/ is served here",
+                ))
+            }
+        };
+        if rest == "_catalog" {
+            return Err(unsupported("listing the catalog"));
+        }
+        let (name, endpoint) = if let Some(name) = rest.strip_suffix("/tags/list") {
+            let n = match query_param(query, "n") {
+                Some(v) => Some(v.parse::<u32>().map_err(|_| {
+                    Error::new(
+                        ErrorCode::Unsupported,
+                        format!("n={v:.20?} is not a number"),
+                    )
+                })?),
+                None => None,
+            };
+            (
+                name,
+                Endpoint::TagsList {
+                    n,
+                    last: query_param(query, "last"),
+                },
+            )
+        } else if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+            let reference = Reference::parse(reference).map_err(|e| match e {
+                super::InvalidName::Digest(d) => Error::new(ErrorCode::DigestInvalid, d.0),
+                other => Error::new(ErrorCode::TagInvalid, other.to_string()),
+            })?;
+            (name, Endpoint::Manifest(reference))
+        } else if rest.contains("/blobs/uploads") {
+            return Err(unsupported("pushing"));
+        } else if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+            let digest =
+                Digest::parse(digest).map_err(|e| Error::new(ErrorCode::DigestInvalid, e.0))?;
+            (name, Endpoint::Blob(digest))
+        } else if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
+            let digest =
+                Digest::parse(digest).map_err(|e| Error::new(ErrorCode::DigestInvalid, e.0))?;
+            (
+                name,
+                Endpoint::Referrers {
+                    digest,
+                    artifact_type: query_param(query, "artifactType"),
+                },
+            )
+        } else {
+            return Err(Error::new(
+                ErrorCode::NameUnknown,
+                format!("no OCI endpoint at {path:.200?}"),
+            ));
+        };
+        Ok(Route {
+            endpoint,
+            name,
+            ns,
+            head,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn parses_endpoints() {
+        let r = Route::parse(&Method::GET, "/v2/", None).unwrap();
+        assert_eq!(r.endpoint, Endpoint::Base);
+        let r = Route::parse(
+            &Method::HEAD,
+            "/v2/library/alpine/manifests/3.19",
+            Some("ns=docker.io"),
+        )
+        .unwrap();
+        assert!(r.head);
+        assert_eq!(r.name, "library/alpine");
+        assert_eq!(r.ns.as_deref(), Some("docker.io"));
+        let p = format!("/v2/ghcr.io/org/app/blobs/{D}");
+        let r = Route::parse(&Method::GET, &p, None).unwrap();
+        assert_eq!(r.name, "ghcr.io/org/app");
+        assert!(matches!(r.endpoint, Endpoint::Blob(_)));
+        let r = Route::parse(&Method::GET, "/v2/a/tags/list", Some("n=10&last=v1")).unwrap();
+        assert_eq!(
+            r.endpoint,
+            Endpoint::TagsList {
+                n: Some(10),
+                last: Some("v1".into())
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_writes_and_garbage() {
+        let e = Route::parse(&Method::PUT, "/v2/a/manifests/x", None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported);
+        let e = Route::parse(&Method::POST, "/v2/a/blobs/uploads/", None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported);
+        let e = Route::parse(&Method::GET, "/v2/a/blobs/sha256:xyz", None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::DigestInvalid);
+        let e = Route::parse(&Method::GET, "/v2/a/manifests/bad%tag", None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TagInvalid);
+        assert!(Route::parse(&Method::GET, "/etc/passwd", None).is_err());
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%4"), "%4");
+    }
+}

@@ -1,0 +1,158 @@
+//! Blob bodies: a byte range of a stored file, or of a file a fill is still writing.
+//!
+//! A small task per response reads the file in chunks with positional reads and hands
+//! them to the response through a one-slot channel, so at most two chunks per client are
+//! in memory. An error ends the body with an error, which makes hyper abort the
+//! connection: a client never mistakes a failed transfer for a complete one.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::{mpsc, watch};
+
+use super::fill::{Progress, Status, FOLLOWER_PATIENCE};
+use crate::metrics::{Metrics, Source, SourceLabels};
+
+const CHUNK: u64 = 128 * 1024;
+
+/// Where a blob body's bytes come from.
+pub enum BlobSource {
+    Stored(Arc<File>),
+    Filling(watch::Receiver<Progress>),
+}
+
+pub struct BlobBody {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    len: Option<u64>,
+}
+
+impl BlobBody {
+    /// Streams bytes `start..end` of the source (`end = None`: until a fill of unknown
+    /// size is done).
+    pub fn new(source: BlobSource, start: u64, end: Option<u64>, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(pump(source, start, end, tx, metrics));
+        BlobBody {
+            rx,
+            len: end.map(|e| e - start),
+        }
+    }
+}
+
+/// How far clients may read a fill: everything written, except that the last byte of a
+/// known-size blob waits for the digest to be verified.
+fn readable(p: &Progress) -> u64 {
+    match (&p.status, p.total) {
+        (Status::Done, _) => p.written,
+        (_, Some(total)) => p.written.min(total.saturating_sub(1)),
+        (_, None) => p.written,
+    }
+}
+
+async fn pump(
+    mut source: BlobSource,
+    start: u64,
+    end: Option<u64>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    metrics: Arc<Metrics>,
+) {
+    let label = SourceLabels {
+        source: match source {
+            BlobSource::Stored(_) => Source::Cache,
+            BlobSource::Filling(_) => Source::Upstream,
+        },
+    };
+    let served = metrics.served_bytes.get_or_create(&label).clone();
+    let mut pos = start;
+    loop {
+        if end.is_some_and(|e| pos >= e) {
+            return;
+        }
+        let (file, avail) = match &mut source {
+            BlobSource::Stored(f) => (f.clone(), end.unwrap_or(pos)),
+            BlobSource::Filling(rx) => {
+                let waited = tokio::time::timeout(
+                    FOLLOWER_PATIENCE,
+                    rx.wait_for(|p| {
+                        readable(p) > pos || matches!(p.status, Status::Failed(_) | Status::Done)
+                    }),
+                )
+                .await;
+                // Clone out of the watch guard before any await.
+                let waited = waited.map(|r| r.map(|p| p.clone()));
+                let p = match waited {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return fail(&tx, "the blob fill ended unexpectedly").await,
+                    Err(_) => return fail(&tx, "the blob fill stalled").await,
+                };
+                if let Status::Failed(e) = &p.status {
+                    return fail(&tx, &e.message).await;
+                }
+                let avail = readable(&p);
+                if matches!(p.status, Status::Done) && pos >= avail {
+                    // A fill of unknown size is complete, or the range ends past it.
+                    if end.is_some_and(|e| pos < e) {
+                        return fail(&tx, "the blob is shorter than announced").await;
+                    }
+                    return;
+                }
+                let Some(reader) = p.reader.clone() else {
+                    return fail(&tx, "the blob fill has no data").await;
+                };
+                (reader, end.map_or(avail, |e| avail.min(e)))
+            }
+        };
+        if avail <= pos {
+            return;
+        }
+        let n = (avail - pos).min(CHUNK) as usize;
+        let at = pos;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
+        })
+        .await;
+        let chunk = match read {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return fail(&tx, &format!("reading the blob: {e}")).await,
+            Err(e) => return fail(&tx, &format!("reading the blob: {e}")).await,
+        };
+        served.inc_by(n as u64);
+        pos += n as u64;
+        if tx.send(Ok(chunk)).await.is_err() {
+            return; // the client went away
+        }
+    }
+}
+
+async fn fail(tx: &mpsc::Sender<io::Result<Bytes>>, why: &str) {
+    tracing::debug!(cause = why, "aborting a blob response");
+    let _ = tx.send(Err(io::Error::other(why.to_owned()))).await;
+}
+
+impl Body for BlobBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|item| item.map(|r| r.map(Frame::data)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.len {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! Manifest policy. By digest: immutable, fetched once and never again. By tag: fresh
+//! within the upstream's `tag_ttl`; stale tags are revalidated with a HEAD (free on Docker
+//! Hub) and only a moved tag costs a GET. When upstream cannot answer, the stored copy is
+//! served with a `Warning`. Concurrent fetches or revalidations of one key coalesce.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::flight::Role;
+use super::{internal, referenced_digests, Proxy};
+use crate::metrics::Outcome;
+use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository, Tag};
+use crate::store::{now_secs, CommitError, StoredManifest, TagRecord};
+use crate::upstream::{self, ManifestResponse, Upstream};
+
+/// A manifest to send: the upstream's exact bytes and media type.
+#[derive(Clone, Debug)]
+pub struct ManifestAnswer {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    pub outcome: Outcome,
+    /// Set on stale answers: why upstream was not (or could not be) asked.
+    pub warning: Option<String>,
+}
+
+impl ManifestAnswer {
+    fn stored(digest: Digest, m: StoredManifest, outcome: Outcome) -> Self {
+        ManifestAnswer {
+            digest,
+            media_type: m.media_type,
+            bytes: m.bytes,
+            outcome,
+            warning: None,
+        }
+    }
+}
+
+fn tag_key(up: &Upstream, repo: &Repository, tag: &Tag, accept: AcceptSet) -> String {
+    format!("{}/{repo}:{tag}#{}", up.host(), accept.key())
+}
+
+fn unknown(up: &Upstream, repo: &Repository, reference: &Reference) -> oci::Error {
+    oci::Error::new(
+        ErrorCode::ManifestUnknown,
+        format!(
+            "manifest {reference} is not in {repo} on upstream {}",
+            up.host()
+        ),
+    )
+}
+
+impl Proxy {
+    pub async fn manifest(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        reference: &Reference,
+        accept: AcceptSet,
+    ) -> Result<ManifestAnswer, oci::Error> {
+        match reference {
+            Reference::Digest(d) => self.manifest_by_digest(up, repo, d).await,
+            Reference::Tag(t) => self.manifest_by_tag(up, repo, t, accept).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<ManifestAnswer, oci::Error> {
+        if let Some(m) = self.stored_manifest(digest).await? {
+            self.authorize_manifest(up, repo, digest).await?;
+            return Ok(ManifestAnswer::stored(digest.clone(), m, Outcome::Hit));
+        }
+        let key = format!("{}/{repo}@{digest}", up.host());
+        let work = {
+            let (this, up, repo, digest) =
+                (self.clone_parts(), up.clone(), repo.clone(), digest.clone());
+            async move { this.fetch_by_digest(&up, &repo, &digest).await }
+        };
+        self.fly(key, work).await
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        tag: &Tag,
+        accept: AcceptSet,
+    ) -> Result<ManifestAnswer, oci::Error> {
+        let key = tag_key(up, repo, tag, accept);
+        let record = self
+            .store
+            .tag(&key)
+            .map_err(|e| internal("reading the index", e))?;
+        if let Some(r) = &record {
+            let age = now_secs().saturating_sub(r.validated_at);
+            if Duration::from_secs(age) < up.tag_ttl {
+                if let Some(m) = self.stored_manifest(&r.digest).await? {
+                    return Ok(ManifestAnswer::stored(r.digest.clone(), m, Outcome::Hit));
+                }
+            }
+        }
+        let work = {
+            let (this, up, repo, tag) = (self.clone_parts(), up.clone(), repo.clone(), tag.clone());
+            async move {
+                this.refresh_tag(&up, &repo, &tag, accept, key.clone())
+                    .await
+            }
+        };
+        self.fly(tag_key(up, repo, tag, accept), work).await
+    }
+
+    /// Runs `work` once per key however many requests wait on it; followers are counted
+    /// as coalesced.
+    async fn fly(
+        &self,
+        key: String,
+        work: impl std::future::Future<Output = Result<ManifestAnswer, oci::Error>> + Send + 'static,
+    ) -> Result<ManifestAnswer, oci::Error> {
+        let (result, role) = self
+            .manifest_flights
+            .run(key, work, || {
+                Err(oci::Error::new(
+                    ErrorCode::Internal,
+                    "the manifest fetch ended unexpectedly",
+                ))
+            })
+            .await;
+        result.map(|mut a| {
+            if role == Role::Follower && a.outcome == Outcome::Miss {
+                a.outcome = Outcome::Coalesced;
+            }
+            a
+        })
+    }
+
+    async fn stored_manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, oci::Error> {
+        self.store
+            .manifest(digest)
+            .await
+            .map_err(|e| internal("reading a stored manifest", e))
+    }
+
+    /// Same rule as for blobs: a stored manifest is served for a repository only if that
+    /// repository is known to hold it or upstream confirms it with a (free) HEAD.
+    async fn authorize_manifest(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<(), oci::Error> {
+        let linked = self
+            .store
+            .is_linked(up.host(), repo.as_str(), digest)
+            .map_err(|e| internal("reading the index", e))?;
+        if linked {
+            return Ok(());
+        }
+        let reference = Reference::Digest(digest.clone());
+        match up.head_manifest(repo, &reference, AcceptSet::ALL).await {
+            Ok(Some(_)) => self
+                .store
+                .link(up.host(), repo.as_str(), vec![digest.clone()])
+                .await
+                .map_err(|e| internal("writing the index", e)),
+            Ok(None) => Err(unknown(up, repo, &reference)),
+            Err(e) => Err(e.to_oci(up.host())),
+        }
+    }
+}
+
+/// The parts of the proxy a spawned flight needs (it outlives the request).
+#[derive(Clone)]
+struct Parts {
+    store: crate::store::Store,
+}
+
+impl Proxy {
+    fn clone_parts(&self) -> Parts {
+        Parts {
+            store: self.store.clone(),
+        }
+    }
+}
+
+impl Parts {
+    async fn fetch_by_digest(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<ManifestAnswer, oci::Error> {
+        let reference = Reference::Digest(digest.clone());
+        let fetched = match up.get_manifest(repo, &reference, AcceptSet::ALL).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(unknown(up, repo, &reference)),
+            Err(e) => return Err(e.to_oci(up.host())),
+        };
+        self.keep(up, repo, digest, &fetched).await?;
+        Ok(ManifestAnswer {
+            digest: digest.clone(),
+            media_type: fetched.media_type,
+            bytes: fetched.bytes,
+            outcome: Outcome::Miss,
+            warning: None,
+        })
+    }
+
+    /// Verifies a fetched manifest against `digest`, stores it and links what it refers to.
+    async fn keep(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        digest: &Digest,
+        m: &ManifestResponse,
+    ) -> Result<(), oci::Error> {
+        if let Some(claimed) = &m.digest {
+            if claimed != digest {
+                return Err(mismatch(up, digest, claimed));
+            }
+        }
+        match self
+            .store
+            .put_manifest(digest, &m.media_type, m.bytes.clone())
+            .await
+        {
+            Ok(()) => {}
+            Err(CommitError::Mismatch { actual }) => return Err(mismatch(up, digest, &actual)),
+            Err(CommitError::Io(e)) => return Err(internal("storing a manifest", e)),
+        }
+        let mut links = referenced_digests(&m.bytes);
+        links.push(digest.clone());
+        self.store
+            .link(up.host(), repo.as_str(), links)
+            .await
+            .map_err(|e| internal("writing the index", e))
+    }
+
+    /// A tag that is stale or unknown: revalidate with HEAD when something is stored,
+    /// GET when the tag moved or was never seen, stale copy when upstream fails.
+    async fn refresh_tag(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        tag: &Tag,
+        accept: AcceptSet,
+        key: String,
+    ) -> Result<ManifestAnswer, oci::Error> {
+        let reference = Reference::Tag(tag.clone());
+        let record = self
+            .store
+            .tag(&key)
+            .map_err(|e| internal("reading the index", e))?;
+        let stored = match &record {
+            Some(r) => self
+                .store
+                .manifest(&r.digest)
+                .await
+                .map_err(|e| internal("reading a stored manifest", e))?
+                .map(|m| (r.clone(), m)),
+            None => None,
+        };
+        if let Some((record, manifest)) = stored {
+            // Another request may have refreshed the tag while this one queued.
+            let age = now_secs().saturating_sub(record.validated_at);
+            if Duration::from_secs(age) < up.tag_ttl {
+                return Ok(ManifestAnswer::stored(
+                    record.digest,
+                    manifest,
+                    Outcome::Hit,
+                ));
+            }
+            match up.head_manifest(repo, &reference, accept).await {
+                Ok(Some(head)) if head.digest.as_ref() == Some(&record.digest) => {
+                    let refreshed = TagRecord {
+                        validated_at: now_secs(),
+                        ..record.clone()
+                    };
+                    self.put_tag(key, refreshed).await?;
+                    return Ok(ManifestAnswer::stored(
+                        record.digest,
+                        manifest,
+                        Outcome::Revalidated,
+                    ));
+                }
+                Ok(Some(head)) => {
+                    // Moved (or no digest header): a manifest we already hold costs nothing.
+                    if let Some(new) = &head.digest {
+                        if let Some(m) = self
+                            .store
+                            .manifest(new)
+                            .await
+                            .map_err(|e| internal("reading a stored manifest", e))?
+                        {
+                            if accept.accepts(&m.media_type) {
+                                self.put_tag(key, record_for(new.clone(), &m.media_type))
+                                    .await?;
+                                self.store
+                                    .link(up.host(), repo.as_str(), vec![new.clone()])
+                                    .await
+                                    .map_err(|e| internal("writing the index", e))?;
+                                return Ok(ManifestAnswer::stored(
+                                    new.clone(),
+                                    m,
+                                    Outcome::Revalidated,
+                                ));
+                            }
+                        }
+                    }
+                }
+                Ok(None) => return Err(unknown(up, repo, &reference)),
+                Err(e) if e.allows_stale() => return Ok(stale(up, record, manifest, &e)),
+                Err(e) => return Err(e.to_oci(up.host())),
+            }
+            return match self.fetch_tag(up, repo, tag, accept, key).await {
+                Ok(mut a) => {
+                    a.outcome = Outcome::Revalidated;
+                    Ok(a)
+                }
+                Err(FetchError::Upstream(e)) if e.allows_stale() => {
+                    Ok(stale(up, record, manifest, &e))
+                }
+                Err(e) => Err(e.into_oci(up)),
+            };
+        }
+        self.fetch_tag(up, repo, tag, accept, key)
+            .await
+            .map_err(|e| e.into_oci(up))
+    }
+
+    async fn fetch_tag(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        tag: &Tag,
+        accept: AcceptSet,
+        key: String,
+    ) -> Result<ManifestAnswer, FetchError> {
+        let reference = Reference::Tag(tag.clone());
+        let fetched = match up.get_manifest(repo, &reference, accept).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(FetchError::Oci(unknown(up, repo, &reference))),
+            Err(e) => return Err(FetchError::Upstream(e)),
+        };
+        // The digest of a tag is the hash of the exact bytes, in the algorithm the
+        // upstream used if it said one.
+        let digest = {
+            let mut h = match &fetched.digest {
+                Some(d) => d.hasher(),
+                None => Digest::sha256_of(b"").hasher(),
+            };
+            h.update(&fetched.bytes);
+            h.finish()
+        };
+        self.keep(up, repo, &digest, &fetched)
+            .await
+            .map_err(FetchError::Oci)?;
+        self.put_tag(key, record_for(digest.clone(), &fetched.media_type))
+            .await?;
+        Ok(ManifestAnswer {
+            digest,
+            media_type: fetched.media_type,
+            bytes: fetched.bytes,
+            outcome: Outcome::Miss,
+            warning: None,
+        })
+    }
+
+    async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), oci::Error> {
+        self.store
+            .put_tag(key, record)
+            .await
+            .map_err(|e| internal("writing the index", e))
+    }
+}
+
+fn record_for(digest: Digest, media_type: &str) -> TagRecord {
+    let now = now_secs();
+    TagRecord {
+        digest,
+        media_type: media_type.to_owned(),
+        fetched_at: now,
+        validated_at: now,
+    }
+}
+
+enum FetchError {
+    Upstream(upstream::Error),
+    Oci(oci::Error),
+}
+
+impl From<oci::Error> for FetchError {
+    fn from(e: oci::Error) -> Self {
+        FetchError::Oci(e)
+    }
+}
+
+impl FetchError {
+    fn into_oci(self, up: &Upstream) -> oci::Error {
+        match self {
+            FetchError::Upstream(e) => e.to_oci(up.host()),
+            FetchError::Oci(e) => e,
+        }
+    }
+}
+
+fn mismatch(up: &Upstream, expected: &Digest, actual: &Digest) -> oci::Error {
+    oci::Error::new(
+        ErrorCode::UpstreamDigestMismatch,
+        format!(
+            "upstream {} sent a manifest for {expected} that hashes to {actual}; nothing stored",
+            up.host()
+        ),
+    )
+}
+
+fn stale(
+    up: &Upstream,
+    record: TagRecord,
+    m: StoredManifest,
+    e: &upstream::Error,
+) -> ManifestAnswer {
+    let age = now_secs().saturating_sub(record.validated_at);
+    tracing::warn!(upstream = up.host(), error = %e, "serving a stale tag");
+    ManifestAnswer {
+        digest: record.digest,
+        media_type: m.media_type,
+        bytes: m.bytes,
+        outcome: Outcome::Stale,
+        warning: Some(format!(
+            "upstream {} could not revalidate this tag ({e}); serving the copy last validated {age}s ago",
+            up.host()
+        )),
+    }
+}

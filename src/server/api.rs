@@ -1,0 +1,307 @@
+//! The OCI pull API: parse the request once, resolve its upstream, ask the proxy, and
+//! write the answer (headers, ranges, errors). One log line per request.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+
+use super::range::{self, RangeAnswer};
+use super::response::{self, Body, API_VERSION};
+use super::App;
+use crate::metrics::{Kind, Outcome};
+use crate::oci::{self, AcceptSet, Endpoint, ErrorCode, Route};
+use crate::proxy::{BlobAnswer, BlobBody, ManifestAnswer};
+
+/// What the log line and the metrics say about a request.
+struct Summary {
+    kind: Kind,
+    outcome: Outcome,
+    upstream: String,
+    repository: String,
+    reference: String,
+}
+
+pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+    let started = Instant::now();
+    let head = req.method() == http::Method::HEAD;
+    let mut summary = Summary {
+        kind: Kind::Other,
+        outcome: Outcome::Rejected,
+        upstream: String::new(),
+        repository: String::new(),
+        reference: String::new(),
+    };
+    let mut resp = match serve(&app, &req, &mut summary).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            summary.outcome = outcome_of_error(&e);
+            response::error(&e, head)
+        }
+    };
+    resp.headers_mut()
+        .insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+    let elapsed = started.elapsed();
+    app.metrics
+        .observe_request(summary.kind, summary.outcome, elapsed);
+    let bytes = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    tracing::info!(
+        method = %req.method(),
+        upstream = %summary.upstream,
+        repository = %summary.repository,
+        reference = %summary.reference,
+        kind = summary.kind.as_str(),
+        outcome = summary.outcome.as_str(),
+        status = resp.status().as_u16(),
+        bytes,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    resp
+}
+
+/// Client faults are rejections; everything else that fails is an error.
+fn outcome_of_error(e: &oci::Error) -> Outcome {
+    use ErrorCode::*;
+    match e.code {
+        NameInvalid | TagInvalid | DigestInvalid | RangeInvalid | Unsupported | Unauthorized
+        | NameUnknown => Outcome::Rejected,
+        BlobUnknown | ManifestUnknown => Outcome::Miss,
+        _ => Outcome::Error,
+    }
+}
+
+async fn serve<B>(
+    app: &Arc<App>,
+    req: &Request<B>,
+    summary: &mut Summary,
+) -> Result<Response<Body>, oci::Error> {
+    let uri = req.uri();
+    let route = Route::parse(req.method(), uri.path(), uri.query())?;
+    summary.kind = match &route.endpoint {
+        Endpoint::Base => Kind::Base,
+        Endpoint::Manifest(r) => {
+            summary.reference = r.to_string();
+            Kind::Manifest
+        }
+        Endpoint::Blob(d) => {
+            summary.reference = d.to_string();
+            Kind::Blob
+        }
+        Endpoint::TagsList { .. } => Kind::Tags,
+        Endpoint::Referrers { digest, .. } => {
+            summary.reference = digest.to_string();
+            Kind::Referrers
+        }
+    };
+    if route.endpoint == Endpoint::Base {
+        summary.outcome = Outcome::Hit;
+        let mut resp = Response::new(if route.head {
+            Body::empty()
+        } else {
+            Body::bytes(Bytes::from_static(b"{}"))
+        });
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return Ok(resp);
+    }
+    let (up, repo) = app.upstreams.resolve(route.ns.as_deref(), route.name)?;
+    summary.upstream = up.host().to_owned();
+    summary.repository = repo.to_string();
+    let mut resp = match route.endpoint {
+        Endpoint::Base => unreachable_base(),
+        Endpoint::Manifest(reference) => {
+            let accept = AcceptSet::from_headers(
+                req.headers()
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            let answer = app.proxy.manifest(&up, &repo, &reference, accept).await?;
+            summary.outcome = answer.outcome;
+            manifest_response(answer, route.head)
+        }
+        Endpoint::Blob(digest) => {
+            let answer = app.proxy.blob(&up, &repo, &digest, route.head).await?;
+            summary.outcome = answer.outcome;
+            blob_response(app, answer, &digest, req.headers(), route.head)?
+        }
+        Endpoint::TagsList { n, last } => {
+            let mut query = Vec::new();
+            if let Some(n) = n {
+                query.push(format!("n={n}"));
+            }
+            if let Some(last) = last {
+                query.push(format!("last={}", encode_query(&last)));
+            }
+            let query = (!query.is_empty()).then(|| query.join("&"));
+            let path = format!("{repo}/tags/list");
+            let p = app
+                .proxy
+                .passthrough(&up, &repo, &path, query.as_deref(), Kind::Tags)
+                .await?;
+            summary.outcome = Outcome::Passthrough;
+            passthrough_response(p, route.head)
+        }
+        Endpoint::Referrers {
+            digest,
+            artifact_type,
+        } => {
+            let query = artifact_type.map(|t| format!("artifactType={}", encode_query(&t)));
+            let path = format!("{repo}/referrers/{digest}");
+            let p = app
+                .proxy
+                .passthrough(&up, &repo, &path, query.as_deref(), Kind::Referrers)
+                .await?;
+            summary.outcome = Outcome::Passthrough;
+            passthrough_response(p, route.head)
+        }
+    };
+    if let Some(ns) = &route.ns {
+        if let Ok(v) = HeaderValue::from_str(ns) {
+            resp.headers_mut().insert("oci-namespace", v);
+        }
+    }
+    Ok(resp)
+}
+
+fn unreachable_base() -> Response<Body> {
+    // Base is answered before resolving an upstream; kept total so no panic is possible.
+    Response::new(Body::empty())
+}
+
+fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn digest_headers(h: &mut HeaderMap, digest: &oci::Digest) {
+    let d = digest.to_string();
+    if let Ok(v) = HeaderValue::from_str(&d) {
+        h.insert("docker-content-digest", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{d}\"")) {
+        h.insert(header::ETAG, v);
+    }
+}
+
+fn manifest_response(answer: ManifestAnswer, head: bool) -> Response<Body> {
+    let len = answer.bytes.len();
+    let mut resp = Response::new(if head {
+        Body::empty()
+    } else {
+        Body::bytes(answer.bytes)
+    });
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&answer.media_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    digest_headers(h, &answer.digest);
+    if let Some(w) = answer.warning {
+        let text: String = w
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .filter(|c| *c != '"' && *c != '\\')
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"berth: {text}\"")) {
+            h.insert(header::WARNING, v);
+        }
+    }
+    resp
+}
+
+fn blob_response(
+    app: &Arc<App>,
+    answer: BlobAnswer,
+    digest: &oci::Digest,
+    req_headers: &HeaderMap,
+    head: bool,
+) -> Result<Response<Body>, oci::Error> {
+    let range_header = req_headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, start, end) = match answer.size {
+        Some(size) => match range::evaluate(range_header, size) {
+            RangeAnswer::Full => (StatusCode::OK, 0, Some(size)),
+            RangeAnswer::Partial { start, end } => {
+                (StatusCode::PARTIAL_CONTENT, start, Some(end + 1))
+            }
+            RangeAnswer::Unsatisfiable => {
+                let mut resp = response::error(
+                    &oci::Error::new(
+                        ErrorCode::RangeInvalid,
+                        format!("range {range_header:?} is outside the blob's {size} bytes"),
+                    ),
+                    head,
+                );
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    resp.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return Ok(resp);
+            }
+        },
+        // Size unknown (a fill whose upstream sent no length): the whole blob, chunked.
+        None => (StatusCode::OK, 0, None),
+    };
+    let body = match (head, answer.source) {
+        (false, Some(source)) => Body::Blob(BlobBody::new(source, start, end, app.metrics.clone())),
+        _ => Body::empty(),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=31536000, immutable"),
+    );
+    digest_headers(h, digest);
+    if let Some(end) = end {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+        if status == StatusCode::PARTIAL_CONTENT {
+            let total = answer.size.unwrap_or(end);
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{total}", end - 1)) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+        }
+    }
+    Ok(resp)
+}
+
+fn passthrough_response(p: crate::upstream::Passthrough, head: bool) -> Response<Body> {
+    let len = p.body.len();
+    let mut resp = Response::new(if head {
+        Body::empty()
+    } else {
+        Body::bytes(p.body)
+    });
+    *resp.status_mut() = p.status;
+    *resp.headers_mut() = p.headers;
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}

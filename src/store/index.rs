@@ -1,0 +1,180 @@
+//! The metadata index (redb): blob sizes and access times, manifest media types, tag
+//! records and repository links. Every write is one ACID transaction.
+//!
+//! For blobs the file is the truth: the index only says how big a blob is and when it was
+//! last used. Tags and links exist only here.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::oci::Digest;
+
+/// digest → (size, last access as unix seconds)
+const BLOBS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("blobs");
+/// digest → media type, for blobs that are manifests
+const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests");
+/// tag key → JSON [`TagRecord`]
+const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+/// "upstream\0repository\0digest" → ()
+const LINKS: TableDefinition<&str, ()> = TableDefinition::new("links");
+
+/// What berth knows of a tag: which manifest it pointed at, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    /// Unix seconds of the last GET that fetched it.
+    pub fetched_at: u64,
+    /// Unix seconds of the last time upstream confirmed it (GET or HEAD).
+    pub validated_at: u64,
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An index error: storage failures of redb, reported as I/O errors to callers.
+pub type Result<T> = std::result::Result<T, std::io::Error>;
+
+fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
+    std::io::Error::other(format!("index: {e}"))
+}
+
+pub struct Index {
+    db: Database,
+}
+
+fn link_key(upstream: &str, repository: &str, digest: &Digest) -> String {
+    format!("{upstream}\0{repository}\0{digest}")
+}
+
+impl Index {
+    pub fn open(path: &Path) -> Result<Index> {
+        let db = Database::create(path).map_err(io)?;
+        let txn = db.begin_write().map_err(io)?;
+        {
+            txn.open_table(BLOBS).map_err(io)?;
+            txn.open_table(MANIFESTS).map_err(io)?;
+            txn.open_table(TAGS).map_err(io)?;
+            txn.open_table(LINKS).map_err(io)?;
+        }
+        txn.commit().map_err(io)?;
+        Ok(Index { db })
+    }
+
+    pub fn insert_blob(&self, digest: &Digest, size: u64, media_type: Option<&str>) -> Result<()> {
+        let key = digest.to_string();
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut blobs = txn.open_table(BLOBS).map_err(io)?;
+            blobs.insert(key.as_str(), (size, now_secs())).map_err(io)?;
+            if let Some(mt) = media_type {
+                let mut manifests = txn.open_table(MANIFESTS).map_err(io)?;
+                manifests.insert(key.as_str(), mt).map_err(io)?;
+            }
+        }
+        txn.commit().map_err(io)
+    }
+
+    pub fn manifest_media_type(&self, digest: &Digest) -> Result<Option<String>> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn.open_table(MANIFESTS).map_err(io)?;
+        let key = digest.to_string();
+        Ok(t.get(key.as_str())
+            .map_err(io)?
+            .map(|v| v.value().to_owned()))
+    }
+
+    /// Forgets a blob whose file has gone (and its manifest media type).
+    pub fn remove_blob(&self, digest: &str) -> Result<()> {
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            txn.open_table(BLOBS)
+                .map_err(io)?
+                .remove(digest)
+                .map_err(io)?;
+            txn.open_table(MANIFESTS)
+                .map_err(io)?
+                .remove(digest)
+                .map_err(io)?;
+        }
+        txn.commit().map_err(io)
+    }
+
+    pub fn tag(&self, key: &str) -> Result<Option<TagRecord>> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn.open_table(TAGS).map_err(io)?;
+        match t.get(key).map_err(io)? {
+            // A record that does not parse is treated as absent: it is refetched and replaced.
+            Some(v) => Ok(serde_json::from_slice(v.value()).ok()),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_tag(&self, key: &str, record: &TagRecord) -> Result<()> {
+        let bytes = serde_json::to_vec(record).map_err(io)?;
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut t = txn.open_table(TAGS).map_err(io)?;
+            t.insert(key, bytes.as_slice()).map_err(io)?;
+        }
+        txn.commit().map_err(io)
+    }
+
+    /// Records that `repository` on `upstream` is known to contain `digests`.
+    pub fn link(&self, upstream: &str, repository: &str, digests: &[Digest]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut t = txn.open_table(LINKS).map_err(io)?;
+            for d in digests {
+                t.insert(link_key(upstream, repository, d).as_str(), ())
+                    .map_err(io)?;
+            }
+        }
+        txn.commit().map_err(io)
+    }
+
+    pub fn is_linked(&self, upstream: &str, repository: &str, digest: &Digest) -> Result<bool> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn.open_table(LINKS).map_err(io)?;
+        Ok(t.get(link_key(upstream, repository, digest).as_str())
+            .map_err(io)?
+            .is_some())
+    }
+
+    /// Every blob digest the index knows, for start-up reconciliation.
+    pub fn blob_keys(&self) -> Result<Vec<String>> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn.open_table(BLOBS).map_err(io)?;
+        let mut out = Vec::with_capacity(t.len().map_err(io)? as usize);
+        for entry in t.iter().map_err(io)? {
+            let (k, _) = entry.map_err(io)?;
+            out.push(k.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    pub fn has_blob(&self, digest: &str) -> Result<bool> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn.open_table(BLOBS).map_err(io)?;
+        Ok(t.get(digest).map_err(io)?.is_some())
+    }
+
+    /// (blob count, total bytes).
+    pub fn totals(&self) -> Result<(u64, u64)> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn.open_table(BLOBS).map_err(io)?;
+        let mut bytes = 0;
+        for entry in t.iter().map_err(io)? {
+            let (_, v) = entry.map_err(io)?;
+            bytes += v.value().0;
+        }
+        Ok((t.len().map_err(io)?, bytes))
+    }
+}

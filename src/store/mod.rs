@@ -1,0 +1,450 @@
+//! The content-addressed store: blob and manifest files by digest under
+//! `<root>/blobs/<algorithm>/<aa>/<hex>`, temp files in `<root>/tmp/`, and the redb index
+//! in `<root>/index.redb`.
+//!
+//! The store knows nothing of HTTP or upstreams' protocols. It guarantees one thing above
+//! all: a file under a digest's path holds exactly the bytes that hash to that digest.
+//! Bytes are written to a temp file while being hashed, verified, fsynced, then renamed
+//! into place; a temp file that is not committed is removed when dropped.
+
+mod index;
+mod temp;
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use index::Index;
+pub use index::{now_secs, TagRecord};
+pub use temp::TempFile;
+
+use crate::oci::{Digest, Hasher};
+
+/// A stored manifest: the upstream's exact bytes and media type.
+#[derive(Debug, Clone)]
+pub struct StoredManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+}
+
+/// An open stored blob.
+#[derive(Debug, Clone)]
+pub struct BlobFile {
+    pub file: Arc<File>,
+    pub size: u64,
+}
+
+/// What went wrong committing a blob.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The bytes hash to `actual`, not to the digest they were fetched for.
+    Mismatch {
+        actual: Digest,
+    },
+    Io(io::Error),
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Mismatch { actual } => write!(f, "content hashes to {actual}"),
+            CommitError::Io(e) => write!(f, "store: {e}"),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    tmp: PathBuf,
+    index: Index,
+}
+
+/// Runs blocking store work (file syscalls, redb commits) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("store task failed: {e}")))?
+}
+
+impl Store {
+    /// Opens (or creates) the store at `root` and runs start-up recovery: leftover temp
+    /// files are removed and the index is reconciled with the files on disk.
+    pub fn open(root: &Path) -> io::Result<Store> {
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(root.join("blobs"))?;
+        std::fs::create_dir_all(&tmp)?;
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&tmp)? {
+            let path = entry?.path();
+            if std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed temp files left by an earlier run");
+        }
+        let index_path = root.join("index.redb");
+        let index = match Index::open(&index_path) {
+            Ok(index) => index,
+            Err(e) if index_path.exists() => {
+                let aside = root.join(format!("index.redb.broken-{}", now_secs()));
+                tracing::error!(error = %e, aside = %aside.display(),
+                    "index unreadable; moving it aside and rebuilding from the blob files");
+                std::fs::rename(&index_path, &aside)?;
+                Index::open(&index_path)?
+            }
+            Err(e) => return Err(e),
+        };
+        let store = Store {
+            inner: Arc::new(Inner {
+                root: root.to_owned(),
+                tmp,
+                index,
+            }),
+        };
+        store.reconcile()?;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.inner
+            .root
+            .join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    /// Makes the index agree with the files: entries without a file are dropped, files
+    /// without an entry are adopted (the file is the truth for a blob).
+    fn reconcile(&self) -> io::Result<()> {
+        let index = &self.inner.index;
+        let mut dropped = 0;
+        for key in index.blob_keys()? {
+            let exists = Digest::parse(&key)
+                .map(|d| self.blob_path(&d).is_file())
+                .unwrap_or(false);
+            if !exists {
+                index.remove_blob(&key)?;
+                dropped += 1;
+            }
+        }
+        let mut adopted = 0;
+        let blobs = self.inner.root.join("blobs");
+        for algo in std::fs::read_dir(&blobs)? {
+            let algo = algo?;
+            for prefix in std::fs::read_dir(algo.path())? {
+                for file in std::fs::read_dir(prefix?.path())? {
+                    let file = file?;
+                    let name = format!(
+                        "{}:{}",
+                        algo.file_name().to_string_lossy(),
+                        file.file_name().to_string_lossy()
+                    );
+                    let Ok(digest) = Digest::parse(&name) else {
+                        tracing::warn!(path = %file.path().display(), "ignoring a file that is not named by a digest");
+                        continue;
+                    };
+                    if index.has_blob(&name)? {
+                        continue;
+                    }
+                    let size = file.metadata()?.len();
+                    let media_type = sniff_manifest_media_type(&file.path(), size);
+                    index.insert_blob(&digest, size, media_type.as_deref())?;
+                    adopted += 1;
+                }
+            }
+        }
+        if dropped + adopted > 0 {
+            tracing::info!(dropped, adopted, "index reconciled with the blob files");
+        }
+        Ok(())
+    }
+
+    /// Opens a stored blob; `None` when it is not stored. Any other error is an error,
+    /// never a miss.
+    pub async fn open_blob(&self, digest: &Digest) -> io::Result<Option<BlobFile>> {
+        let path = self.blob_path(digest);
+        blocking(move || match File::open(&path) {
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                Ok(Some(BlobFile {
+                    file: Arc::new(file),
+                    size,
+                }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    /// Whether a blob file is in place (a metadata lookup, cheap enough to hold a lock over).
+    pub fn contains_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Starts writing a blob expected to hash to `digest`.
+    pub async fn begin_blob(&self, digest: &Digest) -> io::Result<BlobWriter> {
+        let tmp = self.inner.tmp.clone();
+        let hint = digest.hex()[..16].to_owned();
+        let (temp, file) = blocking(move || TempFile::create(&tmp, &hint)).await?;
+        Ok(BlobWriter {
+            digest: digest.clone(),
+            temp,
+            file: Arc::new(file),
+            hasher: Some(digest.hasher()),
+            written: 0,
+        })
+    }
+
+    /// A stored manifest by digest; `None` when not stored.
+    pub async fn manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
+        let Some(media_type) = self.inner.index.manifest_media_type(digest)? else {
+            return Ok(None);
+        };
+        let path = self.blob_path(digest);
+        let bytes = blocking(move || match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await?;
+        match bytes {
+            Some(b) => Ok(Some(StoredManifest {
+                bytes: Bytes::from(b),
+                media_type,
+            })),
+            None => {
+                // The file went (evicted or removed by hand): forget it, fetch it again.
+                self.inner.index.remove_blob(&digest.to_string())?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores a manifest's exact bytes after checking they hash to `digest`.
+    pub async fn put_manifest(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<(), CommitError> {
+        let mut w = self.begin_blob(digest).await.map_err(CommitError::Io)?;
+        w.write(bytes).await.map_err(CommitError::Io)?;
+        w.commit(self, Some(media_type)).await
+    }
+
+    pub fn tag(&self, key: &str) -> io::Result<Option<TagRecord>> {
+        self.inner.index.tag(key)
+    }
+
+    pub async fn put_tag(&self, key: String, record: TagRecord) -> io::Result<()> {
+        let s = self.clone();
+        blocking(move || s.inner.index.put_tag(&key, &record)).await
+    }
+
+    pub async fn link(
+        &self,
+        upstream: &str,
+        repository: &str,
+        digests: Vec<Digest>,
+    ) -> io::Result<()> {
+        let (s, u, r) = (self.clone(), upstream.to_owned(), repository.to_owned());
+        blocking(move || s.inner.index.link(&u, &r, &digests)).await
+    }
+
+    pub fn is_linked(&self, upstream: &str, repository: &str, digest: &Digest) -> io::Result<bool> {
+        self.inner.index.is_linked(upstream, repository, digest)
+    }
+
+    /// (blob count, bytes) as the index knows them.
+    pub fn totals(&self) -> io::Result<(u64, u64)> {
+        self.inner.index.totals()
+    }
+
+    /// Checks that the store can be written: a temp file is created, synced and removed.
+    pub async fn probe_writable(&self) -> io::Result<()> {
+        let tmp = self.inner.tmp.clone();
+        blocking(move || {
+            let (temp, mut file) = TempFile::create(&tmp, "probe")?;
+            file.write_all(b"ok")?;
+            file.sync_all()?;
+            drop(temp);
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// A manifest adopted from a bare file keeps its media type if its JSON names one.
+fn sniff_manifest_media_type(path: &Path, size: u64) -> Option<String> {
+    if size > crate::oci::media::MAX_MANIFEST_BYTES as u64 {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Sniff {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        #[serde(rename = "schemaVersion")]
+        schema_version: Option<u32>,
+    }
+    let bytes = std::fs::read(path).ok()?;
+    let s: Sniff = serde_json::from_slice(&bytes).ok()?;
+    s.schema_version?;
+    s.media_type
+}
+
+/// A blob being written: bytes go to a temp file and through the hasher; nothing is
+/// visible under the digest until [`BlobWriter::commit`] has verified it.
+pub struct BlobWriter {
+    digest: Digest,
+    temp: TempFile,
+    file: Arc<File>,
+    hasher: Option<Hasher>,
+    written: u64,
+}
+
+impl BlobWriter {
+    /// Where the bytes are being written, so readers can follow the fill.
+    pub fn temp_path(&self) -> &Path {
+        self.temp.path()
+    }
+
+    /// A second handle on the temp file for readers (positional reads only).
+    pub fn reader(&self) -> io::Result<Arc<File>> {
+        Ok(Arc::new(File::open(self.temp.path())?))
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends `chunk` and hashes it, off the async workers. When this returns, the bytes
+    /// are visible to readers of the temp file.
+    pub async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
+        let file = self.file.clone();
+        let mut hasher = self
+            .hasher
+            .take()
+            .ok_or_else(|| io::Error::other("blob writer used after a failed write"))?;
+        let len = chunk.len() as u64;
+        let hasher = blocking(move || {
+            (&*file).write_all(&chunk)?;
+            hasher.update(&chunk);
+            Ok(hasher)
+        })
+        .await?;
+        self.hasher = Some(hasher);
+        self.written += len;
+        Ok(())
+    }
+
+    /// Verifies the digest, fsyncs, renames into place and records the blob in the index.
+    /// `media_type` marks the blob as a manifest.
+    pub async fn commit(
+        mut self,
+        store: &Store,
+        media_type: Option<&str>,
+    ) -> Result<(), CommitError> {
+        let hasher = self.hasher.take().ok_or_else(|| {
+            CommitError::Io(io::Error::other("blob writer used after a failed write"))
+        })?;
+        let actual = hasher.finish();
+        if actual != self.digest {
+            return Err(CommitError::Mismatch { actual });
+        }
+        let dest = store.blob_path(&self.digest);
+        let (file, temp, size, digest) = (self.file, self.temp, self.written, self.digest);
+        let s = store.clone();
+        let mt = media_type.map(str::to_owned);
+        blocking(move || {
+            file.sync_all()?;
+            temp.persist(&dest)?;
+            s.inner.index.insert_blob(&digest, size, mt.as_deref())
+        })
+        .await
+        .map_err(CommitError::Io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commit_verifies_and_recovery_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let good = Digest::sha256_of(b"hello");
+        let mut w = store.begin_blob(&good).await.unwrap();
+        w.write(Bytes::from_static(b"hello")).await.unwrap();
+        w.commit(&store, None).await.unwrap();
+        let b = store.open_blob(&good).await.unwrap().unwrap();
+        assert_eq!(b.size, 5);
+
+        // Wrong bytes: nothing stored, no temp file left.
+        let mut w = store
+            .begin_blob(&Digest::sha256_of(b"other"))
+            .await
+            .unwrap();
+        w.write(Bytes::from_static(b"evil")).await.unwrap();
+        assert!(matches!(
+            w.commit(&store, None).await,
+            Err(CommitError::Mismatch { .. })
+        ));
+        assert!(store
+            .open_blob(&Digest::sha256_of(b"other"))
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+
+        // A leftover temp file goes at start-up; the index survives a deleted file.
+        std::fs::write(dir.path().join("tmp/leftover.part"), b"x").unwrap();
+        let m = Digest::sha256_of(b"{\"schemaVersion\":2}");
+        store
+            .put_manifest(
+                &m,
+                "application/x-test",
+                Bytes::from_static(b"{\"schemaVersion\":2}"),
+            )
+            .await
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        assert_eq!(
+            store.manifest(&m).await.unwrap().unwrap().media_type,
+            "application/x-test"
+        );
+        assert_eq!(store.totals().unwrap().0, 2);
+
+        // Index deleted while stopped: rebuilt from the files.
+        drop(store);
+        std::fs::remove_file(dir.path().join("index.redb")).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.totals().unwrap(), (2, 5 + 19));
+    }
+}

@@ -1,0 +1,133 @@
+//! Registry authentication: parse `WWW-Authenticate` challenges, fetch Bearer tokens from
+//! the realm the upstream names, and cache them per scope until shortly before expiry.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+    Basic,
+}
+
+/// Parses `Bearer realm="...",service="...",scope="..."` (quoted values may hold commas)
+/// or `Basic realm="..."`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut s = rest.trim();
+    while !s.is_empty() {
+        let (key, after) = s.split_once('=')?;
+        let key = key.trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, tail) = if let Some(q) = after.strip_prefix('"') {
+            let end = q.find('"')?;
+            (&q[..end], &q[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim(), &after[end..])
+        };
+        params.insert(key, value.to_owned());
+        s = tail.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge::Bearer {
+        realm: params.remove("realm")?,
+        service: params.remove("service"),
+        scope: params.remove("scope"),
+    })
+}
+
+/// The token endpoint's answer (Docker Hub sends both `token` and `access_token`).
+#[derive(Debug, serde::Deserialize)]
+pub struct TokenResponse {
+    pub token: Option<String>,
+    pub access_token: Option<String>,
+    pub expires_in: Option<u64>,
+}
+
+/// Tokens by scope. A token is dropped a little before it expires so a request never
+/// leaves with one that dies in flight.
+#[derive(Default)]
+pub struct TokenCache {
+    tokens: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+/// The spec's default when the token endpoint does not say.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+
+impl TokenCache {
+    pub fn get(&self, scope: &str) -> Option<String> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens
+            .get(scope)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(t, _)| t.clone())
+    }
+
+    pub fn put(&self, scope: &str, token: String, expires_in: Option<u64>) {
+        let lifetime = expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+            .max(DEFAULT_TOKEN_LIFETIME);
+        let until = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        // Bound the cache: scopes are per repository, and stale entries are cheap to refetch.
+        if tokens.len() > 10_000 {
+            let now = Instant::now();
+            tokens.retain(|_, (_, until)| *until > now);
+        }
+        tokens.insert(scope.to_owned(), (token, until));
+    }
+
+    pub fn forget(&self, scope: &str) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.remove(scope);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_challenge() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/alpine:pull,push".into()),
+            }
+        );
+        assert_eq!(parse_challenge("Basic realm=\"x\""), Some(Challenge::Basic));
+        assert_eq!(parse_challenge("Bearer service=\"x\""), None);
+        assert_eq!(parse_challenge("Negotiate"), None);
+    }
+
+    #[test]
+    fn token_cache_expires() {
+        let c = TokenCache::default();
+        c.put("s", "t".into(), Some(300));
+        assert_eq!(c.get("s").as_deref(), Some("t"));
+        c.forget("s");
+        assert_eq!(c.get("s"), None);
+    }
+}

@@ -1,0 +1,588 @@
+//! One upstream registry: an HTTP client with its auth state and timeouts, and the few
+//! requests berth makes (manifest GET/HEAD, blob GET/HEAD, pass-through GETs).
+//!
+//! Redirects (CDNs) are followed by reqwest, whose policy drops `Authorization` when the
+//! next hop is another host, so credentials never leave the upstream that asked for them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Method, Response, StatusCode, Url};
+
+use super::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
+use super::credentials::Credentials;
+use super::error::{describe, Error};
+use crate::config::{ConfigError, UpstreamConfig};
+use crate::metrics::{Kind, Metrics, UpstreamLabels};
+use crate::oci::media::MAX_MANIFEST_BYTES;
+use crate::oci::{AcceptSet, Digest, Reference, Repository};
+
+/// A manifest as fetched: the exact bytes and what the upstream said about them.
+#[derive(Debug, Clone)]
+pub struct ManifestResponse {
+    pub bytes: Bytes,
+    pub media_type: String,
+    /// `Docker-Content-Digest`, when sent.
+    pub digest: Option<Digest>,
+}
+
+/// What a manifest HEAD says.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+    pub media_type: Option<String>,
+}
+
+/// A blob body on its way: the response to stream, and where it starts.
+pub struct BlobResponse {
+    response: Response,
+    /// The blob's full size when the upstream said it.
+    pub total: Option<u64>,
+}
+
+impl BlobResponse {
+    /// The next piece of the body; `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, Error> {
+        self.response
+            .chunk()
+            .await
+            .map_err(|e| Error::Protocol(format!("body cut short: {}", describe(&e))))
+    }
+}
+
+/// An answer relayed without caching (tags list, referrers).
+#[derive(Debug, Clone)]
+pub struct Passthrough {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub struct Upstream {
+    host: String,
+    docker_hub: bool,
+    base: Url,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    tokens: TokenCache,
+    /// The upstream asked for Basic auth: send credentials up front from now on.
+    basic: AtomicBool,
+    pub tag_ttl: Duration,
+    pub response_timeout: Duration,
+    pub stall_timeout: Duration,
+    pub fill_deadline: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// The longest pass-through body berth relays (tags lists of huge repositories).
+const MAX_PASSTHROUGH_BYTES: usize = 16 * 1024 * 1024;
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+        let at = format!("upstreams ({})", config.host);
+        let base = Url::parse(config.url.trim_end_matches('/'))
+            .map_err(|e| ConfigError(format!("{at}.url: {e}")))?;
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::limited(10));
+        if let Some(ca) = &config.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| {
+                ConfigError(format!("{at}.ca_file: cannot read {}: {e}", ca.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| ConfigError(format!("{at}.ca_file: {e}")))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ConfigError(format!("{at}: cannot build the HTTP client: {e}")))?;
+        let docker_hub = std::iter::once(&config.host)
+            .chain(&config.aliases)
+            .any(|h| h == "docker.io" || h.ends_with(".docker.io"));
+        Ok(Upstream {
+            host: config.host.clone(),
+            docker_hub,
+            base,
+            http,
+            credentials: Credentials::load(config)?,
+            tokens: TokenCache::default(),
+            basic: AtomicBool::new(false),
+            tag_ttl: config.tag_ttl,
+            response_timeout: config.response_timeout,
+            stall_timeout: config.stall_timeout,
+            fill_deadline: config.fill_deadline,
+            metrics,
+        })
+    }
+
+    /// The configured host name, as used in metrics, logs and index keys.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn is_docker_hub(&self) -> bool {
+        self.docker_hub
+    }
+
+    fn url(&self, path: &str, query: Option<&str>) -> Url {
+        let mut url = self.base.clone();
+        let base_path = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base_path}/v2/{path}"));
+        url.set_query(query);
+        url
+    }
+
+    fn labels(&self) -> UpstreamLabels {
+        UpstreamLabels {
+            upstream: self.host.clone(),
+        }
+    }
+
+    /// Sends one request with auth: a cached token or Basic credentials up front; on a 401
+    /// challenge, authenticates and retries once.
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        repo: &Repository,
+        kind: Kind,
+    ) -> Result<Response, Error> {
+        let scope = format!("repository:{repo}:pull");
+        let mut retried = false;
+        loop {
+            let mut req = self
+                .http
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(token) = self.tokens.get(&scope) {
+                req = req.bearer_auth(token);
+            } else if let (true, Some(c)) = (self.basic.load(Ordering::Relaxed), &self.credentials)
+            {
+                req = req.basic_auth(&c.username, Some(&c.password));
+            }
+            let sent = tokio::time::timeout(self.response_timeout, req.send()).await;
+            let resp = match sent {
+                Err(_) => {
+                    self.metrics
+                        .upstream_request(&self.host, method.as_str(), kind, None);
+                    return Err(Error::Timeout("waiting for response headers"));
+                }
+                Ok(Err(e)) => {
+                    self.metrics
+                        .upstream_request(&self.host, method.as_str(), kind, None);
+                    return Err(if e.is_timeout() {
+                        Error::Timeout("connecting")
+                    } else {
+                        Error::Connect(describe(&e))
+                    });
+                }
+                Ok(Ok(resp)) => resp,
+            };
+            let status = resp.status();
+            self.metrics
+                .upstream_request(&self.host, method.as_str(), kind, Some(status.as_u16()));
+            self.observe_ratelimit(resp.headers());
+            match status {
+                StatusCode::UNAUTHORIZED if !retried => {
+                    retried = true;
+                    self.tokens.forget(&scope);
+                    let challenge = resp
+                        .headers()
+                        .get(header::WWW_AUTHENTICATE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_challenge);
+                    match challenge {
+                        Some(Challenge::Bearer { realm, service, .. }) => {
+                            self.fetch_token(&realm, service.as_deref(), &scope).await?;
+                        }
+                        Some(Challenge::Basic) if self.credentials.is_some() => {
+                            self.basic.store(true, Ordering::Relaxed);
+                        }
+                        _ => return Err(self.unauthorized()),
+                    }
+                }
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(self.unauthorized()),
+                StatusCode::TOO_MANY_REQUESTS => {
+                    return Err(Error::TooManyRequests {
+                        retry_after: retry_after(resp.headers()),
+                    })
+                }
+                _ => return Ok(resp),
+            }
+        }
+    }
+
+    fn unauthorized(&self) -> Error {
+        Error::Unauthorized(match &self.credentials {
+            Some(c) => format!("access denied for user {:?}", c.username),
+            None => "anonymous access denied; configure credentials for this upstream".into(),
+        })
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(), Error> {
+        let mut url = Url::parse(realm)
+            .map_err(|_| Error::Protocol(format!("token realm {realm:.200?} is not a URL")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::Protocol("token realm is not http(s)".into()));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let mut req = self.http.get(url);
+        if let Some(c) = &self.credentials {
+            req = req.basic_auth(&c.username, Some(&c.password));
+        }
+        let resp = tokio::time::timeout(self.response_timeout, req.send())
+            .await
+            .map_err(|_| Error::Timeout("waiting for the token endpoint"))?
+            .map_err(|e| Error::Connect(format!("token endpoint: {}", describe(&e))))?;
+        self.metrics
+            .upstream_request(&self.host, "GET", Kind::Other, Some(resp.status().as_u16()));
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(self.unauthorized()),
+            StatusCode::TOO_MANY_REQUESTS => {
+                return Err(Error::TooManyRequests {
+                    retry_after: retry_after(resp.headers()),
+                })
+            }
+            s => return Err(Error::Status { status: s.as_u16() }),
+        }
+        let body = read_limited(resp, 64 * 1024, self.stall_timeout).await?;
+        let token: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| Error::Protocol(format!("token endpoint answered invalid JSON: {e}")))?;
+        let value = token
+            .token
+            .or(token.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Error::Protocol("token endpoint answered without a token".into()))?;
+        self.tokens.put(scope, value, token.expires_in);
+        Ok(())
+    }
+
+    fn observe_ratelimit(&self, headers: &HeaderMap) {
+        let parse = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        };
+        if let Some(limit) = parse("ratelimit-limit") {
+            self.metrics
+                .ratelimit_limit
+                .get_or_create(&self.labels())
+                .set(limit);
+        }
+        if let Some(remaining) = parse("ratelimit-remaining") {
+            self.metrics
+                .ratelimit_remaining
+                .get_or_create(&self.labels())
+                .set(remaining);
+        }
+    }
+
+    fn accept_headers(accept: AcceptSet) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for mt in accept.media_types() {
+            h.append(header::ACCEPT, HeaderValue::from_static(mt));
+        }
+        h
+    }
+
+    /// GET a manifest; `None` when the upstream does not have it.
+    pub async fn get_manifest(
+        &self,
+        repo: &Repository,
+        reference: &Reference,
+        accept: AcceptSet,
+    ) -> Result<Option<ManifestResponse>, Error> {
+        let url = self.url(&format!("{repo}/manifests/{reference}"), None);
+        let resp = self
+            .send(
+                Method::GET,
+                url,
+                Self::accept_headers(accept),
+                repo,
+                Kind::Manifest,
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => return Ok(None),
+            s if s.is_success() => {}
+            s => return Err(Error::Status { status: s.as_u16() }),
+        }
+        if let Some(len) = resp.content_length() {
+            if len > MAX_MANIFEST_BYTES as u64 {
+                return Err(Error::Protocol(format!(
+                    "manifest is {len} bytes, over the {MAX_MANIFEST_BYTES}-byte limit"
+                )));
+            }
+        }
+        let digest = header_digest(resp.headers())?;
+        let media_type = header_str(resp.headers(), header::CONTENT_TYPE);
+        let bytes = read_limited(resp, MAX_MANIFEST_BYTES, self.stall_timeout).await?;
+        let media_type = match media_type {
+            Some(mt) if mt != "application/json" && mt != "text/plain" => mt,
+            // Some registries send a generic type; the manifest itself says what it is.
+            _ => sniff_media_type(&bytes)
+                .ok_or_else(|| Error::Protocol("manifest has no usable media type".into()))?,
+        };
+        Ok(Some(ManifestResponse {
+            bytes,
+            media_type,
+            digest,
+        }))
+    }
+
+    /// HEAD a manifest (free on Docker Hub); `None` when the upstream does not have it.
+    pub async fn head_manifest(
+        &self,
+        repo: &Repository,
+        reference: &Reference,
+        accept: AcceptSet,
+    ) -> Result<Option<ManifestHead>, Error> {
+        let url = self.url(&format!("{repo}/manifests/{reference}"), None);
+        let resp = self
+            .send(
+                Method::HEAD,
+                url,
+                Self::accept_headers(accept),
+                repo,
+                Kind::Manifest,
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => Ok(Some(ManifestHead {
+                digest: header_digest(resp.headers())?,
+                media_type: header_str(resp.headers(), header::CONTENT_TYPE),
+            })),
+            s => Err(Error::Status { status: s.as_u16() }),
+        }
+    }
+
+    /// HEAD a blob in a repository: whether that repository has it, and its size.
+    pub async fn head_blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<Option<u64>, Error> {
+        let url = self.url(&format!("{repo}/blobs/{digest}"), None);
+        let resp = self
+            .send(Method::HEAD, url, HeaderMap::new(), repo, Kind::Blob)
+            .await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => Ok(Some(resp.content_length().unwrap_or(0))),
+            s => Err(Error::Status { status: s.as_u16() }),
+        }
+    }
+
+    /// GET a blob from byte `offset` on; `None` when the upstream does not have it.
+    /// With `offset > 0` the upstream must answer 206 from exactly that byte.
+    pub async fn get_blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Option<BlobResponse>, Error> {
+        let url = self.url(&format!("{repo}/blobs/{digest}"), None);
+        let mut headers = HeaderMap::new();
+        if offset > 0 {
+            let range = HeaderValue::from_str(&format!("bytes={offset}-"))
+                .map_err(|_| Error::Protocol("bad range".into()))?;
+            headers.insert(header::RANGE, range);
+        }
+        let resp = self
+            .send(Method::GET, url, headers, repo, Kind::Blob)
+            .await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::OK if offset == 0 => {
+                let total = resp.content_length();
+                Ok(Some(BlobResponse {
+                    response: resp,
+                    total,
+                }))
+            }
+            StatusCode::PARTIAL_CONTENT if offset > 0 => {
+                let (start, total) = header_str(resp.headers(), header::CONTENT_RANGE)
+                    .and_then(|v| parse_content_range(&v))
+                    .ok_or_else(|| Error::Protocol("206 without a usable Content-Range".into()))?;
+                if start != offset {
+                    return Err(Error::Protocol(format!(
+                        "asked to resume at byte {offset}, got {start}"
+                    )));
+                }
+                Ok(Some(BlobResponse {
+                    response: resp,
+                    total,
+                }))
+            }
+            StatusCode::OK => Err(Error::Protocol(
+                "upstream does not support range requests".into(),
+            )),
+            s => Err(Error::Status { status: s.as_u16() }),
+        }
+    }
+
+    /// Relays a GET (tags list, referrers) without caching. `path` is below `/v2/`.
+    pub async fn passthrough(
+        &self,
+        repo: &Repository,
+        path: &str,
+        query: Option<&str>,
+        kind: Kind,
+    ) -> Result<Passthrough, Error> {
+        let url = self.url(path, query);
+        let resp = self
+            .send(Method::GET, url, HeaderMap::new(), repo, kind)
+            .await?;
+        let status = resp.status();
+        if status.is_server_error() {
+            return Err(Error::Status {
+                status: status.as_u16(),
+            });
+        }
+        let mut headers = HeaderMap::new();
+        for name in [header::CONTENT_TYPE, header::LINK] {
+            if let Some(v) = resp.headers().get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        if let Some(v) = resp.headers().get("oci-filters-applied") {
+            headers.insert("oci-filters-applied", v.clone());
+        }
+        let body = read_limited(resp, MAX_PASSTHROUGH_BYTES, self.stall_timeout).await?;
+        Ok(Passthrough {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Counts bytes received from this upstream.
+    pub fn count_fetched(&self, n: u64) {
+        self.metrics
+            .upstream_bytes
+            .get_or_create(&self.labels())
+            .inc_by(n);
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+fn header_digest(headers: &HeaderMap) -> Result<Option<Digest>, Error> {
+    match headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+    {
+        None => Ok(None),
+        Some(s) => Digest::parse(s.trim())
+            .map(Some)
+            .map_err(|e| Error::Protocol(format!("Docker-Content-Digest: {e}"))),
+    }
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = humantime::parse_rfc3339_weak(v)
+        .ok()
+        .or_else(|| httpdate(v))?;
+    when.duration_since(std::time::SystemTime::now()).ok()
+}
+
+/// HTTP-date (`Sun, 06 Nov 1994 08:49:37 GMT`) via humantime's RFC 3339 parser.
+fn httpdate(v: &str) -> Option<std::time::SystemTime> {
+    let parts: Vec<&str> = v.split_whitespace().collect();
+    let [_, day, mon, year, time, "GMT"] = parts.as_slice() else {
+        return None;
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let m = MONTHS.iter().position(|x| x == mon)? + 1;
+    humantime::parse_rfc3339(&format!("{year}-{m:02}-{day:0>2}T{time}Z")).ok()
+}
+
+/// `bytes <start>-<end>/<total|*>` → (start, total).
+fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _) = range.split_once('-')?;
+    Some((start.trim().parse().ok()?, total.trim().parse().ok()))
+}
+
+fn sniff_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Sniff {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Sniff>(bytes).ok()?.media_type
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes and stalls.
+async fn read_limited(mut resp: Response, limit: usize, stall: Duration) -> Result<Bytes, Error> {
+    let mut buf = BytesMut::new();
+    loop {
+        let chunk = tokio::time::timeout(stall, resp.chunk())
+            .await
+            .map_err(|_| Error::Timeout("reading the response body"))?
+            .map_err(|e| Error::Protocol(format!("response body cut short: {}", describe(&e))))?;
+        let Some(chunk) = chunk else { break };
+        if buf.len() + chunk.len() > limit {
+            return Err(Error::Protocol(format!(
+                "response body is over the {limit}-byte limit"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_and_retry_after() {
+        assert_eq!(
+            parse_content_range("bytes 100-199/1000"),
+            Some((100, Some(1000)))
+        );
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("120"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(120)));
+        assert!(httpdate("Sun, 06 Nov 1994 08:49:37 GMT").is_some());
+    }
+}

@@ -1,0 +1,98 @@
+//! Outbound: one client per upstream registry, and the routing table that decides which
+//! upstream a request is for.
+//!
+//! This module speaks the registry protocol (auth challenges, tokens, redirects, timeouts)
+//! and knows nothing of the store or of caching policy: `proxy` decides *whether* to ask,
+//! this module only asks.
+
+mod auth;
+mod client;
+mod credentials;
+mod error;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use client::{BlobResponse, ManifestHead, ManifestResponse, Passthrough, Upstream};
+pub use credentials::Credentials;
+pub use error::Error;
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::oci::{self, ErrorCode, Repository};
+
+/// The configured upstreams by host and alias.
+pub struct Upstreams {
+    by_name: HashMap<String, Arc<Upstream>>,
+    all: Vec<Arc<Upstream>>,
+    default: Arc<Upstream>,
+}
+
+impl Upstreams {
+    pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+        let mut by_name = HashMap::new();
+        let mut all = Vec::new();
+        for u in &config.upstreams {
+            let upstream = Arc::new(Upstream::new(u, metrics.clone())?);
+            for name in std::iter::once(&u.host).chain(&u.aliases) {
+                by_name.insert(name.to_ascii_lowercase(), upstream.clone());
+            }
+            all.push(upstream);
+        }
+        let default = by_name
+            .get(&config.routing.default_upstream.to_ascii_lowercase())
+            .cloned()
+            .ok_or_else(|| ConfigError("routing.default_upstream is not configured".into()))?;
+        Ok(Upstreams {
+            by_name,
+            all,
+            default,
+        })
+    }
+
+    pub fn all(&self) -> &[Arc<Upstream>] {
+        &self.all
+    }
+
+    pub fn get(&self, host: &str) -> Option<&Arc<Upstream>> {
+        self.by_name.get(&host.to_ascii_lowercase())
+    }
+
+    /// Decides the upstream and repository of a request: `?ns=` first, then a first path
+    /// segment naming a configured host, then the default upstream. A host that is not
+    /// configured is refused: berth never fetches from an address a client chose.
+    pub fn resolve(
+        &self,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<(Arc<Upstream>, Repository), oci::Error> {
+        let unknown = |host: &str| {
+            oci::Error::new(
+                ErrorCode::NameUnknown,
+                format!("upstream {host:.100?} is not configured on this berth"),
+            )
+        };
+        let (upstream, name) = match ns {
+            Some(host) => (self.get(host).ok_or_else(|| unknown(host))?.clone(), name),
+            None => match name.split_once('/') {
+                Some((first, rest)) if looks_like_host(first) => {
+                    (self.get(first).ok_or_else(|| unknown(first))?.clone(), rest)
+                }
+                _ => (self.default.clone(), name),
+            },
+        };
+        let repo = Repository::parse(name)
+            .map_err(|e| oci::Error::new(ErrorCode::NameInvalid, e.to_string()))?;
+        let repo = if upstream.is_docker_hub() {
+            repo.with_library_prefix()
+        } else {
+            repo
+        };
+        Ok((upstream, repo))
+    }
+}
+
+/// Docker's rule for "the first component is a registry host".
+fn looks_like_host(segment: &str) -> bool {
+    segment.contains('.') || segment.contains(':') || segment == "localhost"
+}

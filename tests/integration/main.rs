@@ -1,0 +1,9 @@
+//! berth's integration tests: one binary, every module against real peers (DESIGN.md §5).
+//!
+//! Run with `cargo test --test integration`; a missing peer fails the test with a hint to
+//! run `scripts/install-test-peers.sh`.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod harness_smoke;
