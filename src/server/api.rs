@@ -53,6 +53,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
         .unwrap_or(0);
     tracing::info!(
         method = %req.method(),
+        ns = req.uri().query().and_then(ns_param).unwrap_or_default(),
         upstream = %summary.upstream,
         repository = %summary.repository,
         reference = %summary.reference,
@@ -64,6 +65,10 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
         "request"
     );
     resp
+}
+
+fn ns_param(query: &str) -> Option<&str> {
+    query.split('&').find_map(|kv| kv.strip_prefix("ns="))
 }
 
 /// Client faults are rejections; everything else that fails is an error.

@@ -6,4 +6,6 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod common;
 mod harness_smoke;
+mod pull;

@@ -9,6 +9,9 @@
 
 #![allow(dead_code)] // each test module uses a different part of the harness
 
+pub mod berth;
+pub mod containerd;
+pub mod front;
 pub mod image;
 pub mod registry;
 pub mod token;

@@ -1,0 +1,153 @@
+//! A world for pull tests: the real registry with images pushed to it, the counting front
+//! before it, and berth pointed at the front as docker.io.
+
+use std::time::Duration;
+
+use crate::support::berth::{Berth, UpstreamSpec};
+use crate::support::front::Front;
+use crate::support::http;
+use crate::support::image::{
+    build_image, build_index, push, BuiltImage, BuiltIndex, ImageSpec, Platform, LAYOUT_REF,
+};
+use crate::support::registry::{Registry, RegistryOptions};
+
+pub const KIB: usize = 1024;
+pub const MIB: usize = 1024 * KIB;
+
+pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+pub struct World {
+    pub registry: Registry,
+    pub front: Front,
+    pub berth: Berth,
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    /// Registry + front + berth (docker.io → front) with the given tag TTL.
+    pub async fn start(ttl: &str) -> World {
+        let registry = Registry::start(RegistryOptions::default()).await;
+        let front = Front::start(&registry.url()).await;
+        let berth = Berth::start(&[UpstreamSpec::docker_hub(&front.url()).ttl(ttl)]).await;
+        World {
+            registry,
+            front,
+            berth,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Builds a single-platform image and pushes it to the registry as `repo:tag`.
+    pub async fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[usize],
+        seed: u64,
+    ) -> BuiltImage {
+        let dir = self.dir.path().join(format!("img-{seed}"));
+        let spec = ImageSpec {
+            layer_sizes: layers.to_vec(),
+            seed,
+        };
+        let built = build_image(&dir, &spec, Platform::LINUX_AMD64);
+        push(
+            &built.layout,
+            LAYOUT_REF,
+            &format!("{}/{repo}:{tag}", self.registry.host()),
+            None,
+        )
+        .await;
+        built
+    }
+
+    /// Builds a linux/amd64 + linux/arm64 index and pushes it as `repo:tag`.
+    pub async fn push_index(&self, repo: &str, tag: &str, seed: u64) -> BuiltIndex {
+        let dir = self.dir.path().join(format!("idx-{seed}"));
+        let built = build_index(
+            &dir,
+            &[
+                (
+                    Platform::LINUX_AMD64,
+                    ImageSpec {
+                        layer_sizes: vec![300 * KIB, 200 * KIB],
+                        seed,
+                    },
+                ),
+                (
+                    Platform::LINUX_ARM64,
+                    ImageSpec {
+                        layer_sizes: vec![250 * KIB, 150 * KIB],
+                        seed: seed + 1000,
+                    },
+                ),
+            ],
+        );
+        push(
+            &built.layout,
+            LAYOUT_REF,
+            &format!("{}/{repo}:{tag}", self.registry.host()),
+            None,
+        )
+        .await;
+        built
+    }
+}
+
+/// A GET/HEAD against berth's pull API with containerd's Accept header.
+pub async fn get(url: &str, head: bool) -> reqwest::Response {
+    let client = http();
+    let req = if head {
+        client.head(url)
+    } else {
+        client.get(url)
+    };
+    req.header("accept", ACCEPT_ALL)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+pub fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+        .unwrap_or_default()
+}
+
+/// The OCI error code of a JSON error body.
+pub async fn error_code(resp: reqwest::Response) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("status {status}: body is not OCI JSON ({e}): {body}"));
+    let code = v["errors"][0]["code"].as_str().unwrap_or("").to_owned();
+    let message = v["errors"][0]["message"].as_str().unwrap_or("").to_owned();
+    (status, code, message)
+}
+
+/// Every file under the store's blob tree hashes to its name.
+pub fn assert_store_consistent(data: &std::path::Path) {
+    let root = data.join("blobs/sha256");
+    let Ok(prefixes) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for prefix in prefixes {
+        for file in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let file = file.unwrap();
+            let bytes = std::fs::read(file.path()).unwrap();
+            assert_eq!(
+                crate::support::image::sha256_hex(&bytes),
+                file.file_name().to_string_lossy(),
+                "stored file {} does not hash to its name",
+                file.path().display()
+            );
+        }
+    }
+    let tmp = data.join("tmp");
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        let left: Vec<_> = entries.map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "temp files left behind: {left:?}");
+    }
+}

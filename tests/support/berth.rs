@@ -1,0 +1,212 @@
+//! The real `berth` binary under test: a generated config, free ports, a store in a temp
+//! dir, stopped by PID (SIGTERM, then SIGKILL) when dropped.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// One `[[upstreams]]` block.
+#[derive(Clone, Debug)]
+pub struct UpstreamSpec {
+    pub host: String,
+    pub url: String,
+    pub tag_ttl: String,
+    /// Extra TOML lines for the block (credentials, timeouts).
+    pub extra: String,
+}
+
+impl UpstreamSpec {
+    /// docker.io (with Docker Hub's aliases) pointing at `url`.
+    pub fn docker_hub(url: &str) -> Self {
+        UpstreamSpec {
+            host: "docker.io".into(),
+            url: url.into(),
+            tag_ttl: "10m".into(),
+            extra: "aliases = [\"registry-1.docker.io\", \"index.docker.io\"]\n".into(),
+        }
+    }
+
+    pub fn named(host: &str, url: &str) -> Self {
+        UpstreamSpec {
+            host: host.into(),
+            url: url.into(),
+            tag_ttl: "10m".into(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn ttl(mut self, ttl: &str) -> Self {
+        self.tag_ttl = ttl.into();
+        self
+    }
+
+    pub fn extra(mut self, lines: &str) -> Self {
+        self.extra.push_str(lines);
+        self.extra.push('\n');
+        self
+    }
+}
+
+pub struct Berth {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub data_dir: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Berth {
+    /// Starts berth with these upstreams; the first is the default upstream.
+    pub async fn start(upstreams: &[UpstreamSpec]) -> Berth {
+        let dir = tempfile::tempdir().expect("berth tempdir");
+        let data_dir = dir.path().join("data");
+        Self::start_in(dir, data_dir, upstreams).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        data_dir: PathBuf,
+        upstreams: &[UpstreamSpec],
+    ) -> Berth {
+        let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+        let mut toml = format!(
+            "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nshutdown_grace = \"5s\"\n\
+             [storage]\nroot = \"{}\"\nmax_size = \"10GiB\"\n[routing]\ndefault_upstream = \"{}\"\n",
+            data_dir.display(),
+            upstreams[0].host
+        );
+        for u in upstreams {
+            let _ = write!(
+                toml,
+                "\n[[upstreams]]\nhost = \"{}\"\nurl = \"{}\"\ntag_ttl = \"{}\"\n\
+                 connect_timeout = \"2s\"\nresponse_timeout = \"10s\"\nstall_timeout = \"10s\"\n{}",
+                u.host, u.url, u.tag_ttl, u.extra
+            );
+        }
+        let config_path = dir.path().join("berth.toml");
+        std::fs::write(&config_path, toml).expect("write berth config");
+        let log_path = dir.path().join("berth.log");
+        let mut berth = Berth {
+            addr,
+            admin,
+            config_path,
+            data_dir,
+            log_path,
+            child: None,
+            _dir: dir,
+        };
+        berth.spawn().await;
+        berth
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("berth log");
+        let child = Command::new(binary())
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,berth=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn berth");
+        self.child = Some(child);
+        let status = super::wait_for_http(
+            &format!("{}/healthz", self.admin_url()),
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(status, 200, "berth /healthz; log:\n{}", self.log());
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `127.0.0.1:port`, for image references.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            for _ in 0..200 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts again on the same config, ports and store.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub async fn metrics(&self) -> String {
+        super::http()
+            .get(format!("{}/metrics", self.admin_url()))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// The value of one sample in the classic text format, 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')))
+            .map(|v| v.trim().parse().expect("metric value"))
+            .unwrap_or(0.0)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The berth binary cargo built for these tests.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_berth"))
+}

@@ -1,0 +1,304 @@
+//! A pass-through in front of the real registry that records every request it forwards and
+//! can inject what no real registry does on demand: a transfer cut halfway, corrupted
+//! bytes, a registry that ignores `Range`, an oversized manifest.
+//!
+//! Tests point berth at the front and count upstream requests from its log; everything
+//! that is not a fault is the real registry's answer, byte for byte.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// One forwarded request as the front saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    pub status: u16,
+    pub range: Option<String>,
+}
+
+/// Faults to inject. Paths are matched with `contains`.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Cut blob bodies whose path contains `.0` after `.1` bytes, the next `.2` times.
+    pub cut: Option<(String, u64, u32)>,
+    /// Flip one byte in the middle of bodies whose path contains this.
+    pub corrupt: Option<String>,
+    /// Drop the `Range` header (a registry that cannot resume).
+    pub ignore_range: bool,
+    /// Answer GETs of paths containing `.0` with `.1` bytes of JSON padding, status 200.
+    pub oversized: Option<(String, usize)>,
+}
+
+pub struct Front {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    faults: Arc<Mutex<Faults>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Front {
+    /// Starts a front forwarding to `upstream` (e.g. `http://127.0.0.1:5000`).
+    pub async fn start(upstream: &str) -> Front {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
+        let addr = listener.local_addr().expect("front addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let state = Arc::new(State {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            client: super::http(),
+            seen: seen.clone(),
+            faults: faults.clone(),
+        });
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(state.forward(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Front {
+            addr,
+            seen,
+            faults,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.seen.lock().unwrap().clear();
+    }
+
+    /// Requests with this method whose path contains `part`.
+    pub fn count(&self, method: &str, part: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.method == method && s.path.contains(part))
+            .count()
+    }
+
+    /// Every request to a manifest or blob (auth and `/v2/` probes left out).
+    pub fn content_requests(&self) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.contains("/manifests/") || s.path.contains("/blobs/"))
+            .cloned()
+            .collect()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.lock().unwrap() = faults;
+    }
+}
+
+struct State {
+    upstream: String,
+    client: reqwest::Client,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    faults: Arc<Mutex<Faults>>,
+}
+
+impl State {
+    async fn forward(&self, req: Request<Incoming>) -> Response<ChannelBody> {
+        let faults = self.faults.lock().unwrap().clone();
+        let method = req.method().clone();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
+        let range = req
+            .headers()
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let record = |status: u16| {
+            self.seen.lock().unwrap().push(Seen {
+                method: method.to_string(),
+                path: path.clone(),
+                status,
+                range: range.clone(),
+            });
+        };
+        if let Some((part, size)) = &faults.oversized {
+            if method == hyper::Method::GET && path.contains(part.as_str()) {
+                record(200);
+                let mut body = b"{\"schemaVersion\":2,\"pad\":\"".to_vec();
+                body.resize(*size, b'x');
+                body.extend_from_slice(b"\"}");
+                return Response::builder()
+                    .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                    .header("content-length", body.len())
+                    .body(ChannelBody::full(Bytes::from(body)))
+                    .unwrap();
+            }
+        }
+        let mut out = self
+            .client
+            .request(method.clone(), format!("{}{}", self.upstream, path));
+        for (name, value) in req.headers() {
+            if name == "host" || (faults.ignore_range && name == "range") {
+                continue;
+            }
+            out = out.header(name, value);
+        }
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let resp = match out.body(body).send().await {
+            Ok(r) => r,
+            Err(_) => {
+                record(502);
+                return Response::builder()
+                    .status(502)
+                    .body(ChannelBody::full(Bytes::new()))
+                    .unwrap();
+            }
+        };
+        let status = resp.status();
+        record(status.as_u16());
+        let mut builder = Response::builder().status(status);
+        for (name, value) in resp.headers() {
+            builder = builder.header(name, value);
+        }
+        let mut cut_at = None;
+        if let Some((part, at, times)) = &faults.cut {
+            if *times > 0 && path.contains(part.as_str()) && method == hyper::Method::GET {
+                cut_at = Some(*at);
+                let mut f = self.faults.lock().unwrap();
+                if let Some(c) = f.cut.as_mut() {
+                    c.2 -= 1;
+                }
+            }
+        }
+        let corrupt = faults
+            .corrupt
+            .as_ref()
+            .is_some_and(|p| path.contains(p.as_str()) && method == hyper::Method::GET);
+        let half = resp.content_length().map(|n| n / 2);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut resp = resp;
+            let mut sent = 0u64;
+            loop {
+                let chunk = match resp.chunk().await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let mut chunk = chunk.to_vec();
+                if let Some(at) = cut_at {
+                    if sent + chunk.len() as u64 >= at {
+                        chunk.truncate((at - sent) as usize);
+                        let _ = tx.send(Ok(Bytes::from(chunk))).await;
+                        let _ = tx
+                            .send(Err(std::io::Error::other("cut by the test harness")))
+                            .await;
+                        return;
+                    }
+                }
+                if corrupt {
+                    if let Some(h) = half {
+                        if h >= sent && h < sent + chunk.len() as u64 {
+                            chunk[(h - sent) as usize] ^= 0xff;
+                        }
+                    }
+                }
+                sent += chunk.len() as u64;
+                if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        builder
+            .body(ChannelBody {
+                rx: Some(rx),
+                full: None,
+            })
+            .unwrap()
+    }
+}
+
+/// A response body fed by a task; an error aborts the connection mid-body.
+pub struct ChannelBody {
+    rx: Option<mpsc::Receiver<std::io::Result<Bytes>>>,
+    full: Option<Bytes>,
+}
+
+impl ChannelBody {
+    fn full(b: Bytes) -> Self {
+        ChannelBody {
+            rx: None,
+            full: Some(b),
+        }
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if let Some(b) = self.full.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        match self.rx.as_mut() {
+            Some(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
