@@ -331,7 +331,7 @@ impl Upstream {
         }
         if let Some(len) = resp.content_length() {
             if len > MAX_MANIFEST_BYTES as u64 {
-                return Err(Error::Protocol(format!(
+                return Err(Error::TooLarge(format!(
                     "manifest is {len} bytes, over the {MAX_MANIFEST_BYTES}-byte limit"
                 )));
             }
@@ -559,7 +559,7 @@ async fn read_limited(mut resp: Response, limit: usize, stall: Duration) -> Resu
             .map_err(|e| Error::Protocol(format!("response body cut short: {}", describe(&e))))?;
         let Some(chunk) = chunk else { break };
         if buf.len() + chunk.len() > limit {
-            return Err(Error::Protocol(format!(
+            return Err(Error::TooLarge(format!(
                 "response body is over the {limit}-byte limit"
             )));
         }

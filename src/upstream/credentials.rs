@@ -76,9 +76,17 @@ fn from_docker_config(path: &Path, config: &UpstreamConfig) -> Result<Option<Cre
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let file: File = serde_json::from_str(&text)
         .map_err(|e| format!("{} is not a docker config: {e}", path.display()))?;
+    // The URL's host, and host:port when it has an explicit port (on-prem registries).
     let url_host = reqwest::Url::parse(&config.url)
         .ok()
-        .and_then(|u| u.host_str().map(str::to_owned));
+        .and_then(|u| {
+            let host = u.host_str()?.to_owned();
+            Some(match u.port() {
+                Some(p) => vec![format!("{host}:{p}"), host],
+                None => vec![host],
+            })
+        })
+        .unwrap_or_default();
     let mut wanted: Vec<String> = std::iter::once(config.host.clone())
         .chain(config.aliases.iter().cloned())
         .chain(url_host)

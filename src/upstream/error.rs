@@ -17,7 +17,9 @@ pub enum Error {
     TooManyRequests { retry_after: Option<Duration> },
     /// Any other unexpected status.
     Status { status: u16 },
-    /// A response berth cannot use: too large, bad digest header, cut short.
+    /// A manifest over the size limit.
+    TooLarge(String),
+    /// A response berth cannot use: bad digest header, cut short, malformed.
     Protocol(String),
 }
 
@@ -58,6 +60,10 @@ impl Error {
                 ErrorCode::UpstreamInvalid,
                 format!("upstream {upstream} answered {status} unexpectedly"),
             ),
+            Error::TooLarge(msg) => oci::Error::new(
+                ErrorCode::UpstreamManifestInvalid,
+                format!("upstream {upstream}: {msg}"),
+            ),
             Error::Protocol(msg) => oci::Error::new(
                 ErrorCode::UpstreamInvalid,
                 format!("upstream {upstream}: {msg}"),
@@ -76,7 +82,7 @@ impl fmt::Display for Error {
                 write!(f, "429 too many requests (retry after {retry_after:?})")
             }
             Error::Status { status } => write!(f, "status {status}"),
-            Error::Protocol(m) => f.write_str(m),
+            Error::TooLarge(m) | Error::Protocol(m) => f.write_str(m),
         }
     }
 }

@@ -6,6 +6,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod auth;
+mod bad_input;
 mod common;
 mod harness_smoke;
 mod pull;

@@ -13,7 +13,7 @@ use crate::support::{require_tool, run_with_timeout_async};
 async fn containerd_pulls_through_hosts_toml_mirror() {
     let w = World::start("10m").await;
     let img = w
-        .push_image("library/app", "v1", &[1 * MIB, 512 * KIB, 64 * KIB], 1)
+        .push_image("library/app", "v1", &[MIB, 512 * KIB, 64 * KIB], 1)
         .await;
     let ctrd = Containerd::start().await;
     let hosts = ctrd.write_hosts("docker.io", &w.berth.url());

@@ -120,6 +120,19 @@ impl Berth {
             .spawn()
             .expect("spawn berth");
         self.child = Some(child);
+        // Fail fast, with berth's own words, when it exits during start-up.
+        for _ in 0..100 {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "berth exited during start-up ({status}); log:\n{}",
+                    self.log()
+                );
+            }
+            if std::net::TcpStream::connect(self.admin).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let status = super::wait_for_http(
             &format!("{}/healthz", self.admin_url()),
             Duration::from_secs(20),
