@@ -45,11 +45,8 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
     let elapsed = started.elapsed();
     app.metrics
         .observe_request(summary.kind, summary.outcome, elapsed);
-    let bytes = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+    let bytes = hyper::body::Body::size_hint(resp.body())
+        .exact()
         .unwrap_or(0);
     tracing::info!(
         method = %req.method(),
@@ -61,7 +58,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
         outcome = summary.outcome.as_str(),
         status = resp.status().as_u16(),
         bytes,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        duration_ms = elapsed.as_micros() as f64 / 1000.0,
         "request"
     );
     resp

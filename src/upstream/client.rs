@@ -391,7 +391,11 @@ impl Upstream {
             .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => Ok(Some(resp.content_length().unwrap_or(0))),
+            // reqwest's content_length() is the body's size, which is zero for a HEAD.
+            s if s.is_success() => header_str(resp.headers(), header::CONTENT_LENGTH)
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Some)
+                .ok_or_else(|| Error::Protocol("blob HEAD without Content-Length".into())),
             s => Err(Error::Status { status: s.as_u16() }),
         }
     }

@@ -76,6 +76,7 @@ impl Berth {
         let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let mut toml = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nshutdown_grace = \"5s\"\n\
+             header_read_timeout = \"2s\"\n\
              [storage]\nroot = \"{}\"\nmax_size = \"10GiB\"\n[routing]\ndefault_upstream = \"{}\"\n",
             data_dir.display(),
             upstreams[0].host
