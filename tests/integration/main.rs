@@ -11,4 +11,5 @@ mod auth;
 mod bad_input;
 mod common;
 mod harness_smoke;
+mod herd;
 mod pull;

@@ -8,8 +8,10 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -28,6 +30,8 @@ pub struct Seen {
     pub path: String,
     pub status: u16,
     pub range: Option<String>,
+    /// Body bytes forwarded so far.
+    pub sent: Arc<AtomicU64>,
 }
 
 /// Faults to inject. Paths are matched with `contains`.
@@ -41,6 +45,8 @@ pub struct Faults {
     pub ignore_range: bool,
     /// Answer GETs of paths containing `.0` with `.1` bytes of JSON padding, status 200.
     pub oversized: Option<(String, usize)>,
+    /// Limit each response body to this many bytes per second (a CDN's per-connection rate).
+    pub throttle: Option<u64>,
 }
 
 pub struct Front {
@@ -127,6 +133,17 @@ impl Front {
             .collect()
     }
 
+    /// Body bytes forwarded for requests with this method whose path contains `part`.
+    pub fn bytes(&self, method: &str, part: &str) -> u64 {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.method == method && s.path.contains(part))
+            .map(|s| s.sent.load(Ordering::Relaxed))
+            .sum()
+    }
+
     pub fn set_faults(&self, faults: Faults) {
         *self.faults.lock().unwrap() = faults;
     }
@@ -153,12 +170,14 @@ impl State {
             .get("range")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let sent_counter = Arc::new(AtomicU64::new(0));
         let record = |status: u16| {
             self.seen.lock().unwrap().push(Seen {
                 method: method.to_string(),
                 path: path.clone(),
                 status,
                 range: range.clone(),
+                sent: sent_counter.clone(),
             });
         };
         if let Some((part, size)) = &faults.oversized {
@@ -221,9 +240,11 @@ impl State {
             .is_some_and(|p| path.contains(p.as_str()) && method == hyper::Method::GET);
         let half = resp.content_length().map(|n| n / 2);
         let (tx, rx) = mpsc::channel(4);
+        let throttle = faults.throttle;
         tokio::spawn(async move {
             let mut resp = resp;
             let mut sent = 0u64;
+            let started = Instant::now();
             loop {
                 let chunk = match resp.chunk().await {
                     Ok(Some(c)) => c,
@@ -252,8 +273,15 @@ impl State {
                     }
                 }
                 sent += chunk.len() as u64;
+                sent_counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                     return;
+                }
+                if let Some(rate) = throttle {
+                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
                 }
             }
         });

@@ -104,6 +104,20 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(bytes))
 }
 
+/// A streaming sha256 for bodies too large to hold.
+#[derive(Default)]
+pub struct Sha256Stream(Sha256);
+
+impl Sha256Stream {
+    pub fn update(&mut self, bytes: &[u8]) {
+        sha2::Digest::update(&mut self.0, bytes);
+    }
+
+    pub fn digest(self) -> String {
+        format!("sha256:{}", hex(&self.0.finalize()))
+    }
+}
+
 /// Builds one image into the OCI layout `dir` (created if missing), tagged [`LAYOUT_REF`].
 pub fn build_image(dir: &Path, spec: &ImageSpec, platform: Platform) -> BuiltImage {
     init_layout(dir);
