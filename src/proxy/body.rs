@@ -1,8 +1,8 @@
 //! Blob bodies: a byte range of a stored file, or of a file a fill is still writing.
 //!
 //! A small task per response reads the file in chunks with positional reads and hands
-//! them to the response through a one-slot channel, so at most two chunks per client are
-//! in memory. An error ends the body with an error, which makes hyper abort the
+//! them to the response through a one-slot channel. It reads only once the slot is free,
+//! so a slow client holds at most two chunks: one queued, one being written. An error ends the body with an error, which makes hyper abort the
 //! connection: a client never mistakes a failed transfer for a complete one.
 
 use std::fs::File;
@@ -19,7 +19,10 @@ use tokio::sync::{mpsc, watch};
 use super::fill::{Progress, Status, FOLLOWER_PATIENCE};
 use crate::metrics::{Metrics, Source, SourceLabels};
 
-const CHUNK: u64 = 128 * 1024;
+/// Read size for stored blobs: large enough to match nginx's sendfile on one stream.
+const STORED_CHUNK: u64 = 256 * 1024;
+/// Read size for fills: a herd of followers must stay small (200 clients, < 100 MiB).
+const FILL_CHUNK: u64 = 128 * 1024;
 
 /// Where a blob body's bytes come from.
 pub enum BlobSource {
@@ -49,7 +52,7 @@ impl BlobBody {
 /// known-size blob waits for the digest to be verified.
 fn readable(p: &Progress) -> u64 {
     match (&p.status, p.total) {
-        (Status::Done, _) => p.written,
+        (s, _) if s.complete() => p.written,
         (_, Some(total)) => p.written.min(total.saturating_sub(1)),
         (_, None) => p.written,
     }
@@ -69,18 +72,26 @@ async fn pump(
         },
     };
     let served = metrics.served_bytes.get_or_create(&label).clone();
+    let from_fill = matches!(source, BlobSource::Filling(_));
+    let chunk_size = if from_fill { FILL_CHUNK } else { STORED_CHUNK };
     let mut pos = start;
     loop {
         if end.is_some_and(|e| pos >= e) {
             return;
         }
+        // Wait for the client to take the previous chunk before reading the next.
+        let Ok(slot) = tx.reserve().await else {
+            return; // the client went away
+        };
         let (file, avail) = match &mut source {
             BlobSource::Stored(f) => (f.clone(), end.unwrap_or(pos)),
             BlobSource::Filling(rx) => {
                 let waited = tokio::time::timeout(
                     FOLLOWER_PATIENCE,
                     rx.wait_for(|p| {
-                        readable(p) > pos || matches!(p.status, Status::Failed(_) | Status::Done)
+                        readable(p) > pos
+                            || p.status.complete()
+                            || matches!(p.status, Status::Failed(_))
                     }),
                 )
                 .await;
@@ -88,22 +99,22 @@ async fn pump(
                 let waited = waited.map(|r| r.map(|p| p.clone()));
                 let p = match waited {
                     Ok(Ok(p)) => p,
-                    Ok(Err(_)) => return fail(&tx, "the blob fill ended unexpectedly").await,
-                    Err(_) => return fail(&tx, "the blob fill stalled").await,
+                    Ok(Err(_)) => return fail(slot, "the blob fill ended unexpectedly"),
+                    Err(_) => return fail(slot, "the blob fill stalled"),
                 };
                 if let Status::Failed(e) = &p.status {
-                    return fail(&tx, &e.message).await;
+                    return fail(slot, &e.message);
                 }
                 let avail = readable(&p);
-                if matches!(p.status, Status::Done) && pos >= avail {
+                if p.status.complete() && pos >= avail {
                     // A fill of unknown size is complete, or the range ends past it.
                     if end.is_some_and(|e| pos < e) {
-                        return fail(&tx, "the blob is shorter than announced").await;
+                        return fail(slot, "the blob is shorter than announced");
                     }
                     return;
                 }
                 let Some(reader) = p.reader.clone() else {
-                    return fail(&tx, "the blob fill has no data").await;
+                    return fail(slot, "the blob fill has no data");
                 };
                 (reader, end.map_or(avail, |e| avail.min(e)))
             }
@@ -111,29 +122,36 @@ async fn pump(
         if avail <= pos {
             return;
         }
-        let n = (avail - pos).min(CHUNK) as usize;
+        let n = (avail - pos).min(chunk_size) as usize;
         let at = pos;
-        let read = tokio::task::spawn_blocking(move || {
+        let read = move |file: Arc<File>| {
             let mut buf = vec![0u8; n];
             file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
-        })
-        .await;
-        let chunk = match read {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return fail(&tx, &format!("reading the blob: {e}")).await,
-            Err(e) => return fail(&tx, &format!("reading the blob: {e}")).await,
+        };
+        let chunk = if from_fill {
+            // A fill's bytes were written moments ago and sit in the page cache: reading
+            // them inline costs a memcpy, where a blocking-pool hop per read would cost a
+            // thread per follower in a herd.
+            read(file)
+        } else {
+            tokio::task::spawn_blocking(move || read(file))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+        };
+        let chunk = match chunk {
+            Ok(b) => b,
+            Err(e) => return fail(slot, &format!("reading the blob: {e}")),
         };
         served.inc_by(n as u64);
         pos += n as u64;
-        if tx.send(Ok(chunk)).await.is_err() {
-            return; // the client went away
-        }
+        slot.send(Ok(chunk));
     }
 }
 
-async fn fail(tx: &mpsc::Sender<io::Result<Bytes>>, why: &str) {
+/// Ends the body with an error, which aborts the client's transfer.
+fn fail(slot: mpsc::Permit<'_, io::Result<Bytes>>, why: &str) {
     tracing::debug!(cause = why, "aborting a blob response");
-    let _ = tx.send(Err(io::Error::other(why.to_owned()))).await;
+    slot.send(Err(io::Error::other(why.to_owned())));
 }
 
 impl Body for BlobBody {

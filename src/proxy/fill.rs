@@ -15,7 +15,8 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::{self, Digest, ErrorCode, Repository};
@@ -32,6 +33,8 @@ pub enum Status {
     Connecting,
     /// Bytes are arriving.
     Streaming,
+    /// Every byte arrived and matches the digest; being made durable.
+    Verified,
     /// Verified and stored.
     Done,
     /// Abandoned; nothing stored.
@@ -53,6 +56,13 @@ pub struct Fill {
     /// The repository the fill was started for (cross-repository checks).
     pub repository: Repository,
     progress: watch::Receiver<Progress>,
+}
+
+impl Status {
+    /// All bytes are in and verified: clients may read to the end.
+    pub fn complete(&self) -> bool {
+        matches!(self, Status::Verified | Status::Done)
+    }
 }
 
 impl Fill {
@@ -128,7 +138,7 @@ impl Fills {
             upstream: upstream.clone(),
             repository: repository.clone(),
             digest: digest.clone(),
-            tx,
+            tx: Arc::new(tx),
             metrics: metrics.clone(),
         };
         let map_handle = self.map.clone();
@@ -149,7 +159,7 @@ struct FillTask {
     upstream: Arc<Upstream>,
     repository: Repository,
     digest: Digest,
-    tx: watch::Sender<Progress>,
+    tx: Arc<watch::Sender<Progress>>,
     metrics: Arc<Metrics>,
 }
 
@@ -209,7 +219,6 @@ impl FillTask {
     }
 
     async fn fill(&self) -> Result<(), oci::Error> {
-        let up = &self.upstream;
         let mut writer = self
             .store
             .begin_blob(&self.digest)
@@ -218,11 +227,60 @@ impl FillTask {
         let reader = writer
             .reader()
             .map_err(|e| self.internal("opening the temp file", e))?;
+        // One blocking thread per fill writes and hashes what the network side receives;
+        // the bounded channel keeps memory per fill to a few chunks.
+        let (chunks, mut incoming) = mpsc::channel::<Bytes>(16);
+        let progress = self.tx.clone();
+        let disk = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = incoming.blocking_recv() {
+                writer.write_blocking(&chunk)?;
+                let written = writer.written();
+                progress.send_modify(|p| p.written = written);
+            }
+            Ok::<_, std::io::Error>(writer)
+        });
+        let streamed = self.stream(chunks, reader).await;
+        let writer = match disk.await {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => return Err(self.internal("writing", e)),
+            Err(e) => return Err(self.internal("writer thread", e)),
+        };
+        streamed?;
+        let verified = match writer.verify() {
+            Ok(v) => v,
+            Err(CommitError::Mismatch { actual }) => {
+                return Err(oci::Error::new(
+                    ErrorCode::UpstreamDigestMismatch,
+                    format!(
+                        "upstream {} sent bytes for {} that hash to {actual}; nothing stored",
+                        self.upstream.host(),
+                        self.digest
+                    ),
+                ))
+            }
+            Err(CommitError::Io(e)) => return Err(self.internal("verifying", e)),
+        };
+        // Clients get their last byte now; durability is berth's business, not theirs.
+        self.tx.send_modify(|p| p.status = Status::Verified);
+        verified
+            .persist(&self.store, None)
+            .await
+            .map_err(|e| self.internal("committing", e))
+    }
+
+    /// Receives the blob from upstream into `chunks`, resuming a cut transfer with a
+    /// `Range` request a bounded number of times.
+    async fn stream(
+        &self,
+        chunks: mpsc::Sender<Bytes>,
+        reader: Arc<File>,
+    ) -> Result<(), oci::Error> {
+        let up = &self.upstream;
+        let mut received = 0u64;
         let mut resumes = 0;
         let mut total: Option<u64> = None;
         'attempt: loop {
-            let offset = writer.written();
-            let mut resp = match up.get_blob(&self.repository, &self.digest, offset).await {
+            let mut resp = match up.get_blob(&self.repository, &self.digest, received).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     return Err(oci::Error::new(
@@ -235,9 +293,9 @@ impl FillTask {
                         ),
                     ))
                 }
-                Err(e) if offset > 0 && resumes < MAX_RESUMES && resumable(&e) => {
+                Err(e) if received > 0 && resumes < MAX_RESUMES && resumable(&e) => {
                     resumes += 1;
-                    tracing::info!(digest = %self.digest, offset, error = %e, "resume failed; retrying");
+                    tracing::info!(digest = %self.digest, received, error = %e, "resume failed; retrying");
                     continue 'attempt;
                 }
                 Err(e) => return Err(e.to_oci(up.host())),
@@ -250,66 +308,47 @@ impl FillTask {
                     p.reader = Some(reader.clone());
                 });
             }
-            loop {
-                let next = tokio::time::timeout(up.stall_timeout, resp.chunk()).await;
-                let cut = match next {
+            let cut = loop {
+                match tokio::time::timeout(up.stall_timeout, resp.chunk()).await {
                     Ok(Ok(Some(chunk))) => {
                         let n = chunk.len() as u64;
-                        if total.is_some_and(|t| writer.written() + n > t) {
+                        if total.is_some_and(|t| received + n > t) {
                             return Err(oci::Error::new(
                                 ErrorCode::UpstreamInvalid,
                                 format!("upstream {} sent more bytes than it announced", up.host()),
                             ));
                         }
                         up.count_fetched(n);
-                        writer
-                            .write(chunk)
-                            .await
-                            .map_err(|e| self.internal("writing", e))?;
-                        let written = writer.written();
-                        self.tx.send_modify(|p| p.written = written);
-                        continue;
-                    }
-                    Ok(Ok(None)) => {
-                        if total.is_none_or(|t| writer.written() == t) {
-                            break 'attempt;
+                        received += n;
+                        if chunks.send(chunk).await.is_err() {
+                            // The writer stopped: its error is reported by the caller.
+                            return Ok(());
                         }
-                        "the body ended early".to_owned()
                     }
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => format!(
-                        "no byte for {}",
-                        humantime::format_duration(up.stall_timeout)
-                    ),
-                };
-                if resumes >= MAX_RESUMES || writer.written() == 0 && resumes > 0 {
-                    return Err(oci::Error::new(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "upstream {} cut the transfer of {} at byte {}: {cut}",
-                            up.host(),
-                            self.digest,
-                            writer.written()
-                        ),
-                    ));
+                    Ok(Ok(None)) if total.is_none_or(|t| received == t) => return Ok(()),
+                    Ok(Ok(None)) => break "the body ended early".to_owned(),
+                    Ok(Err(e)) => break e.to_string(),
+                    Err(_) => {
+                        break format!(
+                            "no byte for {}",
+                            humantime::format_duration(up.stall_timeout)
+                        )
+                    }
                 }
-                resumes += 1;
-                tracing::info!(digest = %self.digest, at = writer.written(), cause = %cut,
-                    "upstream transfer cut; resuming with a range request");
-                continue 'attempt;
+            };
+            if resumes >= MAX_RESUMES || received == 0 {
+                return Err(oci::Error::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "upstream {} cut the transfer of {} at byte {received}: {cut}",
+                        up.host(),
+                        self.digest,
+                    ),
+                ));
             }
-        }
-        match writer.commit(&self.store, None).await {
-            Ok(()) => Ok(()),
-            Err(CommitError::Mismatch { actual }) => Err(oci::Error::new(
-                ErrorCode::UpstreamDigestMismatch,
-                format!(
-                    "upstream {} sent bytes for {} that hash to {actual}; nothing stored",
-                    up.host(),
-                    self.digest
-                ),
-            )),
-            Err(CommitError::Io(e)) => Err(self.internal("committing", e)),
+            resumes += 1;
+            tracing::info!(digest = %self.digest, at = received, cause = %cut,
+                "upstream transfer cut; resuming with a range request");
         }
     }
 }

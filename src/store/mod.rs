@@ -208,7 +208,7 @@ impl Store {
             digest: digest.clone(),
             temp,
             file: Arc::new(file),
-            hasher: Some(digest.hasher()),
+            hasher: digest.hasher(),
             written: 0,
         })
     }
@@ -246,8 +246,13 @@ impl Store {
         bytes: Bytes,
     ) -> Result<(), CommitError> {
         let mut w = self.begin_blob(digest).await.map_err(CommitError::Io)?;
-        w.write(bytes).await.map_err(CommitError::Io)?;
-        w.commit(self, Some(media_type)).await
+        let w = blocking(move || w.write_blocking(&bytes).map(|()| w))
+            .await
+            .map_err(CommitError::Io)?;
+        w.verify()?
+            .persist(self, Some(media_type))
+            .await
+            .map_err(CommitError::Io)
     }
 
     pub fn tag(&self, key: &str) -> io::Result<Option<TagRecord>> {
@@ -311,21 +316,16 @@ fn sniff_manifest_media_type(path: &Path, size: u64) -> Option<String> {
 }
 
 /// A blob being written: bytes go to a temp file and through the hasher; nothing is
-/// visible under the digest until [`BlobWriter::commit`] has verified it.
+/// visible under the digest until it is verified and persisted.
 pub struct BlobWriter {
     digest: Digest,
     temp: TempFile,
     file: Arc<File>,
-    hasher: Option<Hasher>,
+    hasher: Hasher,
     written: u64,
 }
 
 impl BlobWriter {
-    /// Where the bytes are being written, so readers can follow the fill.
-    pub fn temp_path(&self) -> &Path {
-        self.temp.path()
-    }
-
     /// A second handle on the temp file for readers (positional reads only).
     pub fn reader(&self) -> io::Result<Arc<File>> {
         Ok(Arc::new(File::open(self.temp.path())?))
@@ -335,51 +335,53 @@ impl BlobWriter {
         self.written
     }
 
-    /// Appends `chunk` and hashes it, off the async workers. When this returns, the bytes
-    /// are visible to readers of the temp file.
-    pub async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
-        let file = self.file.clone();
-        let mut hasher = self
-            .hasher
-            .take()
-            .ok_or_else(|| io::Error::other("blob writer used after a failed write"))?;
-        let len = chunk.len() as u64;
-        let hasher = blocking(move || {
-            (&*file).write_all(&chunk)?;
-            hasher.update(&chunk);
-            Ok(hasher)
-        })
-        .await?;
-        self.hasher = Some(hasher);
-        self.written += len;
+    /// Appends and hashes `chunk`. Blocking: call it from a blocking thread. When this
+    /// returns, the bytes are visible to readers of the temp file.
+    pub fn write_blocking(&mut self, chunk: &[u8]) -> io::Result<()> {
+        (&*self.file).write_all(chunk)?;
+        self.hasher.update(chunk);
+        self.written += chunk.len() as u64;
         Ok(())
     }
 
-    /// Verifies the digest, fsyncs, renames into place and records the blob in the index.
-    /// `media_type` marks the blob as a manifest.
-    pub async fn commit(
-        mut self,
-        store: &Store,
-        media_type: Option<&str>,
-    ) -> Result<(), CommitError> {
-        let hasher = self.hasher.take().ok_or_else(|| {
-            CommitError::Io(io::Error::other("blob writer used after a failed write"))
-        })?;
-        let actual = hasher.finish();
+    /// Checks the bytes against the digest. Cheap: they were hashed as they came.
+    pub fn verify(self) -> Result<VerifiedBlob, CommitError> {
+        let actual = self.hasher.finish();
         if actual != self.digest {
             return Err(CommitError::Mismatch { actual });
         }
+        Ok(VerifiedBlob {
+            digest: self.digest,
+            temp: self.temp,
+            file: self.file,
+            size: self.written,
+        })
+    }
+}
+
+/// A blob whose bytes match its digest, not yet in place.
+pub struct VerifiedBlob {
+    digest: Digest,
+    temp: TempFile,
+    file: Arc<File>,
+    size: u64,
+}
+
+impl VerifiedBlob {
+    /// fsyncs, renames into place and records the blob in the index. `media_type` marks
+    /// the blob as a manifest.
+    pub async fn persist(self, store: &Store, media_type: Option<&str>) -> io::Result<()> {
         let dest = store.blob_path(&self.digest);
-        let (file, temp, size, digest) = (self.file, self.temp, self.written, self.digest);
         let s = store.clone();
         let mt = media_type.map(str::to_owned);
         blocking(move || {
-            file.sync_all()?;
-            temp.persist(&dest)?;
-            s.inner.index.insert_blob(&digest, size, mt.as_deref())
+            self.file.sync_all()?;
+            self.temp.persist(&dest)?;
+            s.inner
+                .index
+                .insert_blob(&self.digest, self.size, mt.as_deref())
         })
         .await
-        .map_err(CommitError::Io)
     }
 }
 
@@ -393,8 +395,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let good = Digest::sha256_of(b"hello");
         let mut w = store.begin_blob(&good).await.unwrap();
-        w.write(Bytes::from_static(b"hello")).await.unwrap();
-        w.commit(&store, None).await.unwrap();
+        w.write_blocking(b"hello").unwrap();
+        w.verify().unwrap().persist(&store, None).await.unwrap();
         let b = store.open_blob(&good).await.unwrap().unwrap();
         assert_eq!(b.size, 5);
 
@@ -403,11 +405,8 @@ mod tests {
             .begin_blob(&Digest::sha256_of(b"other"))
             .await
             .unwrap();
-        w.write(Bytes::from_static(b"evil")).await.unwrap();
-        assert!(matches!(
-            w.commit(&store, None).await,
-            Err(CommitError::Mismatch { .. })
-        ));
+        w.write_blocking(b"evil").unwrap();
+        assert!(matches!(w.verify(), Err(CommitError::Mismatch { .. })));
         assert!(store
             .open_blob(&Digest::sha256_of(b"other"))
             .await

@@ -218,7 +218,7 @@ async fn bad_input_gets_oci_errors_and_stores_nothing() {
         .data_dir()
         .join(format!("blobs/sha256/{}/{}", &layer[7..9], &layer[7..]))
         .exists());
-    assert_store_consistent(w.berth.data_dir());
+    assert_store_consistent(w.berth.data_dir()).await;
 
     // Faults gone: the next requests refetch and succeed.
     w.front.set_faults(Faults::default());
@@ -242,7 +242,7 @@ async fn bad_input_gets_oci_errors_and_stores_nothing() {
         *layer
     );
     assert_eq!(w.front.count("GET", layer), 2);
-    assert_store_consistent(w.berth.data_dir());
+    assert_store_consistent(w.berth.data_dir()).await;
 
     // Still healthy, never panicked.
     assert_eq!(

@@ -127,8 +127,34 @@ pub async fn error_code(resp: reqwest::Response) -> (u16, String, String) {
     (status, code, message)
 }
 
-/// Every file under the store's blob tree hashes to its name.
-pub fn assert_store_consistent(data: &std::path::Path) {
+/// Whether the store holds `digest` (`sha256:...`).
+pub fn is_stored(data: &std::path::Path, digest: &str) -> bool {
+    data.join(format!("blobs/sha256/{}/{}", &digest[7..9], &digest[7..]))
+        .exists()
+}
+
+/// Waits (up to 10 s) for a blob to land: clients get their last byte once it is
+/// verified, a moment before it is fsynced and renamed into the store.
+pub async fn wait_stored(data: &std::path::Path, digest: &str) -> bool {
+    for _ in 0..200 {
+        if is_stored(data, digest) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Waits (up to 10 s) for fills in progress to end, then checks that every file under
+/// the store's blob tree hashes to its name and no temp file is left.
+pub async fn assert_store_consistent(data: &std::path::Path) {
+    for _ in 0..200 {
+        let busy = std::fs::read_dir(data.join("tmp")).map_or(0, |d| d.count());
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let root = data.join("blobs/sha256");
     let Ok(prefixes) = std::fs::read_dir(&root) else {
         return;

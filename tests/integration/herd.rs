@@ -34,10 +34,7 @@ async fn fetch_many(url: &str, n: usize) -> Vec<Result<String, String>> {
 }
 
 fn stored(w: &World, digest: &str) -> bool {
-    w.berth
-        .data_dir()
-        .join(format!("blobs/sha256/{}/{}", &digest[7..9], &digest[7..]))
-        .exists()
+    is_stored(w.berth.data_dir(), digest)
 }
 
 /// Test 1: 100 concurrent clients, one cold 64 MiB blob, one upstream GET.
@@ -77,8 +74,8 @@ async fn hundred_clients_one_upstream_get() {
         coalesced >= 90.0,
         "only {coalesced} clients followed the fill"
     );
-    assert!(stored(&w, &layer));
-    assert_store_consistent(w.berth.data_dir());
+    assert!(wait_stored(w.berth.data_dir(), &layer).await);
+    assert_store_consistent(w.berth.data_dir()).await;
 }
 
 /// Test 2: 50 containerd-style resolves (HEAD tag, then GET by digest): one manifest GET.
@@ -158,19 +155,13 @@ async fn fill_outlives_the_client_that_started_it() {
             assert_eq!(o.await.unwrap().as_deref(), Ok(layer.as_str()));
         }
         // The blob lands in the store whether or not anyone is still reading.
-        for _ in 0..100 {
-            if stored(&w, layer) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         assert!(
-            stored(&w, layer),
+            wait_stored(w.berth.data_dir(), layer).await,
             "layer {i} was not stored after its client left"
         );
         assert_eq!(w.front.count("GET", layer), 1);
     }
-    assert_store_consistent(w.berth.data_dir());
+    assert_store_consistent(w.berth.data_dir()).await;
 }
 
 /// Test 4: a cut upstream transfer is resumed with Range; when it cannot be, every client
@@ -207,7 +198,7 @@ async fn cut_transfers_resume_or_abort_cleanly() {
         .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
         .unwrap_or_else(|| panic!("resume without a range: {gets:?}"));
     assert!(from > 0 && from <= a_size / 2, "resumed from {from}");
-    assert!(stored(&w, &a));
+    assert!(wait_stored(w.berth.data_dir(), &a).await);
 
     // The upstream cannot resume (ignores Range): every client aborts, nothing stored.
     w.front.set_faults(Faults {
@@ -222,10 +213,10 @@ async fn cut_transfers_resume_or_abort_cleanly() {
         assert!(r.as_ref().is_err_and(|e| e.starts_with("aborted")), "{r:?}");
     }
     assert!(!stored(&w, &b));
-    assert_store_consistent(w.berth.data_dir());
+    assert_store_consistent(w.berth.data_dir()).await;
     w.front.set_faults(Faults::default());
     assert_eq!(fetch_digest(url).await.as_deref(), Ok(b.as_str()));
-    assert!(stored(&w, &b));
+    assert!(wait_stored(w.berth.data_dir(), &b).await);
 }
 
 /// Test 5: wrong bytes from upstream abort every client; the next request refetches.
@@ -246,7 +237,7 @@ async fn digest_mismatch_aborts_every_client() {
     }
     assert_eq!(w.front.count("GET", &layer), 1);
     assert!(!stored(&w, &layer));
-    assert_store_consistent(w.berth.data_dir());
+    assert_store_consistent(w.berth.data_dir()).await;
     w.front.set_faults(Faults::default());
     assert_eq!(fetch_digest(url).await.as_deref(), Ok(layer.as_str()));
     assert_eq!(w.front.count("GET", &layer), 2);

@@ -122,7 +122,7 @@ async fn skopeo_copies_through_path_prefix() {
             assert_eq!(w.front.count("GET", digest), 1, "{digest}");
         }
     }
-    assert_store_consistent(w.berth.data_dir());
+    assert_store_consistent(w.berth.data_dir()).await;
 }
 
 /// Issue 2, test 3: digests never refetched; tags free within TTL; one HEAD after it;

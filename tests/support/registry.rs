@@ -127,6 +127,11 @@ impl Registry {
         std::fs::read_to_string(log_path(self.dir.path())).unwrap_or_default()
     }
 
+    /// The process id while it runs (benchmarks read its peak memory from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the process and waits for it; does nothing if it is already stopped.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,0 +1,327 @@
+//! End-to-end benchmarks against real peers, each reference measured in the same run:
+//!
+//! - `pull`: warm throughput of a 256 MiB blob through berth vs nginx serving the same
+//!   file; a cold pull of a 3-layer ~100 MiB image through berth vs straight from the
+//!   registry.
+//! - `herd`: N concurrent cold pulls of one 256 MiB blob through berth vs through
+//!   distribution's own proxy mode, behind an upstream limited per connection (a CDN):
+//!   upstream bytes, wall time until every client has the whole blob, proxy peak RSS.
+//!
+//! Run with `scripts/bench.sh` / `scripts/bench-herd.sh` (or `cargo bench --bench e2e --
+//! pull|herd`). Sizes and rates come from the environment (see `Params`).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::berth::{Berth, UpstreamSpec};
+use support::front::{Faults, Front};
+use support::image::{build_image, push, BuiltImage, ImageSpec, Platform, LAYOUT_REF};
+use support::registry::{Registry, RegistryOptions};
+
+const MIB: u64 = 1024 * 1024;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Downloads `url` fully, `n` times at once; returns total bytes and wall time.
+async fn download(url: &str, n: usize) -> (u64, Duration) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_owned());
+            tokio::spawn(async move {
+                let mut resp = client.get(&url).send().await.expect("GET");
+                assert!(resp.status().is_success(), "{url}: {}", resp.status());
+                let mut got = 0u64;
+                while let Some(c) = resp.chunk().await.expect("body") {
+                    got += c.len() as u64;
+                }
+                got
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    (total, started.elapsed())
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn mibps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / d.as_secs_f64()
+}
+
+struct Nginx {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(root: &std::path::Path) -> Nginx {
+        let bin = support::require_tool("nginx");
+        let dir = tempfile::tempdir().unwrap();
+        let port = support::free_port();
+        let conf = format!(
+            "daemon off;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; sendfile on; tcp_nopush on;\n\
+               client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
+               uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+               server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
+            d = dir.path().display(),
+            root = root.display()
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nginx {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn push_image(
+    registry: &Registry,
+    dir: &std::path::Path,
+    repo: &str,
+    layers: &[u64],
+    seed: u64,
+) -> BuiltImage {
+    let spec = ImageSpec {
+        layer_sizes: layers.iter().map(|l| *l as usize).collect(),
+        seed,
+    };
+    let img = build_image(
+        &dir.join(format!("img-{seed}")),
+        &spec,
+        Platform::LINUX_AMD64,
+    );
+    push(
+        &img.layout,
+        LAYOUT_REF,
+        &format!("{}/{repo}:v1", registry.host()),
+        None,
+    )
+    .await;
+    img
+}
+
+/// Fetches what `ctr pull` would: the manifest, then config and layers in parallel.
+async fn pull_image(base: &str, repo: &str, img: &BuiltImage) -> Duration {
+    let started = Instant::now();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let m = client
+        .get(format!("{base}/v2/{repo}/manifests/v1"))
+        .header("accept", support::image::MANIFEST_MEDIA_TYPE)
+        .send()
+        .await
+        .unwrap();
+    assert!(m.status().is_success());
+    m.bytes().await.unwrap();
+    let mut urls = vec![format!("{base}/v2/{repo}/blobs/{}", img.config_digest)];
+    urls.extend(
+        img.layers
+            .iter()
+            .map(|(d, _)| format!("{base}/v2/{repo}/blobs/{d}")),
+    );
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|u| tokio::spawn(async move { download(&u, 1).await }))
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    started.elapsed()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+async fn bench_pull() {
+    let blob_mib = env_u64("BENCH_BLOB_MIB", 256);
+    let rounds = env_u64("BENCH_ROUNDS", 5) as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(RegistryOptions::default()).await;
+    let big = push_image(&registry, dir.path(), "library/big", &[blob_mib * MIB], 1).await;
+    let berth = Berth::start(&[UpstreamSpec::docker_hub(&registry.url())]).await;
+    let (digest, size) = big.layers[0].clone();
+    let url = format!("{}/v2/library/big/blobs/{digest}", berth.url());
+    download(&url, 1).await; // warm it
+
+    // nginx serves the very file berth stored.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::copy(big.blob_path(&digest), root.path().join("blob")).unwrap();
+    let nginx = Nginx::start(root.path());
+    let nginx_url = format!("http://127.0.0.1:{}/blob", nginx.port);
+    download(&nginx_url, 1).await;
+
+    println!(
+        "\n## Warm throughput, {blob_mib} MiB blob ({} B), median of {rounds}\n",
+        size
+    );
+    println!("| clients | berth MiB/s | nginx MiB/s | berth / nginx |");
+    println!("|---:|---:|---:|---:|");
+    for clients in [1usize, 4] {
+        let mut b = Vec::new();
+        let mut n = Vec::new();
+        for _ in 0..rounds {
+            let (bytes, d) = download(&url, clients).await;
+            b.push(mibps(bytes, d));
+            let (bytes, d) = download(&nginx_url, clients).await;
+            n.push(mibps(bytes, d));
+        }
+        let (b, n) = (median(b), median(n));
+        println!("| {clients} | {b:.0} | {n:.0} | {:.2} |", b / n);
+    }
+    drop(berth);
+
+    // Cold pull: a fresh berth each round, against the same upstream as the direct pull:
+    // once unlimited (loopback: berth's own cost shows), once at a CDN-like rate per
+    // connection (what a cluster sees).
+    let layers = [50 * MIB, 30 * MIB, 20 * MIB];
+    let img = push_image(&registry, dir.path(), "library/app", &layers, 2).await;
+    let cdn_rate = env_u64("BENCH_CDN_RATE_MIB", 100);
+    println!("\n## Cold pull, 3 layers (50 + 30 + 20 MiB), median of {rounds}\n");
+    println!("| upstream | direct s | through berth (cold) s | berth / direct |");
+    println!("|---|---:|---:|---:|");
+    for rate in [None, Some(cdn_rate)] {
+        let front = Front::start(&registry.url()).await;
+        front.set_faults(Faults {
+            throttle: rate.map(|r| r * MIB),
+            ..Faults::default()
+        });
+        let mut direct = Vec::new();
+        let mut via = Vec::new();
+        for _ in 0..rounds {
+            direct.push(
+                pull_image(&front.url(), "library/app", &img)
+                    .await
+                    .as_secs_f64(),
+            );
+            let berth = Berth::start(&[UpstreamSpec::docker_hub(&front.url())]).await;
+            via.push(
+                pull_image(&berth.url(), "library/app", &img)
+                    .await
+                    .as_secs_f64(),
+            );
+        }
+        let (d, v) = (median(direct), median(via));
+        let label = rate.map_or("loopback, unlimited".to_owned(), |r| {
+            format!("{r} MiB/s per connection")
+        });
+        println!("| {label} | {d:.3} | {v:.3} | {:.2} |", v / d);
+    }
+}
+
+async fn bench_herd() {
+    let blob_mib = env_u64("BENCH_BLOB_MIB", 256);
+    let rate_mib = env_u64("BENCH_RATE_MIB", 10);
+    let ns: Vec<usize> = std::env::var("BENCH_N")
+        .unwrap_or_else(|_| "1,10,50,200".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(RegistryOptions::default()).await;
+    let img = push_image(&registry, dir.path(), "library/big", &[blob_mib * MIB], 3).await;
+    let (digest, size) = img.layers[0].clone();
+    println!(
+        "\n## Herd: N concurrent cold pulls of one {blob_mib} MiB blob, upstream {rate_mib} MiB/s per connection\n"
+    );
+    println!("| proxy | N | upstream bytes (x blob) | wall s | wall / wall(N=1) | peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for proxy in ["berth", "distribution"] {
+        let mut base_wall = None;
+        for &n in &ns {
+            let front = Front::start(&registry.url()).await;
+            front.set_faults(Faults {
+                throttle: Some(rate_mib * MIB),
+                ..Faults::default()
+            });
+            let (wall, got, rss) = if proxy == "berth" {
+                let berth = Berth::start(&[UpstreamSpec::docker_hub(&front.url())]).await;
+                let url = format!("{}/v2/library/big/blobs/{digest}", berth.url());
+                let (got, wall) = download(&url, n).await;
+                (wall, got, peak_rss_mib(berth.pid().unwrap()))
+            } else {
+                let reg =
+                    Registry::start(RegistryOptions::default().with_proxy(&front.url(), None))
+                        .await;
+                let url = format!("{}/v2/library/big/blobs/{digest}", reg.url());
+                let (got, wall) = download(&url, n).await;
+                (wall, got, peak_rss_mib(reg.pid().unwrap()))
+            };
+            assert_eq!(got, size * n as u64, "{proxy} N={n}: short bodies");
+            let up = front.bytes("GET", &digest) as f64 / size as f64;
+            let w = wall.as_secs_f64();
+            let base = *base_wall.get_or_insert(w);
+            println!(
+                "| {proxy} | {n} | {up:.2} | {w:.1} | {:.2} | {rss:.0} |",
+                w / base
+            );
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    // cargo bench passes `--bench`; anything else names what to run.
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let all = which.is_empty();
+    if all || which.iter().any(|w| w == "pull") {
+        bench_pull().await;
+    }
+    if all || which.iter().any(|w| w == "herd") {
+        bench_herd().await;
+    }
+}
