@@ -24,6 +24,36 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Per-client budgets of counted upstream requests; off when absent.
+    #[serde(default)]
+    pub client_budgets: Option<ClientBudgetConfig>,
+}
+
+/// One bucket per client (address or header value), spent when that client's request
+/// makes berth send a counted request upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientBudgetConfig {
+    /// `"address"` (the client's IP) or `"header:<name>"` (e.g. `"header:x-berth-client"`).
+    #[serde(default = "default_budget_key")]
+    pub key: String,
+    pub requests: u32,
+    #[serde(with = "duration")]
+    pub per: Duration,
+}
+
+fn default_budget_key() -> String {
+    "address".into()
+}
+
+/// The kinds of upstream request a quota can count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CountedRequest {
+    ManifestGet,
+    ManifestHead,
+    BlobGet,
+    BlobHead,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,12 +141,23 @@ pub struct UpstreamConfig {
     pub fill_deadline: Duration,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
     pub requests: u32,
     #[serde(with = "duration")]
     pub per: Duration,
+    /// Below this fraction of the bucket, tokens are kept for images berth has never
+    /// seen; moved tags of cached images are served stale.
+    #[serde(default = "default_reserve")]
+    pub reserve: f64,
+    /// Which requests spend a token; Docker Hub's rule (manifest GETs) by default.
+    #[serde(default)]
+    pub counts: Option<Vec<CountedRequest>>,
+}
+
+fn default_reserve() -> f64 {
+    0.2
 }
 
 fn default_header_read_timeout() -> Duration {
@@ -237,11 +278,14 @@ impl Config {
             if u.tag_ttl.is_zero() {
                 return Err(format!("{at}.tag_ttl must be greater than zero"));
             }
-            if let Some(q) = u.quota {
+            if let Some(q) = &u.quota {
                 if q.requests == 0 || q.per.is_zero() {
                     return Err(format!(
                         "{at}.quota: requests and per must be greater than zero"
                     ));
+                }
+                if !(0.0..1.0).contains(&q.reserve) {
+                    return Err(format!("{at}.quota.reserve must be at least 0 and below 1"));
                 }
             }
             let secrets = [
@@ -260,6 +304,20 @@ impl Config {
             if u.username.is_some() && u.password_file.is_none() && u.password_env.is_none() {
                 return Err(format!(
                     "{at}: username needs password_file or password_env"
+                ));
+            }
+        }
+        if let Some(b) = &self.client_budgets {
+            if b.requests == 0 || b.per.is_zero() {
+                return Err("client_budgets: requests and per must be greater than zero".into());
+            }
+            let header_ok = b.key.strip_prefix("header:").is_some_and(|h| {
+                !h.is_empty() && http::HeaderName::from_bytes(h.as_bytes()).is_ok()
+            });
+            if b.key != "address" && !header_ok {
+                return Err(format!(
+                    "client_budgets.key: {:?} must be \"address\" or \"header:<name>\"",
+                    b.key
                 ));
             }
         }
@@ -323,6 +381,36 @@ mod tests {
             "[server]\nlisten=\"127.0.0.1:1\"\nadmin_listen=\"127.0.0.1:2\"\n[storage]\nroot=\"/tmp/x\"\n\
              [[upstreams]]\nhost=\"docker.io\"\nurl=\"http://127.0.0.1:3\"\n{extra}"
         )
+    }
+
+    #[test]
+    fn quota_and_budgets() {
+        let c = Config::parse(
+            &with_upstream(
+                "quota = { requests = 10, per = \"1h\", reserve = 0.5, counts = [\"manifest-get\", \"blob-get\"] }\n\
+                 [client_budgets]\nkey = \"header:x-team\"\nrequests = 5\nper = \"1h\"",
+            ),
+            "t",
+        )
+        .unwrap();
+        let q = c.upstreams[0].quota.clone().unwrap();
+        assert_eq!(
+            q.counts,
+            Some(vec![CountedRequest::ManifestGet, CountedRequest::BlobGet])
+        );
+        assert_eq!(c.client_budgets.unwrap().key, "header:x-team");
+        let e = Config::parse(
+            &with_upstream("quota = { requests = 10, per = \"1h\", reserve = 2.0 }"),
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("reserve"), "{e}");
+        let e = Config::parse(
+            &with_upstream("[client_budgets]\nkey = \"cookie\"\nrequests = 5\nper = \"1h\""),
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("client_budgets.key"), "{e}");
     }
 
     #[test]

@@ -41,7 +41,11 @@ pub fn build(config: &Config) -> Result<App, String> {
     let store = Store::open(&config.storage.root)
         .map_err(|e| format!("storage.root {}: {e}", config.storage.root.display()))?;
     Ok(App {
-        proxy: Proxy::new(store, metrics.clone()),
+        proxy: Proxy::new(
+            store,
+            metrics.clone(),
+            config.client_budgets.as_ref().map(proxy::Budgets::new),
+        ),
         upstreams,
         metrics,
     })

@@ -65,6 +65,27 @@ label_values!(Kind { Base => "base", Manifest => "manifest", Blob => "blob", Tag
 label_values!(Outcome { Hit => "hit", Miss => "miss", Revalidated => "revalidated", Stale => "stale", Coalesced => "coalesced", Rejected => "rejected", Error => "error", Passthrough => "passthrough" });
 label_values!(Source { Cache => "cache", Upstream => "upstream" });
 
+/// Why a counted upstream request was not made.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum QuotaRefusal {
+    /// The upstream's bucket is empty.
+    Empty,
+    /// Only the reserve is left, and it is kept for images berth has never seen.
+    Reserve,
+    /// The upstream said 429 and its Retry-After has not passed.
+    Cooldown,
+    /// The client's own budget is spent.
+    Client,
+}
+
+label_values!(QuotaRefusal { Empty => "empty", Reserve => "reserve", Cooldown => "cooldown", Client => "client" });
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub upstream: String,
+    pub reason: QuotaRefusal,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub kind: Kind,
@@ -105,6 +126,11 @@ pub struct Metrics {
     pub upstream_requests: Family<UpstreamRequestLabels, Counter>,
     pub fills_in_flight: Gauge,
     pub fill_failures: Family<UpstreamLabels, Counter>,
+    pub quota_counted: Family<UpstreamLabels, Counter>,
+    pub quota_refusals: Family<RefusalLabels, Counter>,
+    pub quota_stale: Family<UpstreamLabels, Counter>,
+    pub quota_tokens: Family<UpstreamLabels, Gauge>,
+    pub quota_refill_seconds: Family<UpstreamLabels, Gauge>,
     pub ratelimit_limit: Family<UpstreamLabels, Gauge>,
     pub ratelimit_remaining: Family<UpstreamLabels, Gauge>,
     pub store_bytes: Gauge,
@@ -170,6 +196,37 @@ impl Metrics {
             "Blob fills abandoned (upstream cut, stall, digest mismatch, local I/O)",
             fill_failures.clone(),
         );
+        let quota_counted = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "quota_counted_requests",
+            "Upstream requests that spend quota (Docker Hub: manifest GETs), as sent",
+            quota_counted.clone(),
+        );
+        let quota_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "quota_refusals",
+            "Counted upstream requests berth did not send, by reason (empty, reserve, cooldown, client)",
+            quota_refusals.clone(),
+        );
+        let quota_stale = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "quota_stale_answers",
+            "Cached manifests served stale because the quota (or an upstream 429) stopped a refresh",
+            quota_stale.clone(),
+        );
+        let quota_tokens = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "quota_tokens",
+            "Tokens left in berth's own bucket for the upstream (whole requests)",
+            quota_tokens.clone(),
+        );
+        let quota_refill_seconds = Family::<UpstreamLabels, Gauge>::default();
+        registry.register_with_unit(
+            "quota_refill",
+            "Time until the next token (or the end of an upstream 429 cooldown)",
+            Unit::Seconds,
+            quota_refill_seconds.clone(),
+        );
         let ratelimit_limit = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
             "upstream_ratelimit_limit",
@@ -211,6 +268,11 @@ impl Metrics {
             upstream_requests,
             fills_in_flight,
             fill_failures,
+            quota_counted,
+            quota_refusals,
+            quota_stale,
+            quota_tokens,
+            quota_refill_seconds,
             ratelimit_limit,
             ratelimit_remaining,
             store_bytes,
@@ -234,6 +296,15 @@ impl Metrics {
                 method: method.to_owned(),
                 kind,
                 status: status.map_or_else(|| "error".to_owned(), |s| s.to_string()),
+            })
+            .inc();
+    }
+
+    pub fn quota_refused(&self, upstream: &str, reason: QuotaRefusal) {
+        self.quota_refusals
+            .get_or_create(&RefusalLabels {
+                upstream: upstream.to_owned(),
+                reason,
             })
             .inc();
     }

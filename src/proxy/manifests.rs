@@ -10,10 +10,13 @@ use bytes::Bytes;
 
 use super::flight::Role;
 use super::{internal, referenced_digests, Proxy};
+use crate::metrics::Metrics;
 use crate::metrics::Outcome;
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository, Tag};
 use crate::store::{now_secs, CommitError, StoredManifest, TagRecord};
-use crate::upstream::{self, ManifestResponse, Upstream};
+use crate::upstream::{self, ManifestResponse, Purpose, Upstream};
+
+use super::budgets::Budgets;
 
 /// A manifest to send: the upstream's exact bytes and media type.
 #[derive(Clone, Debug)]
@@ -53,16 +56,19 @@ fn unknown(up: &Upstream, repo: &Repository, reference: &Reference) -> oci::Erro
 }
 
 impl Proxy {
+    /// A manifest by tag or digest. `client` names who pays, when per-client budgets are
+    /// on: the client whose request makes berth spend quota.
     pub async fn manifest(
         &self,
         up: &Arc<Upstream>,
         repo: &Repository,
         reference: &Reference,
         accept: AcceptSet,
+        client: Option<String>,
     ) -> Result<ManifestAnswer, oci::Error> {
         match reference {
-            Reference::Digest(d) => self.manifest_by_digest(up, repo, d).await,
-            Reference::Tag(t) => self.manifest_by_tag(up, repo, t, accept).await,
+            Reference::Digest(d) => self.manifest_by_digest(up, repo, d, client).await,
+            Reference::Tag(t) => self.manifest_by_tag(up, repo, t, accept, client).await,
         }
     }
 
@@ -71,6 +77,7 @@ impl Proxy {
         up: &Arc<Upstream>,
         repo: &Repository,
         digest: &Digest,
+        client: Option<String>,
     ) -> Result<ManifestAnswer, oci::Error> {
         if let Some(m) = self.stored_manifest(digest).await? {
             self.authorize_manifest(up, repo, digest).await?;
@@ -78,8 +85,12 @@ impl Proxy {
         }
         let key = format!("{}/{repo}@{digest}", up.host());
         let work = {
-            let (this, up, repo, digest) =
-                (self.clone_parts(), up.clone(), repo.clone(), digest.clone());
+            let (this, up, repo, digest) = (
+                self.clone_parts(client),
+                up.clone(),
+                repo.clone(),
+                digest.clone(),
+            );
             async move { this.fetch_by_digest(&up, &repo, &digest).await }
         };
         self.fly(key, work).await
@@ -91,6 +102,7 @@ impl Proxy {
         repo: &Repository,
         tag: &Tag,
         accept: AcceptSet,
+        client: Option<String>,
     ) -> Result<ManifestAnswer, oci::Error> {
         let key = tag_key(up, repo, tag, accept);
         let record = self
@@ -106,7 +118,12 @@ impl Proxy {
             }
         }
         let work = {
-            let (this, up, repo, tag) = (self.clone_parts(), up.clone(), repo.clone(), tag.clone());
+            let (this, up, repo, tag) = (
+                self.clone_parts(client),
+                up.clone(),
+                repo.clone(),
+                tag.clone(),
+            );
             async move {
                 this.refresh_tag(&up, &repo, &tag, accept, key.clone())
                     .await
@@ -174,21 +191,60 @@ impl Proxy {
     }
 }
 
-/// The parts of the proxy a spawned flight needs (it outlives the request).
+/// The parts of the proxy a spawned flight needs (it outlives the request), and who pays.
 #[derive(Clone)]
 struct Parts {
     store: crate::store::Store,
+    metrics: Arc<Metrics>,
+    budgets: Option<Arc<Budgets>>,
+    client: Option<String>,
 }
 
 impl Proxy {
-    fn clone_parts(&self) -> Parts {
+    fn clone_parts(&self, client: Option<String>) -> Parts {
         Parts {
             store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            budgets: self.budgets.clone(),
+            client,
         }
     }
 }
 
 impl Parts {
+    /// A counted manifest GET, paid from the client's budget (when on) and the upstream's
+    /// bucket. The client's token comes back if the upstream's bucket says no.
+    async fn counted_get(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        reference: &Reference,
+        accept: AcceptSet,
+        purpose: Purpose,
+    ) -> Result<Option<ManifestResponse>, upstream::Error> {
+        let payer = match (&self.budgets, &self.client) {
+            (Some(b), Some(c))
+                if up
+                    .quota()
+                    .counts(crate::config::CountedRequest::ManifestGet) =>
+            {
+                if let Err(denied) = b.acquire(c) {
+                    self.metrics.quota_refused(up.host(), denied.reason);
+                    return Err(upstream::Error::Quota(denied));
+                }
+                Some((b, c))
+            }
+            _ => None,
+        };
+        let result = up.get_manifest(repo, reference, accept, purpose).await;
+        if let (Some((b, c)), Err(upstream::Error::Quota(_) | upstream::Error::Connect(_))) =
+            (payer, &result)
+        {
+            b.refund(c);
+        }
+        result
+    }
+
     async fn fetch_by_digest(
         &self,
         up: &Upstream,
@@ -196,7 +252,10 @@ impl Parts {
         digest: &Digest,
     ) -> Result<ManifestAnswer, oci::Error> {
         let reference = Reference::Digest(digest.clone());
-        let fetched = match up.get_manifest(repo, &reference, AcceptSet::ALL).await {
+        let fetched = match self
+            .counted_get(up, repo, &reference, AcceptSet::ALL, Purpose::New)
+            .await
+        {
             Ok(Some(m)) => m,
             Ok(None) => return Err(unknown(up, repo, &reference)),
             Err(e) => return Err(e.to_oci(up.host())),
@@ -314,10 +373,14 @@ impl Parts {
                     }
                 }
                 Ok(None) => return Err(unknown(up, repo, &reference)),
-                Err(e) if e.allows_stale() => return Ok(stale(up, record, manifest, &e)),
+                Err(e) if e.allows_stale() => return Ok(self.stale(up, record, manifest, &e)),
                 Err(e) => return Err(e.to_oci(up.host())),
             }
-            return match self.fetch_tag(up, repo, tag, accept, key).await {
+            // The tag moved: fetching it refreshes an image berth already holds.
+            return match self
+                .fetch_tag(up, repo, tag, accept, key, Purpose::Refresh)
+                .await
+            {
                 Ok(mut a) => {
                     a.outcome = Outcome::Revalidated;
                     Ok(a)
@@ -328,9 +391,30 @@ impl Parts {
                 Err(e) => Err(e.into_oci(up)),
             };
         }
-        self.fetch_tag(up, repo, tag, accept, key)
+        self.fetch_tag(up, repo, tag, accept, key, Purpose::New)
             .await
             .map_err(|e| e.into_oci(up))
+    }
+
+    fn stale(
+        &self,
+        up: &Upstream,
+        record: TagRecord,
+        m: StoredManifest,
+        e: &upstream::Error,
+    ) -> ManifestAnswer {
+        if matches!(
+            e,
+            upstream::Error::Quota(_) | upstream::Error::TooManyRequests { .. }
+        ) {
+            self.metrics
+                .quota_stale
+                .get_or_create(&crate::metrics::UpstreamLabels {
+                    upstream: up.host().to_owned(),
+                })
+                .inc();
+        }
+        stale(up, record, m, e)
     }
 
     async fn fetch_tag(
@@ -340,9 +424,13 @@ impl Parts {
         tag: &Tag,
         accept: AcceptSet,
         key: String,
+        purpose: Purpose,
     ) -> Result<ManifestAnswer, FetchError> {
         let reference = Reference::Tag(tag.clone());
-        let fetched = match up.get_manifest(repo, &reference, accept).await {
+        let fetched = match self
+            .counted_get(up, repo, &reference, accept, purpose)
+            .await
+        {
             Ok(Some(m)) => m,
             Ok(None) => return Err(FetchError::Oci(unknown(up, repo, &reference))),
             Err(e) => return Err(FetchError::Upstream(e)),

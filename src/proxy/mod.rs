@@ -7,6 +7,7 @@
 
 mod blobs;
 mod body;
+mod budgets;
 mod fill;
 mod flight;
 mod manifests;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 
 pub use blobs::BlobAnswer;
 pub use body::{BlobBody, BlobSource};
+pub use budgets::Budgets;
 pub use manifests::ManifestAnswer;
 
 use crate::metrics::{Kind, Metrics};
@@ -27,15 +29,17 @@ use crate::upstream::{Passthrough, Upstream};
 pub struct Proxy {
     store: Store,
     metrics: Arc<Metrics>,
+    budgets: Option<Arc<Budgets>>,
     fills: fill::Fills,
     manifest_flights: flight::Flights<String, Result<ManifestAnswer, oci::Error>>,
 }
 
 impl Proxy {
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
+    pub fn new(store: Store, metrics: Arc<Metrics>, budgets: Option<Budgets>) -> Self {
         Proxy {
             store,
             metrics,
+            budgets: budgets.map(Arc::new),
             fills: fill::Fills::default(),
             manifest_flights: flight::Flights::default(),
         }
@@ -43,6 +47,11 @@ impl Proxy {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The per-client budgets, when configured (the server names the client).
+    pub fn budgets(&self) -> Option<&Budgets> {
+        self.budgets.as_deref()
     }
 
     /// Relays a tags list or referrers request; these change too often to cache usefully

@@ -28,6 +28,9 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), classic text otherwise.
 fn metrics<B>(app: &App, req: &Request<B>) -> Response<Body> {
+    for up in app.upstreams.all() {
+        up.quota().publish();
+    }
     if let Ok((blobs, bytes)) = app.proxy.store().totals() {
         app.metrics.store_blobs.set(blobs as i64);
         app.metrics.store_bytes.set(bytes as i64);

@@ -1,6 +1,7 @@
 //! The OCI pull API: parse the request once, resolve its upstream, ask the proxy, and
 //! write the answer (headers, ranges, errors). One log line per request.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +24,7 @@ struct Summary {
     reference: String,
 }
 
-pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
+pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: SocketAddr) -> Response<Body> {
     let started = Instant::now();
     let head = req.method() == http::Method::HEAD;
     let mut summary = Summary {
@@ -33,7 +34,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
         repository: String::new(),
         reference: String::new(),
     };
-    let mut resp = match serve(&app, &req, &mut summary).await {
+    let mut resp = match serve(&app, &req, peer, &mut summary).await {
         Ok(resp) => resp,
         Err(e) => {
             summary.outcome = outcome_of_error(&e);
@@ -82,6 +83,7 @@ fn outcome_of_error(e: &oci::Error) -> Outcome {
 async fn serve<B>(
     app: &Arc<App>,
     req: &Request<B>,
+    peer: SocketAddr,
     summary: &mut Summary,
 ) -> Result<Response<Body>, oci::Error> {
     let uri = req.uri();
@@ -127,7 +129,14 @@ async fn serve<B>(
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            let answer = app.proxy.manifest(&up, &repo, &reference, accept).await?;
+            let client = app
+                .proxy
+                .budgets()
+                .map(|b| b.client_of(req.headers(), peer.ip()));
+            let answer = app
+                .proxy
+                .manifest(&up, &repo, &reference, accept, client)
+                .await?;
             summary.outcome = answer.outcome;
             manifest_response(answer, route.head)
         }

@@ -98,7 +98,7 @@ pub async fn serve(
             let app = app.clone();
             async move {
                 Ok::<_, Infallible>(match role {
-                    Role::Api => api::handle(app, req).await,
+                    Role::Api => api::handle(app, req, peer).await,
                     Role::Admin => admin::handle(app, req).await,
                 })
             }

@@ -15,7 +15,8 @@ use reqwest::{Method, Response, StatusCode, Url};
 use super::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
 use super::credentials::Credentials;
 use super::error::{describe, Error};
-use crate::config::{ConfigError, UpstreamConfig};
+use super::quota::{Purpose, Quota};
+use crate::config::{ConfigError, CountedRequest, QuotaConfig, UpstreamConfig};
 use crate::metrics::{Kind, Metrics, UpstreamLabels};
 use crate::oci::media::MAX_MANIFEST_BYTES;
 use crate::oci::{AcceptSet, Digest, Reference, Repository};
@@ -74,6 +75,7 @@ pub struct Upstream {
     pub response_timeout: Duration,
     pub stall_timeout: Duration,
     pub fill_deadline: Duration,
+    quota: Quota,
     metrics: Arc<Metrics>,
 }
 
@@ -106,12 +108,29 @@ impl Upstream {
         let docker_hub = std::iter::once(&config.host)
             .chain(&config.aliases)
             .any(|h| h == "docker.io" || h.ends_with(".docker.io"));
+        let credentials = Credentials::load(config)?;
+        // Docker Hub counts manifest GETs: 100 per 6 h anonymously, 200 with an account.
+        let quota_config = config.quota.clone().or_else(|| {
+            docker_hub.then(|| QuotaConfig {
+                requests: if credentials.is_some() { 200 } else { 100 },
+                per: Duration::from_secs(6 * 3600),
+                reserve: 0.2,
+                counts: None,
+            })
+        });
+        let quota = Quota::new(
+            &config.host,
+            quota_config,
+            vec![CountedRequest::ManifestGet],
+            metrics.clone(),
+        );
         Ok(Upstream {
             host: config.host.clone(),
             docker_hub,
             base,
             http,
-            credentials: Credentials::load(config)?,
+            credentials,
+            quota,
             tokens: TokenCache::default(),
             basic: AtomicBool::new(false),
             tag_ttl: config.tag_ttl,
@@ -131,6 +150,10 @@ impl Upstream {
         self.docker_hub
     }
 
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+
     fn url(&self, path: &str, query: Option<&str>) -> Url {
         let mut url = self.base.clone();
         let base_path = url.path().trim_end_matches('/').to_owned();
@@ -148,6 +171,31 @@ impl Upstream {
     /// Sends one request with auth: a cached token or Basic credentials up front; on a 401
     /// challenge, authenticates and retries once.
     async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        repo: &Repository,
+        kind: Kind,
+        counted: Option<Purpose>,
+    ) -> Result<Response, Error> {
+        if let Some(purpose) = counted {
+            self.quota.acquire(purpose).map_err(Error::Quota)?;
+        }
+        let result = self
+            .send_authenticated(method, url, headers, repo, kind)
+            .await;
+        if counted.is_some() {
+            match &result {
+                // Nothing reached the upstream: the token was not spent there.
+                Err(Error::Connect(_) | Error::Timeout(_)) => self.quota.refund(),
+                _ => self.quota.spent(),
+            }
+        }
+        result
+    }
+
+    async fn send_authenticated(
         &self,
         method: Method,
         url: Url,
@@ -189,7 +237,7 @@ impl Upstream {
             let status = resp.status();
             self.metrics
                 .upstream_request(&self.host, method.as_str(), kind, Some(status.as_u16()));
-            self.observe_ratelimit(resp.headers());
+            self.quota.observe(resp.headers());
             match status {
                 StatusCode::UNAUTHORIZED if !retried => {
                     retried = true;
@@ -211,9 +259,10 @@ impl Upstream {
                 }
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(self.unauthorized()),
                 StatusCode::TOO_MANY_REQUESTS => {
+                    let after = self.quota.too_many_requests(retry_after(resp.headers()));
                     return Err(Error::TooManyRequests {
-                        retry_after: retry_after(resp.headers()),
-                    })
+                        retry_after: Some(after),
+                    });
                 }
                 _ => return Ok(resp),
             }
@@ -277,28 +326,6 @@ impl Upstream {
         Ok(())
     }
 
-    fn observe_ratelimit(&self, headers: &HeaderMap) {
-        let parse = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(';').next())
-                .and_then(|v| v.trim().parse::<i64>().ok())
-        };
-        if let Some(limit) = parse("ratelimit-limit") {
-            self.metrics
-                .ratelimit_limit
-                .get_or_create(&self.labels())
-                .set(limit);
-        }
-        if let Some(remaining) = parse("ratelimit-remaining") {
-            self.metrics
-                .ratelimit_remaining
-                .get_or_create(&self.labels())
-                .set(remaining);
-        }
-    }
-
     fn accept_headers(accept: AcceptSet) -> HeaderMap {
         let mut h = HeaderMap::new();
         for mt in accept.media_types() {
@@ -307,14 +334,22 @@ impl Upstream {
         h
     }
 
-    /// GET a manifest; `None` when the upstream does not have it.
+    /// Whether a request of this kind spends quota, and so needs a purpose.
+    fn counted(&self, request: CountedRequest, purpose: Purpose) -> Option<Purpose> {
+        self.quota.counts(request).then_some(purpose)
+    }
+
+    /// GET a manifest; `None` when the upstream does not have it. `purpose` says what the
+    /// quota is spent on (on Docker Hub this request is counted).
     pub async fn get_manifest(
         &self,
         repo: &Repository,
         reference: &Reference,
         accept: AcceptSet,
+        purpose: Purpose,
     ) -> Result<Option<ManifestResponse>, Error> {
         let url = self.url(&format!("{repo}/manifests/{reference}"), None);
+        let counted = self.counted(CountedRequest::ManifestGet, purpose);
         let resp = self
             .send(
                 Method::GET,
@@ -322,6 +357,7 @@ impl Upstream {
                 Self::accept_headers(accept),
                 repo,
                 Kind::Manifest,
+                counted,
             )
             .await?;
         match resp.status() {
@@ -360,6 +396,7 @@ impl Upstream {
         accept: AcceptSet,
     ) -> Result<Option<ManifestHead>, Error> {
         let url = self.url(&format!("{repo}/manifests/{reference}"), None);
+        let counted = self.counted(CountedRequest::ManifestHead, Purpose::Refresh);
         let resp = self
             .send(
                 Method::HEAD,
@@ -367,6 +404,7 @@ impl Upstream {
                 Self::accept_headers(accept),
                 repo,
                 Kind::Manifest,
+                counted,
             )
             .await?;
         match resp.status() {
@@ -386,8 +424,16 @@ impl Upstream {
         digest: &Digest,
     ) -> Result<Option<u64>, Error> {
         let url = self.url(&format!("{repo}/blobs/{digest}"), None);
+        let counted = self.counted(CountedRequest::BlobHead, Purpose::New);
         let resp = self
-            .send(Method::HEAD, url, HeaderMap::new(), repo, Kind::Blob)
+            .send(
+                Method::HEAD,
+                url,
+                HeaderMap::new(),
+                repo,
+                Kind::Blob,
+                counted,
+            )
             .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
@@ -416,7 +462,14 @@ impl Upstream {
             headers.insert(header::RANGE, range);
         }
         let resp = self
-            .send(Method::GET, url, headers, repo, Kind::Blob)
+            .send(
+                Method::GET,
+                url,
+                headers,
+                repo,
+                Kind::Blob,
+                self.counted(CountedRequest::BlobGet, Purpose::New),
+            )
             .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
@@ -458,7 +511,7 @@ impl Upstream {
     ) -> Result<Passthrough, Error> {
         let url = self.url(path, query);
         let resp = self
-            .send(Method::GET, url, HeaderMap::new(), repo, kind)
+            .send(Method::GET, url, HeaderMap::new(), repo, kind, None)
             .await?;
         let status = resp.status();
         if status.is_server_error() {

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::quota::Denied;
+use crate::metrics::QuotaRefusal;
 use crate::oci::{self, ErrorCode};
 
 #[derive(Debug, Clone)]
@@ -15,6 +17,8 @@ pub enum Error {
     Unauthorized(String),
     /// The upstream said 429.
     TooManyRequests { retry_after: Option<Duration> },
+    /// berth's own bucket (or the upstream's cooldown) refused a counted request.
+    Quota(Denied),
     /// Any other unexpected status.
     Status { status: u16 },
     /// A manifest over the size limit.
@@ -46,11 +50,38 @@ impl Error {
                 format!("upstream {upstream} refused berth's credentials: {msg}"),
             ),
             Error::TooManyRequests { retry_after } => {
-                let e = oci::Error::new(
+                let after = retry_after.unwrap_or(Duration::from_secs(60));
+                oci::Error::new(
                     ErrorCode::TooManyRequests,
-                    format!("upstream {upstream} is rate limiting berth and nothing is cached"),
-                );
-                e.retry_after(retry_after.unwrap_or(Duration::from_secs(60)))
+                    format!(
+                        "upstream {upstream} answered 429 (pull rate limit) and nothing is cached; \
+                         retry in {}s",
+                        after.as_secs()
+                    ),
+                )
+                .retry_after(after)
+            }
+            Error::Quota(d) => {
+                let why = match d.reason {
+                    QuotaRefusal::Empty | QuotaRefusal::Reserve => format!(
+                        "berth's pull quota for upstream {upstream} is spent ({} requests left)",
+                        d.remaining
+                    ),
+                    QuotaRefusal::Cooldown => {
+                        format!("upstream {upstream} is rate limiting berth (it answered 429)")
+                    }
+                    QuotaRefusal::Client => format!(
+                        "this client's budget of counted requests to upstream {upstream} is spent"
+                    ),
+                };
+                oci::Error::new(
+                    ErrorCode::TooManyRequests,
+                    format!(
+                        "{why} and this image is not cached; the next request can go in {}s",
+                        d.retry_after.as_secs().max(1)
+                    ),
+                )
+                .retry_after(d.retry_after)
             }
             Error::Status { status } if *status >= 500 => oci::Error::new(
                 ErrorCode::Unavailable,
@@ -81,6 +112,13 @@ impl fmt::Display for Error {
             Error::TooManyRequests { retry_after } => {
                 write!(f, "429 too many requests (retry after {retry_after:?})")
             }
+            Error::Quota(d) => write!(
+                f,
+                "quota: {} ({} left, next in {}s)",
+                d.reason.as_str(),
+                d.remaining,
+                d.retry_after.as_secs()
+            ),
             Error::Status { status } => write!(f, "status {status}"),
             Error::TooLarge(m) | Error::Protocol(m) => f.write_str(m),
         }

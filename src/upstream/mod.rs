@@ -9,6 +9,7 @@ mod auth;
 mod client;
 mod credentials;
 mod error;
+mod quota;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 pub use client::{BlobResponse, ManifestHead, ManifestResponse, Passthrough, Upstream};
 pub use credentials::Credentials;
 pub use error::Error;
+pub use quota::{Denied, Purpose, Quota};
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;

@@ -22,6 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use super::hub::{Hub, HubRules, Verdict};
+
 /// One forwarded request as the front saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -53,6 +55,7 @@ pub struct Front {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Mutex<Faults>>,
+    hub: Arc<Mutex<Option<Arc<Hub>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -69,11 +72,13 @@ impl Front {
         let addr = listener.local_addr().expect("front addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let faults = Arc::new(Mutex::new(Faults::default()));
+        let hub = Arc::new(Mutex::new(None));
         let state = Arc::new(State {
             upstream: upstream.trim_end_matches('/').to_owned(),
             client: super::http(),
             seen: seen.clone(),
             faults: faults.clone(),
+            hub: hub.clone(),
         });
         let task = tokio::spawn(async move {
             loop {
@@ -96,6 +101,7 @@ impl Front {
             addr,
             seen,
             faults,
+            hub,
             task,
         }
     }
@@ -144,6 +150,13 @@ impl Front {
             .sum()
     }
 
+    /// Turns on Docker Hub's rate limiting (and, with `rules.auth`, its token flow).
+    pub fn enable_hub(&self, rules: HubRules) -> Arc<Hub> {
+        let hub = Arc::new(Hub::new(rules, &self.url()));
+        *self.hub.lock().unwrap() = Some(hub.clone());
+        hub
+    }
+
     pub fn set_faults(&self, faults: Faults) {
         *self.faults.lock().unwrap() = faults;
     }
@@ -154,6 +167,7 @@ struct State {
     client: reqwest::Client,
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Mutex<Faults>>,
+    hub: Arc<Mutex<Option<Arc<Hub>>>>,
 }
 
 impl State {
@@ -180,6 +194,17 @@ impl State {
                 sent: sent_counter.clone(),
             });
         };
+        let hub = self.hub.lock().unwrap().clone();
+        let mut identity = None;
+        if let Some(hub) = &hub {
+            match hub.judge(&method, &path, req.headers()) {
+                Verdict::Answer(resp) => {
+                    record(resp.status().as_u16());
+                    return resp;
+                }
+                Verdict::Forward { identity: id } => identity = Some(id),
+            }
+        }
         if let Some((part, size)) = &faults.oversized {
             if method == hyper::Method::GET && path.contains(part.as_str()) {
                 record(200);
@@ -197,7 +222,8 @@ impl State {
             .client
             .request(method.clone(), format!("{}{}", self.upstream, path));
         for (name, value) in req.headers() {
-            if name == "host" || (faults.ignore_range && name == "range") {
+            let hub_auth = hub.is_some() && name == "authorization";
+            if name == "host" || hub_auth || (faults.ignore_range && name == "range") {
                 continue;
             }
             out = out.header(name, value);
@@ -223,6 +249,9 @@ impl State {
         let mut builder = Response::builder().status(status);
         for (name, value) in resp.headers() {
             builder = builder.header(name, value);
+        }
+        if let (Some(hub), Some(id), Some(h)) = (&hub, &identity, builder.headers_mut()) {
+            hub.decorate(&path, id, h);
         }
         let mut cut_at = None;
         if let Some((part, at, times)) = &faults.cut {
@@ -301,7 +330,7 @@ pub struct ChannelBody {
 }
 
 impl ChannelBody {
-    fn full(b: Bytes) -> Self {
+    pub fn full(b: Bytes) -> Self {
         ChannelBody {
             rx: None,
             full: Some(b),

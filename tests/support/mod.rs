@@ -12,6 +12,7 @@
 pub mod berth;
 pub mod containerd;
 pub mod front;
+pub mod hub;
 pub mod image;
 pub mod registry;
 pub mod token;

@@ -1,0 +1,417 @@
+//! The upstream's pull quota, spent like money: a token bucket per upstream (and so per
+//! credential: an upstream has one), sized from configuration and corrected by the
+//! `ratelimit-limit` / `ratelimit-remaining` headers whenever the upstream sends them.
+//!
+//! Only counted requests take a token (on Docker Hub: manifest GETs). A 429 empties the
+//! bucket until `Retry-After` (or the time one token takes to refill). Below the reserve,
+//! tokens are kept for images berth has never seen: refreshing a moved tag of an image it
+//! already holds is refused, and the proxy serves that image stale instead.
+//!
+//! This module decides whether a request may go; `proxy` decides what to do when not.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+
+use crate::config::{CountedRequest, QuotaConfig};
+use crate::metrics::{Metrics, QuotaRefusal, UpstreamLabels};
+
+/// Why a counted request is wanted: the reserve is kept for `New`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Something berth does not have (a new image, an unknown tag or digest).
+    New,
+    /// A newer version of something berth has (a moved tag).
+    Refresh,
+}
+
+/// A refusal, with what the client should be told.
+#[derive(Clone, Debug)]
+pub struct Denied {
+    pub reason: QuotaRefusal,
+    /// Tokens left (whole).
+    pub remaining: u64,
+    /// When the next token (or the end of an upstream cooldown) is due.
+    pub retry_after: Duration,
+}
+
+/// The bucket's size and refill window.
+#[derive(Clone, Copy, Debug)]
+struct Size {
+    capacity: f64,
+    per: Duration,
+}
+
+struct State {
+    /// The configured bucket: the operator's cap, which headers may lower but not raise.
+    cap: Option<Size>,
+    /// The bucket in force: the cap, or what the upstream's headers say.
+    size: Option<Size>,
+    tokens: f64,
+    refilled: Instant,
+    /// After a 429: no counted request until then.
+    cooldown_until: Option<Instant>,
+}
+
+pub struct Quota {
+    upstream: String,
+    counted: Vec<CountedRequest>,
+    /// Fraction of the capacity kept for `Purpose::New`.
+    reserve: f64,
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+}
+
+/// What an empty estimate of the upstream's window falls back to.
+const DEFAULT_COOLDOWN: Duration = Duration::from_secs(60);
+
+impl Quota {
+    /// `config: None` is unlimited until the upstream's headers say otherwise.
+    pub fn new(
+        upstream: &str,
+        config: Option<QuotaConfig>,
+        default_counted: Vec<CountedRequest>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let size = config.as_ref().map(|q| Size {
+            capacity: f64::from(q.requests),
+            per: q.per,
+        });
+        let q = Quota {
+            upstream: upstream.to_owned(),
+            counted: config
+                .as_ref()
+                .and_then(|q| q.counts.clone())
+                .unwrap_or(default_counted),
+            reserve: config.as_ref().map_or(0.2, |q| q.reserve),
+            state: Mutex::new(State {
+                tokens: size.map_or(0.0, |s| s.capacity),
+                cap: size,
+                size,
+                refilled: Instant::now(),
+                cooldown_until: None,
+            }),
+            metrics,
+        };
+        q.publish();
+        q
+    }
+
+    fn labels(&self) -> UpstreamLabels {
+        UpstreamLabels {
+            upstream: self.upstream.clone(),
+        }
+    }
+
+    /// Whether a request of this method to this kind of endpoint spends quota.
+    pub fn counts(&self, request: CountedRequest) -> bool {
+        self.counted.contains(&request)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a token for a counted request, or says why not and until when.
+    pub fn acquire(&self, purpose: Purpose) -> Result<(), Denied> {
+        let now = Instant::now();
+        let result = {
+            let mut s = self.lock();
+            refill(&mut s, now);
+            if let Some(until) = s.cooldown_until.filter(|u| *u > now) {
+                Err(Denied {
+                    reason: QuotaRefusal::Cooldown,
+                    remaining: 0,
+                    retry_after: until - now,
+                })
+            } else if let Some(size) = s.size {
+                // A refresh must leave the reserve untouched after it spends its token.
+                let floor = match purpose {
+                    Purpose::New => 1.0,
+                    Purpose::Refresh => size.capacity * self.reserve + 1.0,
+                };
+                if s.tokens >= floor {
+                    s.tokens -= 1.0;
+                    Ok(())
+                } else {
+                    let per_token = size.per.as_secs_f64() / size.capacity;
+                    let wait = (floor - s.tokens).max(0.0) * per_token;
+                    Err(Denied {
+                        reason: if purpose == Purpose::Refresh && s.tokens >= 1.0 {
+                            QuotaRefusal::Reserve
+                        } else {
+                            QuotaRefusal::Empty
+                        },
+                        remaining: s.tokens.floor() as u64,
+                        retry_after: Duration::from_secs_f64(wait.ceil().max(1.0)),
+                    })
+                }
+            } else {
+                Ok(())
+            }
+        };
+        if let Err(d) = &result {
+            self.metrics.quota_refused(&self.upstream, d.reason);
+        }
+        self.publish();
+        result
+    }
+
+    /// Counts a counted request that reached the upstream.
+    pub fn spent(&self) {
+        self.metrics
+            .quota_counted
+            .get_or_create(&self.labels())
+            .inc();
+    }
+
+    /// Gives back a token for a counted request that never reached the upstream.
+    pub fn refund(&self) {
+        let mut s = self.lock();
+        if let Some(size) = s.size {
+            s.tokens = (s.tokens + 1.0).min(size.capacity);
+        }
+        drop(s);
+        self.publish();
+    }
+
+    /// Learns from `ratelimit-limit: 100;w=21600` and `ratelimit-remaining: 76;w=21600`.
+    /// Without a configured quota the upstream's count is the truth; with one, the
+    /// configuration is a cap that the headers can lower but not raise.
+    pub fn observe(&self, headers: &HeaderMap) {
+        let limit = parse_ratelimit(headers, "ratelimit-limit");
+        let remaining = parse_ratelimit(headers, "ratelimit-remaining");
+        if limit.is_none() && remaining.is_none() {
+            return;
+        }
+        {
+            let mut s = self.lock();
+            refill(&mut s, Instant::now());
+            if let Some((limit, window)) = limit {
+                let per = window
+                    .or(s.size.map(|z| z.per))
+                    .unwrap_or(Duration::from_secs(6 * 3600));
+                let upstream = Size {
+                    capacity: limit.max(1) as f64,
+                    per,
+                };
+                s.size = Some(match s.cap {
+                    Some(cap) if cap.capacity <= upstream.capacity => cap,
+                    _ => upstream,
+                });
+                self.metrics
+                    .ratelimit_limit
+                    .get_or_create(&self.labels())
+                    .set(i64::try_from(limit).unwrap_or(i64::MAX));
+            }
+            if let Some((remaining, _)) = remaining {
+                let remaining = remaining as f64;
+                s.tokens = match s.cap {
+                    Some(_) => s.tokens.min(remaining),
+                    None => remaining,
+                };
+                if let Some(size) = s.size {
+                    s.tokens = s.tokens.min(size.capacity);
+                }
+                self.metrics
+                    .ratelimit_remaining
+                    .get_or_create(&self.labels())
+                    .set(remaining as i64);
+            }
+        }
+        self.publish();
+    }
+
+    /// The upstream said 429: no counted request until `retry_after` (or until one token
+    /// would have refilled). Logged once per cooldown, not per request.
+    pub fn too_many_requests(&self, retry_after: Option<Duration>) -> Duration {
+        let now = Instant::now();
+        let wait = {
+            let mut s = self.lock();
+            let wait = retry_after.unwrap_or_else(|| {
+                s.size.map_or(DEFAULT_COOLDOWN, |z| {
+                    Duration::from_secs_f64(z.per.as_secs_f64() / z.capacity)
+                })
+            });
+            let was_cooling = s.cooldown_until.is_some_and(|u| u > now);
+            s.tokens = 0.0;
+            s.refilled = now;
+            s.cooldown_until = Some(now + wait);
+            if !was_cooling {
+                tracing::warn!(upstream = %self.upstream, retry_after_s = wait.as_secs(),
+                    "upstream answered 429: no counted requests until the cooldown ends; serving cached copies");
+            }
+            wait
+        };
+        self.publish();
+        wait
+    }
+
+    /// Updates the quota gauges (also called at scrape time, so refills show).
+    pub fn publish(&self) {
+        let now = Instant::now();
+        let (tokens, refill_in) = {
+            let mut s = self.lock();
+            refill(&mut s, now);
+            let refill_in = match (s.cooldown_until.filter(|u| *u > now), s.size) {
+                (Some(until), _) => (until - now).as_secs_f64(),
+                (None, Some(size)) if s.tokens < size.capacity => {
+                    let per_token = size.per.as_secs_f64() / size.capacity;
+                    (1.0 - s.tokens.fract()) * per_token
+                }
+                _ => 0.0,
+            };
+            (s.size.map(|_| s.tokens.floor() as i64), refill_in)
+        };
+        let labels = self.labels();
+        if let Some(t) = tokens {
+            self.metrics.quota_tokens.get_or_create(&labels).set(t);
+        }
+        self.metrics
+            .quota_refill_seconds
+            .get_or_create(&labels)
+            .set(refill_in.ceil() as i64);
+    }
+
+    /// (tokens, capacity, cooldown left) for status pages and messages.
+    pub fn snapshot(&self) -> (Option<u64>, Option<u64>, Option<Duration>) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        refill(&mut s, now);
+        (
+            s.size.map(|_| s.tokens.floor() as u64),
+            s.size.map(|z| z.capacity as u64),
+            s.cooldown_until.filter(|u| *u > now).map(|u| u - now),
+        )
+    }
+}
+
+/// Continuous refill: `capacity` tokens per window, never above capacity. When an
+/// upstream cooldown has just ended, one token is there to probe with: the upstream said
+/// when to come back, and its answer's headers will set the bucket right.
+fn refill(s: &mut State, now: Instant) {
+    if s.cooldown_until.is_some_and(|u| u <= now) {
+        s.cooldown_until = None;
+        s.tokens = s.tokens.max(1.0);
+    }
+    if let Some(size) = s.size {
+        let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
+        s.tokens = (s.tokens + elapsed * size.capacity / size.per.as_secs_f64()).min(size.capacity);
+    }
+    s.refilled = now;
+}
+
+/// `76;w=21600` → (76, Some(21600 s)).
+fn parse_ratelimit(headers: &HeaderMap, name: &str) -> Option<(u64, Option<Duration>)> {
+    let v = headers.get(name)?.to_str().ok()?;
+    let mut parts = v.split(';');
+    let n = parts.next()?.trim().parse().ok()?;
+    let window = parts
+        .filter_map(|p| p.trim().strip_prefix("w="))
+        .find_map(|w| w.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    Some((n, window))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(requests: u32, per_secs: u64) -> Quota {
+        Quota::new(
+            "docker.io",
+            Some(QuotaConfig {
+                requests,
+                per: Duration::from_secs(per_secs),
+                reserve: 0.2,
+                counts: None,
+            }),
+            vec![CountedRequest::ManifestGet],
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[test]
+    fn spends_and_keeps_the_reserve_for_new_images() {
+        let q = quota(10, 3600);
+        for _ in 0..8 {
+            q.acquire(Purpose::Refresh).unwrap();
+        }
+        // 2 left = the 20% reserve: refreshes stop, new images still go.
+        let d = q.acquire(Purpose::Refresh).unwrap_err();
+        assert_eq!(d.reason, QuotaRefusal::Reserve);
+        q.acquire(Purpose::New).unwrap();
+        q.acquire(Purpose::New).unwrap();
+        let d = q.acquire(Purpose::New).unwrap_err();
+        assert_eq!(d.reason, QuotaRefusal::Empty);
+        assert_eq!(d.remaining, 0);
+        assert!(
+            d.retry_after >= Duration::from_secs(300),
+            "{:?}",
+            d.retry_after
+        );
+    }
+
+    #[test]
+    fn headers_lower_a_configured_cap_but_never_raise_it() {
+        let q = quota(100, 21600);
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-limit", "200;w=21600".parse().unwrap());
+        h.insert("ratelimit-remaining", "3;w=21600".parse().unwrap());
+        q.observe(&h);
+        assert_eq!(q.snapshot().0, Some(3));
+        assert_eq!(q.snapshot().1, Some(100));
+        h.insert("ratelimit-limit", "50;w=21600".parse().unwrap());
+        h.insert("ratelimit-remaining", "40;w=21600".parse().unwrap());
+        q.observe(&h);
+        assert_eq!(q.snapshot().1, Some(50));
+        assert_eq!(
+            q.snapshot().0,
+            Some(3),
+            "a higher remaining does not raise berth's count"
+        );
+    }
+
+    #[test]
+    fn without_a_cap_the_headers_are_the_truth() {
+        let q = Quota::new(
+            "docker.io",
+            None,
+            vec![CountedRequest::ManifestGet],
+            Arc::new(Metrics::new()),
+        );
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-limit", "200;w=21600".parse().unwrap());
+        h.insert("ratelimit-remaining", "150;w=21600".parse().unwrap());
+        q.observe(&h);
+        assert_eq!(q.snapshot(), (Some(150), Some(200), None));
+    }
+
+    #[test]
+    fn too_many_requests_cools_down_then_probes() {
+        let q = quota(100, 21600);
+        q.too_many_requests(Some(Duration::from_secs(30)));
+        let d = q.acquire(Purpose::New).unwrap_err();
+        assert_eq!(d.reason, QuotaRefusal::Cooldown);
+        assert!(d.retry_after <= Duration::from_secs(30));
+        q.too_many_requests(Some(Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        q.acquire(Purpose::New)
+            .expect("one probe after the cooldown");
+        assert!(q.acquire(Purpose::New).is_err());
+    }
+
+    #[test]
+    fn unlimited_without_config_until_headers_arrive() {
+        let q = Quota::new("ghcr.io", None, vec![], Arc::new(Metrics::new()));
+        for _ in 0..1000 {
+            q.acquire(Purpose::New).unwrap();
+        }
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-limit", "10;w=60".parse().unwrap());
+        h.insert("ratelimit-remaining", "0;w=60".parse().unwrap());
+        q.observe(&h);
+        assert!(q.acquire(Purpose::New).is_err());
+    }
+}
