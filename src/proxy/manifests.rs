@@ -386,7 +386,7 @@ impl Parts {
                     Ok(a)
                 }
                 Err(FetchError::Upstream(e)) if e.allows_stale() => {
-                    Ok(stale(up, record, manifest, &e))
+                    Ok(self.stale(up, record, manifest, &e))
                 }
                 Err(e) => Err(e.into_oci(up)),
             };

@@ -26,9 +26,20 @@ pub struct World {
 impl World {
     /// Registry + front + berth (docker.io → front) with the given tag TTL.
     pub async fn start(ttl: &str) -> World {
+        Self::start_with(ttl, "", "").await
+    }
+
+    /// Like `start`, with extra TOML for docker.io's block and for the top level.
+    pub async fn start_with(ttl: &str, upstream_extra: &str, top_extra: &str) -> World {
         let registry = Registry::start(RegistryOptions::default()).await;
         let front = Front::start(&registry.url()).await;
-        let berth = Berth::start(&[UpstreamSpec::docker_hub(&front.url()).ttl(ttl)]).await;
+        let berth = Berth::start_with(
+            &[UpstreamSpec::docker_hub(&front.url())
+                .ttl(ttl)
+                .extra(upstream_extra)],
+            top_extra,
+        )
+        .await;
         World {
             registry,
             front,

@@ -13,3 +13,4 @@ mod common;
 mod harness_smoke;
 mod herd;
 mod pull;
+mod quota;

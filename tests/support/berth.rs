@@ -62,15 +62,21 @@ pub struct Berth {
 impl Berth {
     /// Starts berth with these upstreams; the first is the default upstream.
     pub async fn start(upstreams: &[UpstreamSpec]) -> Berth {
+        Self::start_with(upstreams, "").await
+    }
+
+    /// With extra top-level TOML (e.g. a `[client_budgets]` table).
+    pub async fn start_with(upstreams: &[UpstreamSpec], top_extra: &str) -> Berth {
         let dir = tempfile::tempdir().expect("berth tempdir");
         let data_dir = dir.path().join("data");
-        Self::start_in(dir, data_dir, upstreams).await
+        Self::start_in(dir, data_dir, upstreams, top_extra).await
     }
 
     async fn start_in(
         dir: tempfile::TempDir,
         data_dir: PathBuf,
         upstreams: &[UpstreamSpec],
+        top_extra: &str,
     ) -> Berth {
         let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
@@ -81,6 +87,8 @@ impl Berth {
             data_dir.display(),
             upstreams[0].host
         );
+        toml.push_str(top_extra);
+        toml.push('\n');
         for u in upstreams {
             let _ = write!(
                 toml,
