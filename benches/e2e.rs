@@ -7,8 +7,12 @@
 //!   distribution's own proxy mode, behind an upstream limited per connection (a CDN):
 //!   upstream bytes, wall time until every client has the whole blob, proxy peak RSS.
 //!
-//! Run with `scripts/bench.sh` / `scripts/bench-herd.sh` (or `cargo bench --bench e2e --
-//! pull|herd`). Sizes and rates come from the environment (see `Params`).
+//! - `ratelimit`: the demo of `scripts/demo-ratelimit.sh`: a burst of pulls straight at a
+//!   Docker Hub emulator (the later ones get 429) and the same burst through berth.
+//!
+//! Run with `scripts/bench.sh` / `scripts/bench-herd.sh` / `scripts/demo-ratelimit.sh`
+//! (or `cargo bench --bench e2e -- pull|herd|ratelimit`). Sizes and rates come from the
+//! environment (`BENCH_*`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -310,6 +314,134 @@ async fn bench_herd() {
     }
 }
 
+/// One kubelet-style pull straight at Docker Hub: token, HEAD the tag (free), GET the
+/// manifest by digest (counted). Returns the GET's status.
+async fn pull_direct(hub_url: &str, repo: &str) -> u16 {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let token: serde_json::Value = client
+        .get(format!(
+            "{hub_url}/token?service=registry.docker.io&scope=repository:{repo}:pull"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["token"].as_str().unwrap_or_default().to_owned();
+    let accept = support::image::MANIFEST_MEDIA_TYPE;
+    let head = client
+        .head(format!("{hub_url}/v2/{repo}/manifests/v1"))
+        .bearer_auth(&token)
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    let digest = head
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    client
+        .get(format!("{hub_url}/v2/{repo}/manifests/{digest}"))
+        .bearer_auth(&token)
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The same pull through berth (containerd's `?ns=docker.io` included).
+async fn pull_via_berth(berth: &str, repo: &str) -> u16 {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let accept = support::image::MANIFEST_MEDIA_TYPE;
+    let head = client
+        .head(format!("{berth}/v2/{repo}/manifests/v1?ns=docker.io"))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    if !head.status().is_success() {
+        return head.status().as_u16();
+    }
+    let digest = head.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    client
+        .get(format!("{berth}/v2/{repo}/manifests/{digest}?ns=docker.io"))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn demo_ratelimit() {
+    let limit = env_u64("DEMO_LIMIT", 10) as u32;
+    let nodes = env_u64("DEMO_NODES", 20) as usize;
+    let images = ["library/nginx", "library/redis", "library/postgres"];
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(RegistryOptions::default()).await;
+    for (i, repo) in images.iter().enumerate() {
+        push_image(&registry, dir.path(), repo, &[64 * 1024], 40 + i as u64).await;
+    }
+    let attempts = nodes * images.len();
+    println!(
+        "\n## A rollout: {nodes} nodes pull {} images ({attempts} pulls); the upstream allows {limit} manifest GETs per window\n",
+        images.len()
+    );
+    println!("| path | pulls attempted | succeeded | failed (429) | counted upstream | 429s sent by upstream |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for via_berth in [false, true] {
+        let front = Front::start(&registry.url()).await;
+        let hub = front.enable_hub(support::hub::HubRules::new(
+            limit,
+            Duration::from_secs(6 * 3600),
+        ));
+        let berth = if via_berth {
+            Some(Berth::start(&[UpstreamSpec::docker_hub(&front.url())]).await)
+        } else {
+            None
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..nodes {
+            for repo in images {
+                let target = berth.as_ref().map_or_else(|| front.url(), |b| b.url());
+                tasks.push(tokio::spawn(async move {
+                    if via_berth {
+                        pull_via_berth(&target, repo).await
+                    } else {
+                        pull_direct(&target, repo).await
+                    }
+                }));
+            }
+        }
+        let (mut ok, mut limited) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                200 => ok += 1,
+                429 => limited += 1,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        let path = if via_berth {
+            "through berth"
+        } else {
+            "straight at the upstream"
+        };
+        println!(
+            "| {path} | {attempts} | {ok} | {limited} | {} | {} |",
+            hub.counted(),
+            hub.refused()
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     // cargo bench passes `--bench`; anything else names what to run.
@@ -323,5 +455,8 @@ async fn main() {
     }
     if all || which.iter().any(|w| w == "herd") {
         bench_herd().await;
+    }
+    if all || which.iter().any(|w| w == "ratelimit") {
+        demo_ratelimit().await;
     }
 }
