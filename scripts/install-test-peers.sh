@@ -24,6 +24,7 @@ peers=(
     "jq jq"
     "curl curl"
     "update-ca-certificates ca-certificates"
+    "chromium chromium"
 )
 
 die() {

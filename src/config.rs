@@ -27,6 +27,28 @@ pub struct Config {
     /// Per-client budgets of counted upstream requests; off when absent.
     #[serde(default)]
     pub client_budgets: Option<ClientBudgetConfig>,
+    /// Images fetched at start, kept fresh and pinned against eviction.
+    #[serde(default)]
+    pub warm: Option<WarmConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmConfig {
+    /// Image references: `docker.io/library/nginx:1.27`, `ghcr.io/org/app@sha256:...`,
+    /// or a short Docker Hub name (`alpine:3.20`).
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// How often the list is refreshed (tags revalidated, new digests fetched).
+    #[serde(default = "default_warm_interval", with = "duration")]
+    pub interval: Duration,
+    /// `os/arch[/variant]` to fetch from multi-platform images; empty means all.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+}
+
+fn default_warm_interval() -> Duration {
+    Duration::from_secs(1800)
 }
 
 /// One bucket per client (address or header value), spent when that client's request
@@ -75,6 +97,9 @@ pub struct ServerConfig {
     /// Connections beyond this many (per listener) are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// A file holding the bearer token that `POST`/`DELETE /admin/*` require.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +269,17 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return Err("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if let Some(w) = &self.warm {
+            if w.interval.is_zero() {
+                return Err("warm.interval must be greater than zero".into());
+            }
+            for p in &w.platforms {
+                let parts = p.split('/').count();
+                if !(2..=3).contains(&parts) || p.split('/').any(str::is_empty) {
+                    return Err(format!("warm.platforms: {p:?} is not os/arch[/variant]"));
+                }
+            }
         }
         if self.server.max_connections == 0 {
             return Err("server.max_connections must be greater than zero".into());

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod oci;
@@ -40,6 +41,16 @@ pub fn build(config: &Config) -> Result<App, String> {
     let upstreams = Upstreams::from_config(config, metrics.clone()).map_err(|e| e.to_string())?;
     let store = Store::open(&config.storage.root)
         .map_err(|e| format!("storage.root {}: {e}", config.storage.root.display()))?;
+    let admin_token = match &config.server.admin_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("server.admin_token_file {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+        )
+        .filter(|t| !t.is_empty()),
+        None => None,
+    };
     Ok(App {
         proxy: Proxy::new(
             store,
@@ -48,6 +59,14 @@ pub fn build(config: &Config) -> Result<App, String> {
         ),
         upstreams,
         metrics,
+        started: std::time::Instant::now(),
+        history: server::status::History::default(),
+        admin_token,
+        warm_platforms: config
+            .warm
+            .as_ref()
+            .map(|w| w.platforms.clone())
+            .unwrap_or_default(),
     })
 }
 
@@ -82,6 +101,14 @@ pub async fn serve(config: Config) -> Result<(), String> {
         shutdown_grace: config.server.shutdown_grace,
         max_connections: config.server.max_connections,
     };
+    if app.admin_token.is_none() {
+        tracing::warn!(admin = %config.server.admin_listen,
+            "no server.admin_token_file: POST/DELETE /admin/* are open to anyone who reaches the admin port");
+    }
+    tokio::spawn(sample_history(app.clone()));
+    if let Some(warm) = config.warm.clone() {
+        tokio::spawn(keep_warm(app.clone(), warm));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_task = tokio::spawn(server::serve(
         api,
@@ -111,6 +138,64 @@ pub async fn serve(config: Config) -> Result<(), String> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One status-page sample a minute (the first at start).
+async fn sample_history(app: Arc<App>) {
+    let mut tick = tokio::time::interval(server::status::SAMPLE_EVERY);
+    loop {
+        tick.tick().await;
+        app.history.record(&app);
+    }
+}
+
+/// Warms the configured images at start, then every `interval`.
+async fn keep_warm(app: Arc<App>, warm: config::WarmConfig) {
+    let mut tick = tokio::time::interval(warm.interval);
+    loop {
+        tick.tick().await;
+        for report in warm_images(&app, &warm.images).await {
+            if report.ok {
+                tracing::info!(image = %report.image, digest = report.digest.as_deref().unwrap_or(""),
+                    platforms = report.platforms, blobs = report.blobs, "warm");
+            } else {
+                tracing::warn!(image = %report.image, error = report.error.as_deref().unwrap_or(""),
+                    "warm failed");
+            }
+        }
+    }
+}
+
+/// Warms each image (one at a time: warming must not crowd out pulls).
+pub async fn warm_images(app: &App, images: &[String]) -> Vec<proxy::WarmReport> {
+    let mut reports = Vec::with_capacity(images.len());
+    for image in images {
+        let result = async {
+            let r = oci::ImageRef::parse(image)
+                .map_err(|e| oci::Error::new(oci::ErrorCode::NameInvalid, e.to_string()))?;
+            let (up, repo) = app.upstreams.resolve(None, &r.name)?;
+            app.proxy
+                .warm(&up, &repo, &r.reference, &app.warm_platforms)
+                .await
+        }
+        .await;
+        reports.push(match result {
+            Ok(mut report) => {
+                report.image = image.clone();
+                report
+            }
+            Err(e) => proxy::WarmReport {
+                image: image.clone(),
+                ok: false,
+                digest: None,
+                platforms: 0,
+                blobs: 0,
+                bytes: 0,
+                error: Some(e.to_string()),
+            },
+        });
+    }
+    reports
 }
 
 async fn shutdown_signal() {

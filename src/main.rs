@@ -50,8 +50,47 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Show a running berth's status: hit ratio, store, quota per upstream.
+    Status {
+        /// The admin address, e.g. http://berth.berth.svc:5001
+        #[arg(long, default_value = "http://127.0.0.1:5001")]
+        admin: String,
+    },
+    /// Ask a running berth to fetch and pin images (every platform, or its warm.platforms).
+    Warm {
+        /// The admin address, e.g. http://berth.berth.svc:5001
+        #[arg(long, default_value = "http://127.0.0.1:5001")]
+        admin: String,
+        /// A file with the admin token (server.admin_token_file on the server).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Image references: docker.io/library/nginx:1.27, ghcr.io/org/app@sha256:...
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
     /// Print the version.
     Version,
+}
+
+/// Runs an async admin-API command on a small runtime.
+fn run_client<F: std::future::Future<Output = Result<ExitCode, String>>>(f: F) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -70,6 +109,32 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Status { admin } => run_client(async move {
+            print!("{}", berth::cli::status(&admin).await?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Warm {
+            admin,
+            token_file,
+            images,
+        } => run_client(async move {
+            let token = match token_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| format!("--token-file {}: {e}", p.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            let (report, ok) = berth::cli::warm(&admin, token.as_deref(), &images).await?;
+            print!("{report}");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }),
         Command::Version => {
             println!("berth {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -136,6 +136,7 @@ pub struct Metrics {
     pub store_bytes: Gauge,
     pub store_blobs: Gauge,
     pub store_max_bytes: Gauge,
+    pub store_evictions: Counter,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -259,6 +260,12 @@ impl Metrics {
             Unit::Bytes,
             store_max_bytes.clone(),
         );
+        let store_evictions = Counter::default();
+        registry.register(
+            "store_evictions",
+            "Blobs evicted from the store to keep it under its size",
+            store_evictions.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -278,7 +285,34 @@ impl Metrics {
             store_bytes,
             store_blobs,
             store_max_bytes,
+            store_evictions,
         }
+    }
+
+    /// Requests of manifests and blobs so far with this outcome (for the status page).
+    pub fn lookups(&self, outcome: Outcome) -> u64 {
+        [Kind::Manifest, Kind::Blob]
+            .into_iter()
+            .map(|kind| {
+                self.requests
+                    .get_or_create(&RequestLabels { kind, outcome })
+                    .get()
+            })
+            .sum()
+    }
+
+    pub fn served(&self, source: Source) -> u64 {
+        self.served_bytes
+            .get_or_create(&SourceLabels { source })
+            .get()
+    }
+
+    pub fn fetched_upstream(&self, upstream: &str) -> u64 {
+        self.upstream_bytes
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .get()
     }
 
     pub fn observe_request(&self, kind: Kind, outcome: Outcome, elapsed: Duration) {

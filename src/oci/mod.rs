@@ -11,5 +11,5 @@ mod route;
 pub use digest::{Algorithm, Digest, Hasher, InvalidDigest};
 pub use error::{Error, ErrorCode};
 pub use media::AcceptSet;
-pub use name::{InvalidName, Reference, Repository, Tag};
+pub use name::{ImageRef, InvalidName, Reference, Repository, Tag};
 pub use route::{Endpoint, Route};

@@ -155,6 +155,47 @@ impl Reference {
     }
 }
 
+/// An image reference as people write it: `[host/]name[:tag|@digest]`, e.g.
+/// `docker.io/library/nginx:1.27`, `ghcr.io/org/app@sha256:...`, `alpine` (tag `latest`).
+/// The name part is left for the routing table, which knows which hosts are configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub name: String,
+    pub reference: Reference,
+}
+
+impl ImageRef {
+    pub fn parse(s: &str) -> Result<Self, InvalidName> {
+        let s = s.trim();
+        let (name, reference) = match s.split_once('@') {
+            Some((name, digest)) => (
+                name,
+                Reference::Digest(Digest::parse(digest).map_err(InvalidName::Digest)?),
+            ),
+            None => {
+                // A ':' after the last '/' starts a tag; one before it is a host's port.
+                let last_slash = s.rfind('/').map_or(0, |i| i + 1);
+                match s[last_slash..].rfind(':') {
+                    Some(i) => (
+                        &s[..last_slash + i],
+                        Reference::Tag(Tag::parse(&s[last_slash + i + 1..])?),
+                    ),
+                    None => (s, Reference::Tag(Tag::parse("latest")?)),
+                }
+            }
+        };
+        if name.is_empty() {
+            return Err(InvalidName::Repository(
+                "image reference has no name".into(),
+            ));
+        }
+        Ok(ImageRef {
+            name: name.to_owned(),
+            reference,
+        })
+    }
+}
+
 impl fmt::Display for Repository {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -238,6 +279,23 @@ mod tests {
             Reference::parse("sha256:bad"),
             Err(InvalidName::Digest(_))
         ));
+    }
+
+    #[test]
+    fn image_references() {
+        let r = ImageRef::parse("docker.io/library/nginx:1.27").unwrap();
+        assert_eq!(r.name, "docker.io/library/nginx");
+        assert_eq!(r.reference.to_string(), "1.27");
+        let r = ImageRef::parse("localhost:5000/app").unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.reference.to_string().as_str()),
+            ("localhost:5000/app", "latest")
+        );
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let r = ImageRef::parse(&format!("ghcr.io/org/app@{d}")).unwrap();
+        assert_eq!(r.reference, Reference::Digest(Digest::parse(d).unwrap()));
+        assert!(ImageRef::parse("app:bad tag").is_err());
+        assert!(ImageRef::parse(":x").is_err());
     }
 
     #[test]

@@ -42,7 +42,12 @@ impl ManifestAnswer {
 }
 
 fn tag_key(up: &Upstream, repo: &Repository, tag: &Tag, accept: AcceptSet) -> String {
-    format!("{}/{repo}:{tag}#{}", up.host(), accept.key())
+    format!("{}{}", tag_key_prefix(up, repo, tag), accept.key())
+}
+
+/// The index key of a tag, without its accept set: every variant starts with it.
+pub fn tag_key_prefix(up: &Upstream, repo: &Repository, tag: &Tag) -> String {
+    format!("{}/{repo}:{tag}#", up.host())
 }
 
 fn unknown(up: &Upstream, repo: &Repository, reference: &Reference) -> oci::Error {

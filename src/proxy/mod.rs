@@ -11,6 +11,7 @@ mod budgets;
 mod fill;
 mod flight;
 mod manifests;
+mod warm;
 
 use std::sync::Arc;
 
@@ -19,7 +20,8 @@ use bytes::Bytes;
 pub use blobs::BlobAnswer;
 pub use body::{BlobBody, BlobSource};
 pub use budgets::Budgets;
-pub use manifests::ManifestAnswer;
+pub use manifests::{tag_key_prefix, ManifestAnswer};
+pub use warm::WarmReport;
 
 use crate::metrics::{Kind, Metrics};
 use crate::oci::{self, Digest, ErrorCode, Repository};

@@ -1,17 +1,37 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`. Never on the pull port.
+//! The admin listener: `/` (the status page), `/metrics`, `/healthz`, `/readyz`,
+//! `GET /admin/status`, `POST /admin/warm`, `DELETE /admin/tags/<image>`. Never on the
+//! pull port. Reads are open; `POST` and `DELETE` need the admin token when one is
+//! configured.
 
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 
 use super::response::{self, Body};
-use super::App;
+use super::{status, App};
+use crate::oci::{ImageRef, Reference};
 
-pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
-    match req.uri().path() {
-        "/metrics" => metrics(&app, &req),
-        "/healthz" => response::status(StatusCode::OK, "ok\n", "text/plain"),
-        "/readyz" => match app.proxy.store().probe_writable().await {
+const STATUS_PAGE: &str = include_str!("status.html");
+/// The largest `POST /admin/warm` body accepted.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/") => {
+            let mut resp = Response::new(Body::bytes(Bytes::from_static(STATUS_PAGE.as_bytes())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            resp
+        }
+        (Method::GET, "/metrics") => metrics(&app, &req),
+        (Method::GET, "/healthz") => response::status(StatusCode::OK, "ok\n", "text/plain"),
+        (Method::GET, "/readyz") => match app.proxy.store().probe_writable().await {
             Ok(()) => response::status(StatusCode::OK, "ready\n", "text/plain"),
             Err(e) => {
                 tracing::warn!(error = %e, "not ready: the store cannot be written");
@@ -22,7 +42,108 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Response<Body> {
                 )
             }
         },
+        (Method::GET, "/admin/status") => json(StatusCode::OK, &status::status(&app)),
+        (Method::POST, "/admin/warm") => {
+            if !authorized(&app, &req) {
+                return unauthorized();
+            }
+            warm(&app, req).await
+        }
+        (Method::DELETE, p) if p.starts_with("/admin/tags/") => {
+            if !authorized(&app, &req) {
+                return unauthorized();
+            }
+            delete_tag(&app, &p["/admin/tags/".len()..]).await
+        }
         _ => response::status(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Body::bytes(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn admin_error(status: StatusCode, message: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+fn unauthorized() -> Response<Body> {
+    let mut resp = admin_error(StatusCode::UNAUTHORIZED, "admin token required");
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Compares the bearer token without an early exit on the first differing byte.
+fn authorized<B>(app: &App, req: &Request<B>) -> bool {
+    let Some(expected) = &app.admin_token else {
+        return true;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+#[derive(serde::Deserialize)]
+struct WarmRequest {
+    images: Vec<String>,
+}
+
+async fn warm(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+    };
+    let request: WarmRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return admin_error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"images\": [\"docker.io/library/nginx:1.27\", ...]}}: {e}"),
+            )
+        }
+    };
+    let results = crate::warm_images(app, &request.images).await;
+    json(StatusCode::OK, &serde_json::json!({ "results": results }))
+}
+
+/// Forgets a cached tag (every accept variant), so the next pull asks upstream.
+async fn delete_tag(app: &App, image: &str) -> Response<Body> {
+    let parsed = match ImageRef::parse(image) {
+        Ok(r) => r,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let Reference::Tag(tag) = &parsed.reference else {
+        return admin_error(StatusCode::BAD_REQUEST, "name a tag, not a digest");
+    };
+    let (up, repo) = match app.upstreams.resolve(None, &parsed.name) {
+        Ok(r) => r,
+        Err(e) => return admin_error(e.status(), &e.message),
+    };
+    let prefix = crate::proxy::tag_key_prefix(&up, &repo, tag);
+    match app.proxy.store().remove_tags(prefix).await {
+        Ok(0) => admin_error(StatusCode::NOT_FOUND, &format!("{image} is not cached")),
+        Ok(n) => json(StatusCode::OK, &serde_json::json!({ "removed": n })),
+        Err(e) => admin_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("index: {e}")),
     }
 }
 

@@ -8,6 +8,7 @@ mod api;
 mod idle;
 mod range;
 mod response;
+pub mod status;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,6 +35,12 @@ pub struct App {
     pub proxy: Proxy,
     pub upstreams: Upstreams,
     pub metrics: Arc<Metrics>,
+    pub started: std::time::Instant,
+    pub history: status::History,
+    /// The bearer token `POST`/`DELETE /admin/*` require, when configured.
+    pub admin_token: Option<String>,
+    /// Platforms the warm list and `POST /admin/warm` fetch (empty: all).
+    pub warm_platforms: Vec<String>,
 }
 
 /// Connection-level settings.

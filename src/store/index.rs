@@ -20,6 +20,8 @@ const MANIFESTS: TableDefinition<&str, &str> = TableDefinition::new("manifests")
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 /// "upstream\0repository\0digest" → ()
 const LINKS: TableDefinition<&str, ()> = TableDefinition::new("links");
+/// digest → unix seconds when pinned (warm list): never evicted.
+const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins");
 
 /// What berth knows of a tag: which manifest it pointed at, and since when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +65,7 @@ impl Index {
             txn.open_table(MANIFESTS).map_err(io)?;
             txn.open_table(TAGS).map_err(io)?;
             txn.open_table(LINKS).map_err(io)?;
+            txn.open_table(PINS).map_err(io)?;
         }
         txn.commit().map_err(io)?;
         Ok(Index { db })
@@ -146,6 +149,47 @@ impl Index {
         Ok(t.get(link_key(upstream, repository, digest).as_str())
             .map_err(io)?
             .is_some())
+    }
+
+    /// Removes every tag record whose key starts with `prefix`; returns how many.
+    pub fn remove_tags(&self, prefix: &str) -> Result<usize> {
+        let txn = self.db.begin_write().map_err(io)?;
+        let removed;
+        {
+            let mut t = txn.open_table(TAGS).map_err(io)?;
+            let keys: Vec<String> = t
+                .range(prefix..)
+                .map_err(io)?
+                .map_while(|e| e.ok())
+                .map(|(k, _)| k.value().to_owned())
+                .take_while(|k| k.starts_with(prefix))
+                .collect();
+            for k in &keys {
+                t.remove(k.as_str()).map_err(io)?;
+            }
+            removed = keys.len();
+        }
+        txn.commit().map_err(io)?;
+        Ok(removed)
+    }
+
+    /// Pins blobs (the warm list's) against eviction.
+    pub fn pin(&self, digests: &[Digest]) -> Result<()> {
+        let now = now_secs();
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut t = txn.open_table(PINS).map_err(io)?;
+            for d in digests {
+                t.insert(d.to_string().as_str(), now).map_err(io)?;
+            }
+        }
+        txn.commit().map_err(io)
+    }
+
+    pub fn is_pinned(&self, digest: &Digest) -> Result<bool> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn.open_table(PINS).map_err(io)?;
+        Ok(t.get(digest.to_string().as_str()).map_err(io)?.is_some())
     }
 
     /// Every blob digest the index knows, for start-up reconciliation.

@@ -278,6 +278,22 @@ impl Store {
         self.inner.index.is_linked(upstream, repository, digest)
     }
 
+    /// Forgets every tag record whose key starts with `prefix` (the admin API's delete).
+    pub async fn remove_tags(&self, prefix: String) -> io::Result<usize> {
+        let s = self.clone();
+        blocking(move || s.inner.index.remove_tags(&prefix)).await
+    }
+
+    /// Pins blobs against eviction (the warm list).
+    pub async fn pin(&self, digests: Vec<Digest>) -> io::Result<()> {
+        let s = self.clone();
+        blocking(move || s.inner.index.pin(&digests)).await
+    }
+
+    pub fn is_pinned(&self, digest: &Digest) -> io::Result<bool> {
+        self.inner.index.is_pinned(digest)
+    }
+
     /// (blob count, bytes) as the index knows them.
     pub fn totals(&self) -> io::Result<(u64, u64)> {
         self.inner.index.totals()

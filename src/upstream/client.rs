@@ -76,6 +76,8 @@ pub struct Upstream {
     pub stall_timeout: Duration,
     pub fill_deadline: Duration,
     quota: Quota,
+    /// The last failure talking to this upstream, for the status page.
+    last_error: std::sync::Mutex<Option<(String, u64)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -131,6 +133,7 @@ impl Upstream {
             http,
             credentials,
             quota,
+            last_error: std::sync::Mutex::new(None),
             tokens: TokenCache::default(),
             basic: AtomicBool::new(false),
             tag_ttl: config.tag_ttl,
@@ -152,6 +155,24 @@ impl Upstream {
 
     pub fn quota(&self) -> &Quota {
         &self.quota
+    }
+
+    /// The configured URL (no credentials are ever part of it).
+    pub fn url_str(&self) -> &str {
+        self.base.as_str()
+    }
+
+    fn remember(&self, message: String) {
+        let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+        *last = Some((message, crate::store::now_secs()));
+    }
+
+    /// The last failure and when (unix seconds).
+    pub fn last_error(&self) -> Option<(String, u64)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn url(&self, path: &str, query: Option<&str>) -> Url {
@@ -185,6 +206,13 @@ impl Upstream {
         let result = self
             .send_authenticated(method, url, headers, repo, kind)
             .await;
+        match &result {
+            Err(e) => self.remember(e.to_string()),
+            Ok(r) if r.status().is_server_error() => {
+                self.remember(format!("status {}", r.status().as_u16()))
+            }
+            Ok(_) => {}
+        }
         if counted.is_some() {
             match &result {
                 // Nothing reached the upstream: the token was not spent there.

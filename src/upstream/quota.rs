@@ -43,7 +43,22 @@ struct Size {
     per: Duration,
 }
 
+/// The bucket as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuotaSnapshot {
+    /// Tokens left; `None` when unlimited.
+    pub tokens: Option<u64>,
+    pub capacity: Option<u64>,
+    /// `ratelimit-limit` / `ratelimit-remaining` as last seen, if ever.
+    pub header_limit: Option<u64>,
+    pub header_remaining: Option<u64>,
+    pub cooldown_seconds: u64,
+    pub refill_seconds: u64,
+}
+
 struct State {
+    header_limit: Option<u64>,
+    header_remaining: Option<u64>,
     /// The configured bucket: the operator's cap, which headers may lower but not raise.
     cap: Option<Size>,
     /// The bucket in force: the cap, or what the upstream's headers say.
@@ -89,6 +104,8 @@ impl Quota {
                 tokens: size.map_or(0.0, |s| s.capacity),
                 cap: size,
                 size,
+                header_limit: None,
+                header_remaining: None,
                 refilled: Instant::now(),
                 cooldown_until: None,
             }),
@@ -192,6 +209,7 @@ impl Quota {
                 let per = window
                     .or(s.size.map(|z| z.per))
                     .unwrap_or(Duration::from_secs(6 * 3600));
+                s.header_limit = Some(limit);
                 let upstream = Size {
                     capacity: limit.max(1) as f64,
                     per,
@@ -206,6 +224,7 @@ impl Quota {
                     .set(i64::try_from(limit).unwrap_or(i64::MAX));
             }
             if let Some((remaining, _)) = remaining {
+                s.header_remaining = Some(remaining);
                 let remaining = remaining as f64;
                 s.tokens = match s.cap {
                     Some(_) => s.tokens.min(remaining),
@@ -250,40 +269,41 @@ impl Quota {
 
     /// Updates the quota gauges (also called at scrape time, so refills show).
     pub fn publish(&self) {
-        let now = Instant::now();
-        let (tokens, refill_in) = {
-            let mut s = self.lock();
-            refill(&mut s, now);
-            let refill_in = match (s.cooldown_until.filter(|u| *u > now), s.size) {
-                (Some(until), _) => (until - now).as_secs_f64(),
-                (None, Some(size)) if s.tokens < size.capacity => {
-                    let per_token = size.per.as_secs_f64() / size.capacity;
-                    (1.0 - s.tokens.fract()) * per_token
-                }
-                _ => 0.0,
-            };
-            (s.size.map(|_| s.tokens.floor() as i64), refill_in)
-        };
+        let snap = self.snapshot();
         let labels = self.labels();
-        if let Some(t) = tokens {
-            self.metrics.quota_tokens.get_or_create(&labels).set(t);
+        if let Some(t) = snap.tokens {
+            self.metrics
+                .quota_tokens
+                .get_or_create(&labels)
+                .set(t as i64);
         }
         self.metrics
             .quota_refill_seconds
             .get_or_create(&labels)
-            .set(refill_in.ceil() as i64);
+            .set(snap.refill_seconds as i64);
     }
 
-    /// (tokens, capacity, cooldown left) for status pages and messages.
-    pub fn snapshot(&self) -> (Option<u64>, Option<u64>, Option<Duration>) {
+    /// The bucket now, for the status page and `berth status`.
+    pub fn snapshot(&self) -> QuotaSnapshot {
         let now = Instant::now();
         let mut s = self.lock();
         refill(&mut s, now);
-        (
-            s.size.map(|_| s.tokens.floor() as u64),
-            s.size.map(|z| z.capacity as u64),
-            s.cooldown_until.filter(|u| *u > now).map(|u| u - now),
-        )
+        let cooldown = s.cooldown_until.filter(|u| *u > now).map(|u| u - now);
+        let refill_seconds = match (cooldown, s.size) {
+            (Some(c), _) => c.as_secs_f64(),
+            (None, Some(size)) if s.tokens < size.capacity => {
+                (1.0 - s.tokens.fract()) * size.per.as_secs_f64() / size.capacity
+            }
+            _ => 0.0,
+        };
+        QuotaSnapshot {
+            tokens: s.size.map(|_| s.tokens.floor() as u64),
+            capacity: s.size.map(|z| z.capacity as u64),
+            header_limit: s.header_limit,
+            header_remaining: s.header_remaining,
+            cooldown_seconds: cooldown.map_or(0, |c| c.as_secs().max(1)),
+            refill_seconds: refill_seconds.ceil() as u64,
+        }
     }
 }
 
@@ -360,14 +380,14 @@ mod tests {
         h.insert("ratelimit-limit", "200;w=21600".parse().unwrap());
         h.insert("ratelimit-remaining", "3;w=21600".parse().unwrap());
         q.observe(&h);
-        assert_eq!(q.snapshot().0, Some(3));
-        assert_eq!(q.snapshot().1, Some(100));
+        assert_eq!(q.snapshot().tokens, Some(3));
+        assert_eq!(q.snapshot().capacity, Some(100));
         h.insert("ratelimit-limit", "50;w=21600".parse().unwrap());
         h.insert("ratelimit-remaining", "40;w=21600".parse().unwrap());
         q.observe(&h);
-        assert_eq!(q.snapshot().1, Some(50));
+        assert_eq!(q.snapshot().capacity, Some(50));
         assert_eq!(
-            q.snapshot().0,
+            q.snapshot().tokens,
             Some(3),
             "a higher remaining does not raise berth's count"
         );
@@ -385,7 +405,11 @@ mod tests {
         h.insert("ratelimit-limit", "200;w=21600".parse().unwrap());
         h.insert("ratelimit-remaining", "150;w=21600".parse().unwrap());
         q.observe(&h);
-        assert_eq!(q.snapshot(), (Some(150), Some(200), None));
+        let s = q.snapshot();
+        assert_eq!(
+            (s.tokens, s.capacity, s.header_remaining),
+            (Some(150), Some(200), Some(150))
+        );
     }
 
     #[test]

@@ -1,0 +1,158 @@
+//! The client side of the admin API: `berth status` and `berth warm`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::proxy::WarmReport;
+use crate::server::status::Status;
+
+fn client() -> Result<reqwest::Client, String> {
+    crate::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))
+}
+
+fn bar(part: u64, whole: u64, width: usize) -> String {
+    let filled = if whole == 0 {
+        0
+    } else {
+        ((part.min(whole) as f64 / whole as f64) * width as f64).round() as usize
+    };
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).to_string()
+}
+
+/// Fetches `/admin/status` and renders it as a table.
+pub async fn status(admin: &str) -> Result<String, String> {
+    let url = format!("{}/admin/status", admin.trim_end_matches('/'));
+    let resp = client()?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: {}", resp.status()));
+    }
+    let s: Status = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
+    Ok(render(&s))
+}
+
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let up = humantime::format_duration(Duration::from_secs(s.uptime_seconds));
+    let _ = writeln!(out, "berth {}, up {up}", s.version);
+    let ratio = s
+        .requests
+        .hit_ratio
+        .map_or("n/a".to_owned(), |r| format!("{:.1}%", r * 100.0));
+    let _ = writeln!(
+        out,
+        "hit ratio  {ratio} ({} of {} lookups; {} stale, {} errors)",
+        s.requests.hits, s.requests.lookups, s.requests.stale, s.requests.errors
+    );
+    let saved = (s.bytes.served_from_cache + s.bytes.served_from_fills)
+        .saturating_sub(s.bytes.fetched_upstream);
+    let _ = writeln!(
+        out,
+        "bytes      {} served from cache, {} fetched upstream, {} saved",
+        human(s.bytes.served_from_cache),
+        human(s.bytes.fetched_upstream),
+        human(saved)
+    );
+    let _ = writeln!(
+        out,
+        "store      {} {} of {}, {} blobs ({})",
+        bar(s.store.bytes, s.store.max_bytes, 20),
+        human(s.store.bytes),
+        human(s.store.max_bytes),
+        s.store.blobs,
+        s.store.root
+    );
+    let _ = writeln!(out, "fills      {} in flight\n", s.fills_in_flight);
+    let _ = writeln!(
+        out,
+        "{:<20} {:<24} {:>9} {:>9} {:>9}  last error",
+        "upstream", "quota", "tokens", "upstream", "cooldown"
+    );
+    for u in &s.upstreams {
+        let q = &u.quota;
+        let (quota_bar, tokens) = match (q.tokens, q.capacity) {
+            (Some(t), Some(c)) => (bar(t, c, 20), format!("{t}/{c}")),
+            _ => ("unlimited".to_owned(), "-".to_owned()),
+        };
+        let header = match (q.header_remaining, q.header_limit) {
+            (Some(r), Some(l)) => format!("{r}/{l}"),
+            _ => "-".to_owned(),
+        };
+        let cooldown = if q.cooldown_seconds > 0 {
+            format!("{}s", q.cooldown_seconds)
+        } else {
+            "-".to_owned()
+        };
+        let error = u
+            .last_error
+            .as_ref()
+            .map_or("none".to_owned(), |e| e.message.clone());
+        let _ = writeln!(
+            out,
+            "{:<20} {:<24} {tokens:>9} {header:>9} {cooldown:>9}  {error}",
+            u.host, quota_bar
+        );
+    }
+    out
+}
+
+/// Asks berth to warm `images`; returns the report lines and whether all succeeded.
+pub async fn warm(
+    admin: &str,
+    token: Option<&str>,
+    images: &[String],
+) -> Result<(String, bool), String> {
+    let url = format!("{}/admin/warm", admin.trim_end_matches('/'));
+    let mut req = client()?
+        .post(&url)
+        .json(&serde_json::json!({ "images": images }));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(format!("{url}: {status} {body}"));
+    }
+    #[derive(serde::Deserialize)]
+    struct Results {
+        results: Vec<WarmReport>,
+    }
+    let r: Results = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
+    let mut out = String::new();
+    let mut all_ok = true;
+    for w in &r.results {
+        if w.ok {
+            let _ = writeln!(
+                out,
+                "ok      {}  {}  {} platform(s), {} blobs, {}",
+                w.image,
+                w.digest.as_deref().unwrap_or(""),
+                w.platforms,
+                w.blobs,
+                human(w.bytes)
+            );
+        } else {
+            all_ok = false;
+            let _ = writeln!(
+                out,
+                "FAILED  {}  {}",
+                w.image,
+                w.error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok((out, all_ok))
+}

@@ -1,0 +1,174 @@
+//! Warming: fetch an image ahead of need (every platform, or the configured ones) and pin
+//! it against eviction. Used by the warm list in the configuration and by
+//! `POST /admin/warm`. It goes through the same policy as a pull, quota included.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::body::BlobSource;
+use super::fill::Status as FillStatus;
+use super::{internal, Proxy};
+use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository};
+use crate::upstream::Upstream;
+
+/// What warming one image did.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct WarmReport {
+    pub image: String,
+    pub ok: bool,
+    pub digest: Option<String>,
+    pub platforms: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+    pub error: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Child {
+    digest: Digest,
+    platform: Option<Platform>,
+}
+
+#[derive(serde::Deserialize)]
+struct Descriptor {
+    digest: Digest,
+    #[serde(default)]
+    size: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    manifests: Vec<Child>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+/// `linux/amd64` or `linux/arm64/v8` against a descriptor's platform.
+fn platform_matches(wanted: &[String], p: Option<&Platform>) -> bool {
+    if wanted.is_empty() {
+        return true;
+    }
+    let Some(p) = p else { return false };
+    wanted.iter().any(|w| {
+        let mut parts = w.split('/');
+        parts.next() == Some(p.os.as_str())
+            && parts.next() == Some(p.architecture.as_str())
+            && parts.next().is_none_or(|v| p.variant.as_deref() == Some(v))
+    })
+}
+
+impl Proxy {
+    /// Fetches `reference` and everything it refers to, then pins it all.
+    pub async fn warm(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        reference: &Reference,
+        platforms: &[String],
+    ) -> Result<WarmReport, oci::Error> {
+        let top = self
+            .manifest(up, repo, reference, AcceptSet::ALL, None)
+            .await?;
+        let mut pins = vec![top.digest.clone()];
+        let mut images = Vec::new();
+        let parsed: Manifest = serde_json::from_slice(&top.bytes).map_err(|e| {
+            oci::Error::new(ErrorCode::UpstreamManifestInvalid, format!("manifest: {e}"))
+        })?;
+        if parsed.manifests.is_empty() {
+            images.push(parsed);
+        } else {
+            for child in parsed.manifests {
+                if !platform_matches(platforms, child.platform.as_ref()) {
+                    continue;
+                }
+                let m = self
+                    .manifest(
+                        up,
+                        repo,
+                        &Reference::Digest(child.digest.clone()),
+                        AcceptSet::ALL,
+                        None,
+                    )
+                    .await?;
+                pins.push(child.digest);
+                images.push(serde_json::from_slice(&m.bytes).map_err(|e| {
+                    oci::Error::new(ErrorCode::UpstreamManifestInvalid, format!("manifest: {e}"))
+                })?);
+            }
+        }
+        let (mut blobs, mut bytes) = (0, 0);
+        for image in &images {
+            for d in image.config.iter().chain(&image.layers) {
+                self.ensure_blob(up, repo, &d.digest).await?;
+                pins.push(d.digest.clone());
+                blobs += 1;
+                bytes += d.size;
+            }
+        }
+        self.store
+            .pin(pins)
+            .await
+            .map_err(|e| internal("writing the index", e))?;
+        Ok(WarmReport {
+            image: String::new(),
+            ok: true,
+            digest: Some(top.digest.to_string()),
+            platforms: images.len(),
+            blobs,
+            bytes,
+            error: None,
+        })
+    }
+
+    /// Makes sure a blob is stored: a hit, or a fill waited on to its end.
+    async fn ensure_blob(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<(), oci::Error> {
+        let answer = self.blob(up, repo, digest, false).await?;
+        if let Some(BlobSource::Filling(mut progress)) = answer.source {
+            let end = progress
+                .wait_for(|p| matches!(p.status, FillStatus::Done | FillStatus::Failed(_)))
+                .await
+                .map(|p| p.status.clone());
+            match end {
+                Ok(FillStatus::Done) => {}
+                Ok(FillStatus::Failed(e)) => return Err(e),
+                _ => return Err(internal("blob fill", "ended unexpectedly")),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_filter() {
+        let p = Platform {
+            os: "linux".into(),
+            architecture: "arm64".into(),
+            variant: Some("v8".into()),
+        };
+        assert!(platform_matches(&[], Some(&p)));
+        assert!(platform_matches(&["linux/arm64".into()], Some(&p)));
+        assert!(platform_matches(&["linux/arm64/v8".into()], Some(&p)));
+        assert!(!platform_matches(&["linux/arm64/v7".into()], Some(&p)));
+        assert!(!platform_matches(&["linux/amd64".into()], Some(&p)));
+        assert!(!platform_matches(&["linux/amd64".into()], None));
+    }
+}

@@ -1,0 +1,206 @@
+//! The numbers operators look at: the JSON of `GET /admin/status` (also read by
+//! `berth status` and the status page), and one hour of history, sampled once a minute,
+//! for the page's charts.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::App;
+use crate::metrics::{Outcome, Source};
+use crate::store::now_secs;
+use crate::upstream::QuotaSnapshot;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub requests: Requests,
+    pub bytes: Bytes,
+    pub store: StoreStatus,
+    pub fills_in_flight: i64,
+    pub upstreams: Vec<UpstreamStatus>,
+    pub history: Vec<Sample>,
+}
+
+/// Manifest and blob requests since start. `hits` are answers that cost no upstream
+/// transfer (hit, revalidated, stale); `lookups` adds misses and requests that joined one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Requests {
+    pub lookups: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub coalesced: u64,
+    pub stale: u64,
+    pub errors: u64,
+    pub hit_ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bytes {
+    pub served_from_cache: u64,
+    pub served_from_fills: u64,
+    pub fetched_upstream: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub root: String,
+    pub bytes: u64,
+    pub blobs: u64,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    pub host: String,
+    pub url: String,
+    pub quota: QuotaView,
+    pub last_error: Option<LastError>,
+}
+
+/// [`QuotaSnapshot`] as JSON (and back, for `berth status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuotaView {
+    pub tokens: Option<u64>,
+    pub capacity: Option<u64>,
+    pub header_limit: Option<u64>,
+    pub header_remaining: Option<u64>,
+    pub cooldown_seconds: u64,
+    pub refill_seconds: u64,
+}
+
+impl From<QuotaSnapshot> for QuotaView {
+    fn from(q: QuotaSnapshot) -> Self {
+        QuotaView {
+            tokens: q.tokens,
+            capacity: q.capacity,
+            header_limit: q.header_limit,
+            header_remaining: q.header_remaining,
+            cooldown_seconds: q.cooldown_seconds,
+            refill_seconds: q.refill_seconds,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastError {
+    pub message: String,
+    pub unix: u64,
+}
+
+/// One history point: cumulative counters, so the page can chart per-interval ratios.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub unix: u64,
+    pub hits: u64,
+    pub lookups: u64,
+    pub tokens: BTreeMap<String, u64>,
+}
+
+/// The last hour of samples.
+#[derive(Default)]
+pub struct History {
+    samples: Mutex<VecDeque<Sample>>,
+}
+
+const HISTORY_LEN: usize = 60;
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(60);
+
+impl History {
+    pub fn record(&self, app: &App) {
+        let requests = requests(app);
+        let tokens = app
+            .upstreams
+            .all()
+            .iter()
+            .filter_map(|u| {
+                u.quota()
+                    .snapshot()
+                    .tokens
+                    .map(|t| (u.host().to_owned(), t))
+            })
+            .collect();
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() == HISTORY_LEN {
+            samples.pop_front();
+        }
+        samples.push_back(Sample {
+            unix: now_secs(),
+            hits: requests.hits,
+            lookups: requests.lookups,
+            tokens,
+        });
+    }
+
+    fn all(&self) -> Vec<Sample> {
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+fn requests(app: &App) -> Requests {
+    let m = &app.metrics;
+    let hits =
+        m.lookups(Outcome::Hit) + m.lookups(Outcome::Revalidated) + m.lookups(Outcome::Stale);
+    let misses = m.lookups(Outcome::Miss);
+    let coalesced = m.lookups(Outcome::Coalesced);
+    let lookups = hits + misses + coalesced;
+    Requests {
+        lookups,
+        hits,
+        misses,
+        coalesced,
+        stale: m.lookups(Outcome::Stale),
+        errors: m.lookups(Outcome::Error),
+        hit_ratio: (lookups > 0).then(|| hits as f64 / lookups as f64),
+    }
+}
+
+pub fn status(app: &App) -> Status {
+    let m = &app.metrics;
+    let (blobs, bytes) = app.proxy.store().totals().unwrap_or((0, 0));
+    let upstreams = app
+        .upstreams
+        .all()
+        .iter()
+        .map(|u| UpstreamStatus {
+            host: u.host().to_owned(),
+            url: u.url_str().to_owned(),
+            quota: u.quota().snapshot().into(),
+            last_error: u
+                .last_error()
+                .map(|(message, unix)| LastError { message, unix }),
+        })
+        .collect();
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_seconds: app.started.elapsed().as_secs(),
+        requests: requests(app),
+        bytes: Bytes {
+            served_from_cache: m.served(Source::Cache),
+            served_from_fills: m.served(Source::Upstream),
+            fetched_upstream: app
+                .upstreams
+                .all()
+                .iter()
+                .map(|u| m.fetched_upstream(u.host()))
+                .sum(),
+        },
+        store: StoreStatus {
+            root: app.proxy.store().root().display().to_string(),
+            bytes,
+            blobs,
+            max_bytes: m.store_max_bytes.get().max(0) as u64,
+        },
+        fills_in_flight: m.fills_in_flight.get(),
+        upstreams,
+        history: app.history.all(),
+    }
+}
