@@ -50,6 +50,29 @@ pub fn tag_key_prefix(up: &Upstream, repo: &Repository, tag: &Tag) -> String {
     format!("{}/{repo}:{tag}#", up.host())
 }
 
+/// What berth holds for a tag, for a client with this accept set: the record made for
+/// the same set, or else the freshest variant (fetched for another client, or by the
+/// warm list) whose media type this client accepts.
+fn find_tag(
+    store: &crate::store::Store,
+    up: &Upstream,
+    repo: &Repository,
+    tag: &Tag,
+    accept: AcceptSet,
+) -> Result<Option<TagRecord>, oci::Error> {
+    let read = |e: std::io::Error| internal("reading the index", e);
+    if let Some(r) = store.tag(&tag_key(up, repo, tag, accept)).map_err(read)? {
+        return Ok(Some(r));
+    }
+    Ok(store
+        .tags_with_prefix(&tag_key_prefix(up, repo, tag))
+        .map_err(read)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| accept.accepts(&r.media_type))
+        .max_by_key(|r| r.validated_at))
+}
+
 fn unknown(up: &Upstream, repo: &Repository, reference: &Reference) -> oci::Error {
     oci::Error::new(
         ErrorCode::ManifestUnknown,
@@ -110,10 +133,7 @@ impl Proxy {
         client: Option<String>,
     ) -> Result<ManifestAnswer, oci::Error> {
         let key = tag_key(up, repo, tag, accept);
-        let record = self
-            .store
-            .tag(&key)
-            .map_err(|e| internal("reading the index", e))?;
+        let record = find_tag(&self.store, up, repo, tag, accept)?;
         if let Some(r) = &record {
             let age = now_secs().saturating_sub(r.validated_at);
             if Duration::from_secs(age) < up.tag_ttl {
@@ -316,10 +336,7 @@ impl Parts {
         key: String,
     ) -> Result<ManifestAnswer, oci::Error> {
         let reference = Reference::Tag(tag.clone());
-        let record = self
-            .store
-            .tag(&key)
-            .map_err(|e| internal("reading the index", e))?;
+        let record = find_tag(&self.store, up, repo, tag, accept)?;
         let stored = match &record {
             Some(r) => self
                 .store

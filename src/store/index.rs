@@ -151,6 +151,23 @@ impl Index {
             .is_some())
     }
 
+    /// Every tag record whose key starts with `prefix` (a tag's accept-set variants).
+    pub fn tags_with_prefix(&self, prefix: &str) -> Result<Vec<(String, TagRecord)>> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let t = txn.open_table(TAGS).map_err(io)?;
+        let mut out = Vec::new();
+        for entry in t.range(prefix..).map_err(io)? {
+            let (k, v) = entry.map_err(io)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            if let Ok(record) = serde_json::from_slice(v.value()) {
+                out.push((k.value().to_owned(), record));
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes every tag record whose key starts with `prefix`; returns how many.
     pub fn remove_tags(&self, prefix: &str) -> Result<usize> {
         let txn = self.db.begin_write().map_err(io)?;

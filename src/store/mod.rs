@@ -259,6 +259,11 @@ impl Store {
         self.inner.index.tag(key)
     }
 
+    /// Every accept-set variant of a tag: `(key, record)` for keys starting with `prefix`.
+    pub fn tags_with_prefix(&self, prefix: &str) -> io::Result<Vec<(String, TagRecord)>> {
+        self.inner.index.tags_with_prefix(prefix)
+    }
+
     pub async fn put_tag(&self, key: String, record: TagRecord) -> io::Result<()> {
         let s = self.clone();
         blocking(move || s.inner.index.put_tag(&key, &record)).await

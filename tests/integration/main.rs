@@ -12,5 +12,6 @@ mod bad_input;
 mod common;
 mod harness_smoke;
 mod herd;
+mod ops;
 mod pull;
 mod quota;

@@ -69,7 +69,14 @@ impl Berth {
     pub async fn start_with(upstreams: &[UpstreamSpec], top_extra: &str) -> Berth {
         let dir = tempfile::tempdir().expect("berth tempdir");
         let data_dir = dir.path().join("data");
-        Self::start_in(dir, data_dir, upstreams, top_extra).await
+        Self::start_in(dir, data_dir, upstreams, top_extra, "").await
+    }
+
+    /// With extra lines in the `[server]` table (e.g. `admin_token_file`).
+    pub async fn start_with_server(upstreams: &[UpstreamSpec], server_extra: &str) -> Berth {
+        let dir = tempfile::tempdir().expect("berth tempdir");
+        let data_dir = dir.path().join("data");
+        Self::start_in(dir, data_dir, upstreams, "", server_extra).await
     }
 
     async fn start_in(
@@ -77,12 +84,13 @@ impl Berth {
         data_dir: PathBuf,
         upstreams: &[UpstreamSpec],
         top_extra: &str,
+        server_extra: &str,
     ) -> Berth {
         let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let mut toml = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nshutdown_grace = \"5s\"\n\
-             header_read_timeout = \"2s\"\n\
+             header_read_timeout = \"2s\"\n{server_extra}\n\
              [storage]\nroot = \"{}\"\nmax_size = \"10GiB\"\n[routing]\ndefault_upstream = \"{}\"\n",
             data_dir.display(),
             upstreams[0].host
