@@ -311,6 +311,11 @@ impl Config {
                     u.url
                 ));
             }
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                return Err(format!(
+                    "{at}.url: put credentials in username/password_file or docker_config, not the URL"
+                ));
+            }
             if u.tag_ttl.is_zero() {
                 return Err(format!("{at}.tag_ttl must be greater than zero"));
             }

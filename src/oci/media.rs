@@ -82,6 +82,16 @@ impl AcceptSet {
     pub fn key(self) -> u8 {
         self.0
     }
+
+    /// The set an index key stands for; `None` for bits berth does not know.
+    pub fn from_key(key: u8) -> Option<Self> {
+        (key != 0 && key & !AcceptSet::ALL.0 == 0).then_some(AcceptSet(key))
+    }
+
+    /// Whether every type `other` accepts, this set accepts too.
+    pub fn contains(self, other: AcceptSet) -> bool {
+        self.0 & other.0 == other.0
+    }
 }
 
 #[cfg(test)]
@@ -101,5 +111,9 @@ mod tests {
         assert!(only.accepts(DOCKER_MANIFEST));
         assert!(!only.accepts(OCI_INDEX));
         assert_eq!(AcceptSet::from_headers(std::iter::empty()), AcceptSet::ALL);
+        assert!(AcceptSet::ALL.contains(only));
+        assert!(!only.contains(AcceptSet::ALL));
+        assert_eq!(AcceptSet::from_key(only.key()), Some(only));
+        assert_eq!(AcceptSet::from_key(0), None);
     }
 }

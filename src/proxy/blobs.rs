@@ -30,13 +30,11 @@ impl Proxy {
         if let Some(answer) = self.stored_blob(up, repo, digest).await? {
             return Ok(answer);
         }
-        if let Some(fill) = self.fills.in_progress(digest) {
-            if &fill.repository != repo {
-                self.authorize_blob(up, repo, digest).await?;
-            }
-        }
         if head {
             if let Some(fill) = self.fills.in_progress(digest) {
+                if &fill.repository != repo {
+                    self.authorize_blob(up, repo, digest).await?;
+                }
                 if let Some(total) = fill.started().await?.total {
                     return Ok(BlobAnswer {
                         size: Some(total),
@@ -69,7 +67,14 @@ impl Proxy {
                     };
                 }
                 Joined::Started(f) => (f, Outcome::Miss),
-                Joined::Following(f) => (f, Outcome::Coalesced),
+                Joined::Following(f) => {
+                    // Joined a fill started for another repository: this one must hold
+                    // the blob too (checked after joining, so nothing slips in between).
+                    if &f.repository != repo {
+                        self.authorize_blob(up, repo, digest).await?;
+                    }
+                    (f, Outcome::Coalesced)
+                }
             };
         let progress = fill.started().await?;
         Ok(BlobAnswer {

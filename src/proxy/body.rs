@@ -77,6 +77,19 @@ async fn pump(
     let mut pos = start;
     loop {
         if end.is_some_and(|e| pos >= e) {
+            // A fill's body ends only once its digest is verified: an empty (or fully
+            // sent) range must not look complete while the blob may yet fail.
+            if let BlobSource::Filling(rx) = &mut source {
+                let end_state = rx
+                    .wait_for(|p| p.status.complete() || matches!(p.status, Status::Failed(_)))
+                    .await
+                    .map(|p| p.status.clone());
+                if let Ok(Status::Failed(e)) = end_state {
+                    if let Ok(slot) = tx.reserve().await {
+                        fail(slot, &e.message);
+                    }
+                }
+            }
             return;
         }
         // Wait for the client to take the previous chunk before reading the next.

@@ -84,7 +84,7 @@ impl Budgets {
             Err(Denied {
                 reason: QuotaRefusal::Client,
                 remaining: 0,
-                retry_after: Duration::from_secs_f64(((1.0 - tokens) * per_token).ceil().max(1.0)),
+                retry_after: crate::upstream::quota_secs((1.0 - tokens) * per_token),
             })
         }
     }

@@ -163,9 +163,32 @@ struct FillTask {
     metrics: Arc<Metrics>,
 }
 
+/// Takes a fill out of the map (and the in-flight gauge) when dropped: at the end of the
+/// fill, or if its task panics, so the digest is never left to a dead fill.
+struct InFlight {
+    map: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
+    digest: Digest,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.fills_in_flight.dec();
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.digest);
+    }
+}
+
 impl FillTask {
     async fn run(self, map: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>) {
         self.metrics.fills_in_flight.inc();
+        let in_flight = InFlight {
+            map,
+            digest: self.digest.clone(),
+            metrics: self.metrics.clone(),
+        };
         let deadline = self.upstream.fill_deadline;
         let result = match tokio::time::timeout(deadline, self.fill()).await {
             Ok(r) => r,
@@ -179,12 +202,9 @@ impl FillTask {
                 ),
             )),
         };
-        self.metrics.fills_in_flight.dec();
         // Leave the map before publishing the end: a request arriving after this finds
         // the stored blob (or starts a new fill after a failure).
-        map.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.digest);
+        drop(in_flight);
         match result {
             Ok(()) => {
                 self.tx.send_modify(|p| p.status = Status::Done);

@@ -30,6 +30,21 @@ pub enum Role {
     Follower,
 }
 
+/// Removes a flight's key from the map when dropped, whether the work ended or panicked.
+struct Leave<K: Hash + Eq, V> {
+    inflight: Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>,
+    key: K,
+}
+
+impl<K: Hash + Eq, V> Drop for Leave<K, V> {
+    fn drop(&mut self) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
 impl<K, V> Flights<K, V>
 where
     K: Hash + Eq + Clone + Send + 'static,
@@ -48,15 +63,16 @@ where
                 None => {
                     let (tx, rx) = watch::channel(None);
                     map.insert(key.clone(), rx.clone());
-                    let inflight = self.inflight.clone();
+                    let leave = Leave {
+                        inflight: self.inflight.clone(),
+                        key,
+                    };
                     tokio::spawn(async move {
                         let value = work.await;
                         // Leave the map before publishing: a caller arriving after this
-                        // finds the stored result instead of a finished flight.
-                        inflight
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&key);
+                        // finds the stored result instead of a finished flight. (If `work`
+                        // panics, the guard still leaves, and followers see the sender go.)
+                        drop(leave);
                         let _ = tx.send(Some(value));
                     });
                     (rx, Role::Leader)

@@ -51,8 +51,10 @@ pub fn tag_key_prefix(up: &Upstream, repo: &Repository, tag: &Tag) -> String {
 }
 
 /// What berth holds for a tag, for a client with this accept set: the record made for
-/// the same set, or else the freshest variant (fetched for another client, or by the
-/// warm list) whose media type this client accepts.
+/// the same set, or else the freshest variant fetched for a broader set (by another
+/// client, or the warm list) whose media type this client accepts. A variant fetched for
+/// a narrower set is never reused: the upstream may have answered it with one platform's
+/// manifest where this client would get the index.
 fn find_tag(
     store: &crate::store::Store,
     up: &Upstream,
@@ -68,8 +70,14 @@ fn find_tag(
         .tags_with_prefix(&tag_key_prefix(up, repo, tag))
         .map_err(read)?
         .into_iter()
+        .filter(|(key, r)| {
+            let fetched_for = key
+                .rsplit_once('#')
+                .and_then(|(_, k)| k.parse::<u8>().ok())
+                .and_then(AcceptSet::from_key);
+            fetched_for.is_some_and(|set| set.contains(accept)) && accept.accepts(&r.media_type)
+        })
         .map(|(_, r)| r)
-        .filter(|r| accept.accepts(&r.media_type))
         .max_by_key(|r| r.validated_at))
 }
 
@@ -262,10 +270,10 @@ impl Parts {
             _ => None,
         };
         let result = up.get_manifest(repo, reference, accept, purpose).await;
-        if let (Some((b, c)), Err(upstream::Error::Quota(_) | upstream::Error::Connect(_))) =
-            (payer, &result)
-        {
-            b.refund(c);
+        if let (Some((b, c)), Err(e)) = (payer, &result) {
+            if !e.reached_upstream() {
+                b.refund(c);
+            }
         }
         result
     }
@@ -381,8 +389,10 @@ impl Parts {
                             if accept.accepts(&m.media_type) {
                                 self.put_tag(key, record_for(new.clone(), &m.media_type))
                                     .await?;
+                                let mut links = referenced_digests(&m.bytes);
+                                links.push(new.clone());
                                 self.store
-                                    .link(up.host(), repo.as_str(), vec![new.clone()])
+                                    .link(up.host(), repo.as_str(), links)
                                     .await
                                     .map_err(|e| internal("writing the index", e))?;
                                 return Ok(ManifestAnswer::stored(

@@ -103,6 +103,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
                 }
                 Poll::Ready(Ok(n))
             }
+            Poll::Pending if this.expired(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection idle",
+            ))),
             other => other,
         }
     }

@@ -56,9 +56,41 @@ fn link_key(upstream: &str, repository: &str, digest: &Digest) -> String {
     format!("{upstream}\0{repository}\0{digest}")
 }
 
+/// Why the index could not be opened. Only `Corrupted` justifies rebuilding it.
+#[derive(Debug)]
+pub enum OpenError {
+    Corrupted(String),
+    Other(std::io::Error),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Corrupted(m) => write!(f, "index corrupted: {m}"),
+            OpenError::Other(e) => e.fmt(f),
+        }
+    }
+}
+
 impl Index {
-    pub fn open(path: &Path) -> Result<Index> {
-        let db = Database::create(path).map_err(io)?;
+    pub fn open(path: &Path) -> std::result::Result<Index, OpenError> {
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(m))) => {
+                return Err(OpenError::Corrupted(m))
+            }
+            // What redb says of a file that is not a redb database at all.
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                return Err(OpenError::Corrupted(e.to_string()))
+            }
+            Err(e) => return Err(OpenError::Other(io(e))),
+        };
+        Self::init(db).map_err(OpenError::Other)
+    }
+
+    fn init(db: Database) -> Result<Index> {
         let txn = db.begin_write().map_err(io)?;
         {
             txn.open_table(BLOBS).map_err(io)?;

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use index::Index;
 pub use index::{now_secs, TagRecord};
+use index::{Index, OpenError};
 pub use temp::TempFile;
 
 use crate::oci::{Digest, Hasher};
@@ -65,6 +65,8 @@ struct Inner {
     root: PathBuf,
     tmp: PathBuf,
     index: Index,
+    /// Held for the life of the store: one berth per store root.
+    _lock: File,
 }
 
 /// Runs blocking store work (file syscalls, redb commits) off the async workers.
@@ -83,6 +85,15 @@ impl Store {
         let tmp = root.join("tmp");
         std::fs::create_dir_all(root.join("blobs"))?;
         std::fs::create_dir_all(&tmp)?;
+        // Before anything is cleaned up: another berth on this root owns its temp files
+        // and its index.
+        let lock = File::create(root.join("berth.lock"))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(io::Error::other(format!(
+                "{} is in use by another berth process ({e}); one store root per process",
+                root.display()
+            )));
+        }
         let mut removed = 0;
         for entry in std::fs::read_dir(&tmp)? {
             let path = entry?.path();
@@ -96,20 +107,22 @@ impl Store {
         let index_path = root.join("index.redb");
         let index = match Index::open(&index_path) {
             Ok(index) => index,
-            Err(e) if index_path.exists() => {
+            Err(OpenError::Corrupted(m)) => {
                 let aside = root.join(format!("index.redb.broken-{}", now_secs()));
-                tracing::error!(error = %e, aside = %aside.display(),
-                    "index unreadable; moving it aside and rebuilding from the blob files");
+                tracing::error!(error = %m, aside = %aside.display(),
+                    "index corrupted; moving it aside and rebuilding from the blob files");
                 std::fs::rename(&index_path, &aside)?;
-                Index::open(&index_path)?
+                Index::open(&index_path).map_err(|e| io::Error::other(e.to_string()))?
             }
-            Err(e) => return Err(e),
+            // Locked, unreadable, needs an upgrade: never a reason to throw it away.
+            Err(OpenError::Other(e)) => return Err(e),
         };
         let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_owned(),
                 tmp,
                 index,
+                _lock: lock,
             }),
         };
         store.reconcile()?;
@@ -461,9 +474,19 @@ mod tests {
         );
         assert_eq!(store.totals().unwrap().0, 2);
 
+        // A second store on the same root is refused while the first is open.
+        let second = Store::open(dir.path());
+        assert!(second.is_err_and(|e| e.to_string().contains("another berth")));
+
         // Index deleted while stopped: rebuilt from the files.
         drop(store);
         std::fs::remove_file(dir.path().join("index.redb")).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.totals().unwrap(), (2, 5 + 19));
+
+        // A corrupted index is moved aside and rebuilt.
+        drop(store);
+        std::fs::write(dir.path().join("index.redb"), vec![0x5a; 8192]).unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.totals().unwrap(), (2, 5 + 19));
     }

@@ -68,6 +68,8 @@ pub struct TokenCache {
 /// The spec's default when the token endpoint does not say.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// Scopes kept at most (one per repository pulled within a token's lifetime).
+const MAX_TOKENS: usize = 10_000;
 
 impl TokenCache {
     pub fn get(&self, scope: &str) -> Option<String> {
@@ -79,23 +81,30 @@ impl TokenCache {
     }
 
     pub fn put(&self, scope: &str, token: String, expires_in: Option<u64>) {
+        // Bounded: the number comes from the upstream, and a day is plenty.
         let lifetime = expires_in
-            .map(Duration::from_secs)
+            .map(|s| Duration::from_secs(s.min(24 * 3600)))
             .unwrap_or(DEFAULT_TOKEN_LIFETIME)
             .max(DEFAULT_TOKEN_LIFETIME);
         let until = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        // Bound the cache: scopes are per repository, and stale entries are cheap to refetch.
-        if tokens.len() > 10_000 {
+        // Bound the cache: scopes are per repository, and tokens are cheap to refetch.
+        if tokens.len() >= MAX_TOKENS {
             let now = Instant::now();
             tokens.retain(|_, (_, until)| *until > now);
+            if tokens.len() >= MAX_TOKENS {
+                tokens.clear();
+            }
         }
         tokens.insert(scope.to_owned(), (token, until));
     }
 
-    pub fn forget(&self, scope: &str) {
+    /// Forgets the token for `scope` if it is still `stale` (not one refreshed since).
+    pub fn forget_if(&self, scope: &str, stale: &str) {
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens.remove(scope);
+        if tokens.get(scope).is_some_and(|(t, _)| t == stale) {
+            tokens.remove(scope);
+        }
     }
 }
 
@@ -127,7 +136,9 @@ mod tests {
         let c = TokenCache::default();
         c.put("s", "t".into(), Some(300));
         assert_eq!(c.get("s").as_deref(), Some("t"));
-        c.forget("s");
+        c.forget_if("s", "older");
+        assert_eq!(c.get("s").as_deref(), Some("t"), "a newer token is kept");
+        c.forget_if("s", "t");
         assert_eq!(c.get("s"), None);
     }
 }

@@ -81,6 +81,9 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
 }
 
+/// The longest `Retry-After` berth believes: a day (Docker Hub's window is 6 hours).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// The longest pass-through body berth relays (tags lists of huge repositories).
 const MAX_PASSTHROUGH_BYTES: usize = 16 * 1024 * 1024;
 
@@ -215,8 +218,7 @@ impl Upstream {
         }
         if counted.is_some() {
             match &result {
-                // Nothing reached the upstream: the token was not spent there.
-                Err(Error::Connect(_) | Error::Timeout(_)) => self.quota.refund(),
+                Err(e) if !e.reached_upstream() => self.quota.refund(),
                 _ => self.quota.spent(),
             }
         }
@@ -233,12 +235,16 @@ impl Upstream {
     ) -> Result<Response, Error> {
         let scope = format!("repository:{repo}:pull");
         let mut retried = false;
+        // The token for the retry: the one just fetched, not whatever the shared cache
+        // holds by then (a concurrent request may have replaced it).
+        let mut fresh: Option<String> = None;
         loop {
             let mut req = self
                 .http
                 .request(method.clone(), url.clone())
                 .headers(headers.clone());
-            if let Some(token) = self.tokens.get(&scope) {
+            let used = fresh.take().or_else(|| self.tokens.get(&scope));
+            if let Some(token) = &used {
                 req = req.bearer_auth(token);
             } else if let (true, Some(c)) = (self.basic.load(Ordering::Relaxed), &self.credentials)
             {
@@ -267,9 +273,22 @@ impl Upstream {
                 .upstream_request(&self.host, method.as_str(), kind, Some(status.as_u16()));
             self.quota.observe(resp.headers());
             match status {
-                StatusCode::UNAUTHORIZED if !retried => {
+                // Only the upstream itself may send berth to a token realm: a challenge
+                // from a host a redirect led to (a CDN) would get the credentials.
+                StatusCode::UNAUTHORIZED
+                    if !retried && resp.url().origin() == self.base.origin() =>
+                {
                     retried = true;
-                    self.tokens.forget(&scope);
+                    // Another request may have refreshed the token meanwhile: use theirs.
+                    let current = self.tokens.get(&scope);
+                    if current.is_some() && current != used {
+                        fresh = current;
+                        continue;
+                    }
+                    // Forget only the token this request found stale, never a newer one.
+                    if let Some(stale) = &used {
+                        self.tokens.forget_if(&scope, stale);
+                    }
                     let challenge = resp
                         .headers()
                         .get(header::WWW_AUTHENTICATE)
@@ -277,7 +296,8 @@ impl Upstream {
                         .and_then(parse_challenge);
                     match challenge {
                         Some(Challenge::Bearer { realm, service, .. }) => {
-                            self.fetch_token(&realm, service.as_deref(), &scope).await?;
+                            fresh =
+                                Some(self.fetch_token(&realm, service.as_deref(), &scope).await?);
                         }
                         Some(Challenge::Basic) if self.credentials.is_some() => {
                             self.basic.store(true, Ordering::Relaxed);
@@ -297,10 +317,17 @@ impl Upstream {
         }
     }
 
+    /// Registries (Docker Hub among them) answer 401 both for a repository that needs
+    /// credentials and for one that does not exist; the message says so.
     fn unauthorized(&self) -> Error {
         Error::Unauthorized(match &self.credentials {
-            Some(c) => format!("access denied for user {:?}", c.username),
-            None => "anonymous access denied; configure credentials for this upstream".into(),
+            Some(c) => format!(
+                "access denied for user {:?} (the repository may not exist)",
+                c.username
+            ),
+            None => "the repository does not exist or needs credentials; configure them for \
+                     this upstream if it is private"
+                .into(),
         })
     }
 
@@ -309,11 +336,18 @@ impl Upstream {
         realm: &str,
         service: Option<&str>,
         scope: &str,
-    ) -> Result<(), Error> {
+    ) -> Result<String, Error> {
         let mut url = Url::parse(realm)
             .map_err(|_| Error::Protocol(format!("token realm {realm:.200?} is not a URL")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::Protocol("token realm is not http(s)".into()));
+        }
+        // Credentials never go in clear text to a realm of an upstream reached over TLS.
+        if self.credentials.is_some() && self.base.scheme() == "https" && url.scheme() != "https" {
+            return Err(Error::Protocol(
+                "token realm is plain http under an https upstream; refusing to send credentials"
+                    .into(),
+            ));
         }
         {
             let mut q = url.query_pairs_mut();
@@ -350,8 +384,8 @@ impl Upstream {
             .or(token.access_token)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::Protocol("token endpoint answered without a token".into()))?;
-        self.tokens.put(scope, value, token.expires_in);
-        Ok(())
+        self.tokens.put(scope, value.clone(), token.expires_in);
+        Ok(value)
     }
 
     fn accept_headers(accept: AcceptSet) -> HeaderMap {
@@ -595,13 +629,16 @@ fn header_digest(headers: &HeaderMap) -> Result<Option<Digest>, Error> {
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    // An upstream's numbers are bounded before they reach time arithmetic.
     if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs.min(MAX_RETRY_AFTER.as_secs())));
     }
     let when = humantime::parse_rfc3339_weak(v)
         .ok()
         .or_else(|| httpdate(v))?;
-    when.duration_since(std::time::SystemTime::now()).ok()
+    when.duration_since(std::time::SystemTime::now())
+        .ok()
+        .map(|d| d.min(MAX_RETRY_AFTER))
 }
 
 /// HTTP-date (`Sun, 06 Nov 1994 08:49:37 GMT`) via humantime's RFC 3339 parser.

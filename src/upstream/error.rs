@@ -28,6 +28,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the request may have reached the upstream (and been counted there). Only a
+    /// failed connection certainly did not; a timeout waiting for headers may have.
+    pub fn reached_upstream(&self) -> bool {
+        !matches!(
+            self,
+            Error::Connect(_) | Error::Timeout("connecting") | Error::Quota(_)
+        )
+    }
+
     /// Whether serving a stored copy instead is the right answer. Auth failures are not:
     /// the client must learn that berth's credentials are wrong.
     pub fn allows_stale(&self) -> bool {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use client::{BlobResponse, ManifestHead, ManifestResponse, Passthrough, Upstream};
 pub use credentials::Credentials;
 pub use error::Error;
-pub use quota::{Denied, Purpose, Quota, QuotaSnapshot};
+pub use quota::{secs as quota_secs, Denied, Purpose, Quota, QuotaSnapshot};
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;

@@ -161,7 +161,7 @@ impl Quota {
                             QuotaRefusal::Empty
                         },
                         remaining: s.tokens.floor() as u64,
-                        retry_after: Duration::from_secs_f64(wait.ceil().max(1.0)),
+                        retry_after: secs(wait),
                     })
                 }
             } else {
@@ -249,14 +249,13 @@ impl Quota {
         let wait = {
             let mut s = self.lock();
             let wait = retry_after.unwrap_or_else(|| {
-                s.size.map_or(DEFAULT_COOLDOWN, |z| {
-                    Duration::from_secs_f64(z.per.as_secs_f64() / z.capacity)
-                })
+                s.size
+                    .map_or(DEFAULT_COOLDOWN, |z| secs(z.per.as_secs_f64() / z.capacity))
             });
             let was_cooling = s.cooldown_until.is_some_and(|u| u > now);
             s.tokens = 0.0;
             s.refilled = now;
-            s.cooldown_until = Some(now + wait);
+            s.cooldown_until = Some(now.checked_add(wait).unwrap_or(now));
             if !was_cooling {
                 tracing::warn!(upstream = %self.upstream, retry_after_s = wait.as_secs(),
                     "upstream answered 429: no counted requests until the cooldown ends; serving cached copies");
@@ -307,13 +306,23 @@ impl Quota {
     }
 }
 
+/// Seconds as a Duration, at least one, never panicking on odd floats.
+pub fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.ceil().max(1.0)).unwrap_or(Duration::from_secs(24 * 3600))
+}
+
 /// Continuous refill: `capacity` tokens per window, never above capacity. When an
 /// upstream cooldown has just ended, one token is there to probe with: the upstream said
 /// when to come back, and its answer's headers will set the bucket right.
 fn refill(s: &mut State, now: Instant) {
-    if s.cooldown_until.is_some_and(|u| u <= now) {
+    if let Some(until) = s.cooldown_until.filter(|u| *u <= now) {
+        // Nothing accrues during a cooldown: one probe token, refilling from its end.
         s.cooldown_until = None;
-        s.tokens = s.tokens.max(1.0);
+        s.tokens = 1.0;
+        s.refilled = until;
+    } else if s.cooldown_until.is_some() {
+        s.refilled = now;
+        return;
     }
     if let Some(size) = s.size {
         let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
@@ -327,10 +336,11 @@ fn parse_ratelimit(headers: &HeaderMap, name: &str) -> Option<(u64, Option<Durat
     let v = headers.get(name)?.to_str().ok()?;
     let mut parts = v.split(';');
     let n = parts.next()?.trim().parse().ok()?;
+    // The window is bounded (30 days) before it reaches time arithmetic.
     let window = parts
         .filter_map(|p| p.trim().strip_prefix("w="))
         .find_map(|w| w.parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .map(|w| Duration::from_secs(w.clamp(1, 30 * 24 * 3600)));
     Some((n, window))
 }
 
