@@ -4,6 +4,7 @@
 
 mod digest;
 mod error;
+pub mod manifest;
 pub mod media;
 mod name;
 mod route;

@@ -115,26 +115,14 @@ impl Proxy {
         repo: &Repository,
         digest: &Digest,
     ) -> Result<(), oci::Error> {
-        let linked = self
-            .store
-            .is_linked(up.host(), repo.as_str(), digest)
-            .map_err(|e| internal("reading the index", e))?;
-        if linked {
-            return Ok(());
-        }
-        match up.head_blob(repo, digest).await {
-            Ok(Some(_)) => self
-                .store
-                .link(up.host(), repo.as_str(), vec![digest.clone()])
-                .await
-                .map_err(|e| internal("writing the index", e)),
-            Ok(None) => Err(blob_unknown(up, repo, digest)),
-            Err(e) => Err(e.to_oci(up.host())),
-        }
+        self.authorize(up, repo, digest, up.head_blob(repo, digest), || {
+            blob_unknown(up, repo, digest)
+        })
+        .await
     }
 }
 
-fn blob_unknown(up: &Upstream, repo: &Repository, digest: &Digest) -> oci::Error {
+pub(super) fn blob_unknown(up: &Upstream, repo: &Repository, digest: &Digest) -> oci::Error {
     oci::Error::new(
         ErrorCode::BlobUnknown,
         format!("blob {digest} is not in {repo} on upstream {}", up.host()),

@@ -303,14 +303,10 @@ impl FillTask {
             let mut resp = match up.get_blob(&self.repository, &self.digest, received).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    return Err(oci::Error::new(
-                        ErrorCode::BlobUnknown,
-                        format!(
-                            "blob {} is not in {} on upstream {}",
-                            self.digest,
-                            self.repository,
-                            up.host()
-                        ),
+                    return Err(super::blobs::blob_unknown(
+                        up,
+                        &self.repository,
+                        &self.digest,
                     ))
                 }
                 Err(e) if received > 0 && resumes < MAX_RESUMES && resumable(&e) => {

@@ -196,31 +196,17 @@ impl Proxy {
             .map_err(|e| internal("reading a stored manifest", e))
     }
 
-    /// Same rule as for blobs: a stored manifest is served for a repository only if that
-    /// repository is known to hold it or upstream confirms it with a (free) HEAD.
+    /// Same rule as for blobs, confirmed with a (free) manifest HEAD.
     async fn authorize_manifest(
         &self,
         up: &Arc<Upstream>,
         repo: &Repository,
         digest: &Digest,
     ) -> Result<(), oci::Error> {
-        let linked = self
-            .store
-            .is_linked(up.host(), repo.as_str(), digest)
-            .map_err(|e| internal("reading the index", e))?;
-        if linked {
-            return Ok(());
-        }
         let reference = Reference::Digest(digest.clone());
-        match up.head_manifest(repo, &reference, AcceptSet::ALL).await {
-            Ok(Some(_)) => self
-                .store
-                .link(up.host(), repo.as_str(), vec![digest.clone()])
-                .await
-                .map_err(|e| internal("writing the index", e)),
-            Ok(None) => Err(unknown(up, repo, &reference)),
-            Err(e) => Err(e.to_oci(up.host())),
-        }
+        let head = up.head_manifest(repo, &reference, AcceptSet::ALL);
+        self.authorize(up, repo, digest, head, || unknown(up, repo, &reference))
+            .await
     }
 }
 
@@ -472,7 +458,7 @@ impl Parts {
         let digest = {
             let mut h = match &fetched.digest {
                 Some(d) => d.hasher(),
-                None => Digest::sha256_of(b"").hasher(),
+                None => crate::oci::Hasher::new(crate::oci::Algorithm::Sha256),
             };
             h.update(&fetched.bytes);
             h.finish()

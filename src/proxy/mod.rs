@@ -73,34 +73,45 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Serves a stored object for a repository only if the index links the repository to
+    /// it, or `confirm` (an upstream HEAD in that repository) finds it; then links it.
+    async fn authorize<T>(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        digest: &Digest,
+        confirm: impl std::future::Future<Output = Result<Option<T>, crate::upstream::Error>>,
+        unknown: impl FnOnce() -> oci::Error,
+    ) -> Result<(), oci::Error> {
+        let linked = self
+            .store
+            .is_linked(up.host(), repo.as_str(), digest)
+            .map_err(|e| internal("reading the index", e))?;
+        if linked {
+            return Ok(());
+        }
+        match confirm.await {
+            Ok(Some(_)) => self
+                .store
+                .link(up.host(), repo.as_str(), vec![digest.clone()])
+                .await
+                .map_err(|e| internal("writing the index", e)),
+            Ok(None) => Err(unknown()),
+            Err(e) => Err(e.to_oci(up.host())),
+        }
+    }
+}
+
 fn internal(what: &str, e: impl std::fmt::Display) -> oci::Error {
     tracing::error!(error = %e, "{what}");
     oci::Error::new(ErrorCode::Internal, format!("{what}: {e}"))
 }
 
 /// The digests a manifest refers to (config, layers, child manifests), for repository
-/// links. Lenient: a manifest berth cannot read links nothing but itself.
+/// links. A manifest berth cannot read links nothing but itself.
 fn referenced_digests(bytes: &Bytes) -> Vec<Digest> {
-    #[derive(serde::Deserialize)]
-    struct Descriptor {
-        digest: Digest,
-    }
-    #[derive(serde::Deserialize)]
-    struct Refs {
-        config: Option<Descriptor>,
-        #[serde(default)]
-        layers: Vec<Descriptor>,
-        #[serde(default)]
-        manifests: Vec<Descriptor>,
-    }
-    match serde_json::from_slice::<Refs>(bytes) {
-        Ok(r) => r
-            .config
-            .into_iter()
-            .chain(r.layers)
-            .chain(r.manifests)
-            .map(|d| d.digest)
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+    oci::manifest::Manifest::parse(bytes)
+        .map(|m| m.references().cloned().collect())
+        .unwrap_or_default()
 }

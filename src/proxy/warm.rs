@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::body::BlobSource;
 use super::fill::Status as FillStatus;
 use super::{internal, Proxy};
+use crate::oci::manifest::{Manifest, Platform};
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository};
 use crate::upstream::Upstream;
 
@@ -22,35 +23,6 @@ pub struct WarmReport {
     pub blobs: usize,
     pub bytes: u64,
     pub error: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct Platform {
-    os: String,
-    architecture: String,
-    variant: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct Child {
-    digest: Digest,
-    platform: Option<Platform>,
-}
-
-#[derive(serde::Deserialize)]
-struct Descriptor {
-    digest: Digest,
-    #[serde(default)]
-    size: u64,
-}
-
-#[derive(serde::Deserialize)]
-struct Manifest {
-    #[serde(default)]
-    manifests: Vec<Child>,
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
 }
 
 /// `linux/amd64` or `linux/arm64/v8` against a descriptor's platform.
@@ -81,9 +53,13 @@ impl Proxy {
             .await?;
         let mut pins = vec![top.digest.clone()];
         let mut images = Vec::new();
-        let parsed: Manifest = serde_json::from_slice(&top.bytes).map_err(|e| {
-            oci::Error::new(ErrorCode::UpstreamManifestInvalid, format!("manifest: {e}"))
-        })?;
+        let unreadable = || {
+            oci::Error::new(
+                ErrorCode::UpstreamManifestInvalid,
+                "manifest berth cannot read",
+            )
+        };
+        let parsed = Manifest::parse(&top.bytes).ok_or_else(unreadable)?;
         if parsed.manifests.is_empty() {
             images.push(parsed);
         } else {
@@ -101,9 +77,7 @@ impl Proxy {
                     )
                     .await?;
                 pins.push(child.digest);
-                images.push(serde_json::from_slice(&m.bytes).map_err(|e| {
-                    oci::Error::new(ErrorCode::UpstreamManifestInvalid, format!("manifest: {e}"))
-                })?);
+                images.push(Manifest::parse(&m.bytes).ok_or_else(unreadable)?);
             }
         }
         let (mut blobs, mut bytes) = (0, 0);

@@ -121,7 +121,8 @@ async fn serve<B>(
     summary.upstream = up.host().to_owned();
     summary.repository = repo.to_string();
     let mut resp = match route.endpoint {
-        Endpoint::Base => unreachable_base(),
+        // Answered above, before an upstream is resolved.
+        Endpoint::Base => Response::new(Body::empty()),
         Endpoint::Manifest(reference) => {
             let accept = AcceptSet::from_headers(
                 req.headers()
@@ -182,11 +183,6 @@ async fn serve<B>(
         }
     }
     Ok(resp)
-}
-
-fn unreachable_base() -> Response<Body> {
-    // Base is answered before resolving an upstream; kept total so no panic is possible.
-    Response::new(Body::empty())
 }
 
 fn encode_query(s: &str) -> String {

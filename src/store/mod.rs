@@ -336,17 +336,7 @@ fn sniff_manifest_media_type(path: &Path, size: u64) -> Option<String> {
     if size > crate::oci::media::MAX_MANIFEST_BYTES as u64 {
         return None;
     }
-    #[derive(serde::Deserialize)]
-    struct Sniff {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-        #[serde(rename = "schemaVersion")]
-        schema_version: Option<u32>,
-    }
-    let bytes = std::fs::read(path).ok()?;
-    let s: Sniff = serde_json::from_slice(&bytes).ok()?;
-    s.schema_version?;
-    s.media_type
+    crate::oci::manifest::sniff_media_type(&std::fs::read(path).ok()?)
 }
 
 /// A blob being written: bytes go to a temp file and through the hasher; nothing is

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, Response, StatusCode, Url};
 
@@ -16,6 +16,7 @@ use super::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
 use super::credentials::Credentials;
 use super::error::{describe, Error};
 use super::quota::{Purpose, Quota};
+use super::wire::{header_digest, header_str, parse_content_range, read_limited, retry_after};
 use crate::config::{ConfigError, CountedRequest, QuotaConfig, UpstreamConfig};
 use crate::metrics::{Kind, Metrics, UpstreamLabels};
 use crate::oci::media::MAX_MANIFEST_BYTES;
@@ -80,9 +81,6 @@ pub struct Upstream {
     last_error: std::sync::Mutex<Option<(String, u64)>>,
     metrics: Arc<Metrics>,
 }
-
-/// The longest `Retry-After` berth believes: a day (Docker Hub's window is 6 hours).
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// The longest pass-through body berth relays (tags lists of huge repositories).
 const MAX_PASSTHROUGH_BYTES: usize = 16 * 1024 * 1024;
@@ -440,7 +438,7 @@ impl Upstream {
         let media_type = match media_type {
             Some(mt) if mt != "application/json" && mt != "text/plain" => mt,
             // Some registries send a generic type; the manifest itself says what it is.
-            _ => sniff_media_type(&bytes)
+            _ => crate::oci::manifest::sniff_media_type(&bytes)
                 .ok_or_else(|| Error::Protocol("manifest has no usable media type".into()))?,
         };
         Ok(Some(ManifestResponse {
@@ -604,107 +602,5 @@ impl Upstream {
             .upstream_bytes
             .get_or_create(&self.labels())
             .inc_by(n);
-    }
-}
-
-fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned())
-        .filter(|s| !s.is_empty())
-}
-
-fn header_digest(headers: &HeaderMap) -> Result<Option<Digest>, Error> {
-    match headers
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-    {
-        None => Ok(None),
-        Some(s) => Digest::parse(s.trim())
-            .map(Some)
-            .map_err(|e| Error::Protocol(format!("Docker-Content-Digest: {e}"))),
-    }
-}
-
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    // An upstream's numbers are bounded before they reach time arithmetic.
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs.min(MAX_RETRY_AFTER.as_secs())));
-    }
-    let when = humantime::parse_rfc3339_weak(v)
-        .ok()
-        .or_else(|| httpdate(v))?;
-    when.duration_since(std::time::SystemTime::now())
-        .ok()
-        .map(|d| d.min(MAX_RETRY_AFTER))
-}
-
-/// HTTP-date (`Sun, 06 Nov 1994 08:49:37 GMT`) via humantime's RFC 3339 parser.
-fn httpdate(v: &str) -> Option<std::time::SystemTime> {
-    let parts: Vec<&str> = v.split_whitespace().collect();
-    let [_, day, mon, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let m = MONTHS.iter().position(|x| x == mon)? + 1;
-    humantime::parse_rfc3339(&format!("{year}-{m:02}-{day:0>2}T{time}Z")).ok()
-}
-
-/// `bytes <start>-<end>/<total|*>` → (start, total).
-fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
-    let rest = v.strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (start, _) = range.split_once('-')?;
-    Some((start.trim().parse().ok()?, total.trim().parse().ok()))
-}
-
-fn sniff_media_type(bytes: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Sniff {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-    }
-    serde_json::from_slice::<Sniff>(bytes).ok()?.media_type
-}
-
-/// Reads a whole (small) body, refusing more than `limit` bytes and stalls.
-async fn read_limited(mut resp: Response, limit: usize, stall: Duration) -> Result<Bytes, Error> {
-    let mut buf = BytesMut::new();
-    loop {
-        let chunk = tokio::time::timeout(stall, resp.chunk())
-            .await
-            .map_err(|_| Error::Timeout("reading the response body"))?
-            .map_err(|e| Error::Protocol(format!("response body cut short: {}", describe(&e))))?;
-        let Some(chunk) = chunk else { break };
-        if buf.len() + chunk.len() > limit {
-            return Err(Error::TooLarge(format!(
-                "response body is over the {limit}-byte limit"
-            )));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_range_and_retry_after() {
-        assert_eq!(
-            parse_content_range("bytes 100-199/1000"),
-            Some((100, Some(1000)))
-        );
-        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
-        assert_eq!(parse_content_range("items 1-2/3"), None);
-        let mut h = HeaderMap::new();
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("120"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(120)));
-        assert!(httpdate("Sun, 06 Nov 1994 08:49:37 GMT").is_some());
     }
 }

@@ -10,6 +10,7 @@ mod client;
 mod credentials;
 mod error;
 mod quota;
+mod wire;
 
 use std::collections::HashMap;
 use std::sync::Arc;
