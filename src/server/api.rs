@@ -118,6 +118,13 @@ async fn serve<B>(
         return Ok(resp);
     }
     let (up, repo) = app.upstreams.resolve(route.ns.as_deref(), route.name)?;
+    // The host a path-prefix client named (`/v2/ghcr.io/org/app/...`), if any.
+    let prefix = route
+        .ns
+        .is_none()
+        .then(|| route.name.split_once('/').map(|(first, _)| first))
+        .flatten()
+        .filter(|first| app.upstreams.get(first).is_some());
     summary.upstream = up.host().to_owned();
     summary.repository = repo.to_string();
     let mut resp = match route.endpoint {
@@ -161,7 +168,7 @@ async fn serve<B>(
                 .passthrough(&up, &repo, &path, query.as_deref(), Kind::Tags)
                 .await?;
             summary.outcome = Outcome::Passthrough;
-            passthrough_response(p, route.head)
+            passthrough_response(p, route.head, prefix)
         }
         Endpoint::Referrers {
             digest,
@@ -174,7 +181,7 @@ async fn serve<B>(
                 .passthrough(&up, &repo, &path, query.as_deref(), Kind::Referrers)
                 .await?;
             summary.outcome = Outcome::Passthrough;
-            passthrough_response(p, route.head)
+            passthrough_response(p, route.head, prefix)
         }
     };
     if let Some(ns) = &route.ns {
@@ -299,7 +306,13 @@ fn blob_response(
     Ok(resp)
 }
 
-fn passthrough_response(p: crate::upstream::Passthrough, head: bool) -> Response<Body> {
+/// `prefix`: the upstream host a path-prefix client put before the name; the upstream's
+/// `Link` (next page) is rewritten to carry it, or the next page would go elsewhere.
+fn passthrough_response(
+    p: crate::upstream::Passthrough,
+    head: bool,
+    prefix: Option<&str>,
+) -> Response<Body> {
     let len = p.body.len();
     let mut resp = Response::new(if head {
         Body::empty()
@@ -308,6 +321,14 @@ fn passthrough_response(p: crate::upstream::Passthrough, head: bool) -> Response
     });
     *resp.status_mut() = p.status;
     *resp.headers_mut() = p.headers;
+    if let Some(host) = prefix {
+        let link = resp.headers().get(header::LINK).and_then(|v| v.to_str().ok());
+        if let Some(v) = link.map(|l| l.replace("</v2/", &format!("</v2/{host}/"))) {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                resp.headers_mut().insert(header::LINK, v);
+            }
+        }
+    }
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     resp
