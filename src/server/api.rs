@@ -333,3 +333,32 @@ fn passthrough_response(
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_keeps_the_path_prefix() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::LINK,
+            HeaderValue::from_static("</v2/org/app/tags/list?n=2&last=b>; rel=\"next\""),
+        );
+        let p = crate::upstream::Passthrough {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(b"{}"),
+        };
+        let resp = passthrough_response(p.clone(), false, Some("ghcr.io"));
+        assert_eq!(
+            resp.headers()[header::LINK],
+            "</v2/ghcr.io/org/app/tags/list?n=2&last=b>; rel=\"next\""
+        );
+        let resp = passthrough_response(p, false, None);
+        assert_eq!(
+            resp.headers()[header::LINK],
+            "</v2/org/app/tags/list?n=2&last=b>; rel=\"next\""
+        );
+    }
+}
