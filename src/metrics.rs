@@ -130,6 +130,7 @@ pub struct Metrics {
     pub quota_refusals: Family<RefusalLabels, Counter>,
     pub quota_stale: Family<UpstreamLabels, Counter>,
     pub quota_tokens: Family<UpstreamLabels, Gauge>,
+    pub quota_capacity: Family<UpstreamLabels, Gauge>,
     pub quota_refill_seconds: Family<UpstreamLabels, Gauge>,
     pub ratelimit_limit: Family<UpstreamLabels, Gauge>,
     pub ratelimit_remaining: Family<UpstreamLabels, Gauge>,
@@ -221,6 +222,12 @@ impl Metrics {
             "Tokens left in berth's own bucket for the upstream (whole requests)",
             quota_tokens.clone(),
         );
+        let quota_capacity = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "quota_capacity",
+            "The size of berth's bucket for the upstream (configured, or learnt from its headers)",
+            quota_capacity.clone(),
+        );
         let quota_refill_seconds = Family::<UpstreamLabels, Gauge>::default();
         registry.register_with_unit(
             "quota_refill",
@@ -279,6 +286,7 @@ impl Metrics {
             quota_refusals,
             quota_stale,
             quota_tokens,
+            quota_capacity,
             quota_refill_seconds,
             ratelimit_limit,
             ratelimit_remaining,

@@ -322,7 +322,10 @@ fn passthrough_response(
     *resp.status_mut() = p.status;
     *resp.headers_mut() = p.headers;
     if let Some(host) = prefix {
-        let link = resp.headers().get(header::LINK).and_then(|v| v.to_str().ok());
+        let link = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok());
         if let Some(v) = link.map(|l| l.replace("</v2/", &format!("</v2/{host}/"))) {
             if let Ok(v) = HeaderValue::from_str(&v) {
                 resp.headers_mut().insert(header::LINK, v);

@@ -270,11 +270,15 @@ impl Quota {
     pub fn publish(&self) {
         let snap = self.snapshot();
         let labels = self.labels();
-        if let Some(t) = snap.tokens {
+        if let (Some(t), Some(c)) = (snap.tokens, snap.capacity) {
             self.metrics
                 .quota_tokens
                 .get_or_create(&labels)
                 .set(t as i64);
+            self.metrics
+                .quota_capacity
+                .get_or_create(&labels)
+                .set(c as i64);
         }
         self.metrics
             .quota_refill_seconds

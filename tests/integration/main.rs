@@ -15,3 +15,4 @@ mod herd;
 mod ops;
 mod pull;
 mod quota;
+mod status_page;
