@@ -39,8 +39,7 @@ pub fn build(config: &Config) -> Result<App, String> {
         .store_max_bytes
         .set(config.storage.max_size.as_u64() as i64);
     let upstreams = Upstreams::from_config(config, metrics.clone()).map_err(|e| e.to_string())?;
-    let store = Store::open(&config.storage.root)
-        .map_err(|e| format!("storage.root {}: {e}", config.storage.root.display()))?;
+    let store = open_store(config)?;
     let admin_token = match &config.server.admin_token_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -68,6 +67,16 @@ pub fn build(config: &Config) -> Result<App, String> {
             .map(|w| w.platforms.clone())
             .unwrap_or_default(),
     })
+}
+
+/// Opens the configured store (taking its lock) with its size limits.
+pub fn open_store(config: &Config) -> Result<Store, String> {
+    let limits = store::Limits {
+        max_bytes: config.storage.max_size.as_u64(),
+        min_free: config.storage.min_free.map(|m| m.as_u64()),
+    };
+    Store::open_with(&config.storage.root, limits)
+        .map_err(|e| format!("storage.root {}: {e}", config.storage.root.display()))
 }
 
 /// Runs berth until SIGTERM or SIGINT, then drains in-flight requests.
@@ -106,6 +115,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
             "no server.admin_token_file: POST/DELETE /admin/* are open to anyone who reaches the admin port");
     }
     tokio::spawn(sample_history(app.clone()));
+    tokio::spawn(keep_within_limits(app.clone()));
     if let Some(warm) = config.warm.clone() {
         tokio::spawn(keep_warm(app.clone(), warm));
     }
@@ -138,6 +148,31 @@ pub async fn serve(config: Config) -> Result<(), String> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Evicts in the background when the store passes its high watermark (checked every
+/// 2 s, a load of one atomic), and writes batched access times every 30 s.
+async fn keep_within_limits(app: Arc<App>) {
+    let store = app.proxy.store().clone();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    let mut ticks = 0u32;
+    loop {
+        tick.tick().await;
+        ticks = ticks.wrapping_add(1);
+        if ticks.is_multiple_of(15) {
+            if let Err(e) = store.flush_touches().await {
+                tracing::warn!(error = %e, "could not record access times");
+            }
+        }
+        if store.over_limits() {
+            match store.evict(None).await {
+                Ok(done) => {
+                    app.metrics.store_evictions.inc_by(done.blobs);
+                }
+                Err(e) => tracing::error!(error = %e, "eviction failed"),
+            }
+        }
+    }
 }
 
 /// One status-page sample a minute (the first at start).

@@ -68,6 +68,20 @@ enum Command {
         #[arg(required = true)]
         images: Vec<String>,
     },
+    /// Offline: evict least recently used blobs until the store is under a size
+    /// (berth must be stopped; it holds the store's lock).
+    Gc {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Target size, e.g. 10GiB (default: the low watermark of storage.max_size).
+        #[arg(long)]
+        to: Option<bytesize::ByteSize>,
+    },
+    /// Offline: re-hash every stored blob; report and remove any that fail.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -135,6 +149,54 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             })
         }),
+        Command::Gc { config, to } => run_client(async move {
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let store = berth::open_store(&config)?;
+            let before = store.used_bytes();
+            let done = store
+                .evict(Some(to.map_or(
+                    (config.storage.max_size.as_u64() as f64 * 0.85) as u64,
+                    |t| t.as_u64(),
+                )))
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "evicted {} blobs ({}); store {} -> {}",
+                done.blobs,
+                bytesize::ByteSize(done.bytes),
+                bytesize::ByteSize(before),
+                bytesize::ByteSize(store.used_bytes())
+            );
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Verify { config } => {
+            let result = Config::load(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|c| berth::open_store(&c))
+                .and_then(|store| store.verify().map_err(|e| e.to_string()));
+            match result {
+                Ok(report) => {
+                    println!(
+                        "checked {} blobs ({}); {} failed and were removed",
+                        report.checked,
+                        bytesize::ByteSize(report.bytes),
+                        report.removed.len()
+                    );
+                    for bad in &report.removed {
+                        println!("removed {bad}");
+                    }
+                    if report.removed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Version => {
             println!("berth {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -117,6 +117,43 @@ impl Index {
         txn.commit().map_err(io)
     }
 
+    /// Records last-access times in one transaction (hits are batched, not written each).
+    pub fn touch_many(&self, touches: &[(Digest, u64)]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut blobs = txn.open_table(BLOBS).map_err(io)?;
+            for (d, at) in touches {
+                let key = d.to_string();
+                let size = blobs.get(key.as_str()).map_err(io)?.map(|v| v.value().0);
+                if let Some(size) = size {
+                    blobs.insert(key.as_str(), (size, *at)).map_err(io)?;
+                }
+            }
+        }
+        txn.commit().map_err(io)
+    }
+
+    /// (digest, size, last access) of every blob that may be evicted: not a manifest,
+    /// not pinned. Oldest access first.
+    pub fn eviction_candidates(&self) -> Result<Vec<(String, u64, u64)>> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let blobs = txn.open_table(BLOBS).map_err(io)?;
+        let manifests = txn.open_table(MANIFESTS).map_err(io)?;
+        let pins = txn.open_table(PINS).map_err(io)?;
+        let mut out = Vec::new();
+        for entry in blobs.iter().map_err(io)? {
+            let (k, v) = entry.map_err(io)?;
+            let key = k.value();
+            if manifests.get(key).map_err(io)?.is_some() || pins.get(key).map_err(io)?.is_some() {
+                continue;
+            }
+            let (size, at) = v.value();
+            out.push((key.to_owned(), size, at));
+        }
+        out.sort_by_key(|(_, _, at)| *at);
+        Ok(out)
+    }
+
     pub fn manifest_media_type(&self, digest: &Digest) -> Result<Option<String>> {
         let txn = self.db.begin_read().map_err(io)?;
         let t = txn.open_table(MANIFESTS).map_err(io)?;

@@ -7,18 +7,22 @@
 //! Bytes are written to a temp file while being hashed, verified, fsynced, then renamed
 //! into place; a temp file that is not committed is removed when dropped.
 
-mod index;
+mod evict;
+pub mod index;
 mod temp;
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use evict::{Evicted, Limits, VerifyReport};
+pub use index::Index;
+use index::OpenError;
 pub use index::{now_secs, TagRecord};
-use index::{Index, OpenError};
 pub use temp::TempFile;
 
 use crate::oci::{Digest, Hasher};
@@ -67,6 +71,11 @@ struct Inner {
     index: Index,
     /// Held for the life of the store: one berth per store root.
     _lock: File,
+    limits: Limits,
+    /// Bytes and blobs in the store, kept in step with the index (no scans per scrape).
+    used: AtomicU64,
+    count: AtomicU64,
+    touches: evict::Touches,
 }
 
 /// Runs blocking store work (file syscalls, redb commits) off the async workers.
@@ -81,7 +90,15 @@ async fn blocking<T: Send + 'static>(
 impl Store {
     /// Opens (or creates) the store at `root` and runs start-up recovery: leftover temp
     /// files are removed and the index is reconciled with the files on disk.
+    /// Opens a store without a size cap (tools, tests).
     pub fn open(root: &Path) -> io::Result<Store> {
+        Self::open_with(root, Limits::NONE)
+    }
+
+    /// Opens (or creates) the store at `root` with size `limits`, and runs start-up
+    /// recovery: leftover temp files are removed and the index is reconciled with the
+    /// files on disk.
+    pub fn open_with(root: &Path, limits: Limits) -> io::Result<Store> {
         let tmp = root.join("tmp");
         std::fs::create_dir_all(root.join("blobs"))?;
         std::fs::create_dir_all(&tmp)?;
@@ -123,9 +140,16 @@ impl Store {
                 tmp,
                 index,
                 _lock: lock,
+                limits,
+                used: AtomicU64::new(0),
+                count: AtomicU64::new(0),
+                touches: evict::Touches::default(),
             }),
         };
         store.reconcile()?;
+        let (count, used) = store.inner.index.totals()?;
+        store.inner.used.store(used, Ordering::Relaxed);
+        store.inner.count.store(count, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -193,7 +217,7 @@ impl Store {
     /// never a miss.
     pub async fn open_blob(&self, digest: &Digest) -> io::Result<Option<BlobFile>> {
         let path = self.blob_path(digest);
-        blocking(move || match File::open(&path) {
+        let found = blocking(move || match File::open(&path) {
             Ok(file) => {
                 let size = file.metadata()?.len();
                 Ok(Some(BlobFile {
@@ -204,7 +228,11 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         })
-        .await
+        .await?;
+        if found.is_some() {
+            self.inner.touches.record(digest, now_secs());
+        }
+        Ok(found)
     }
 
     /// Whether a blob file is in place (a metadata lookup, cheap enough to hold a lock over).
@@ -244,7 +272,7 @@ impl Store {
                 media_type,
             })),
             None => {
-                // The file went (evicted or removed by hand): forget it, fetch it again.
+                // The file went (removed by hand): forget it, fetch it again.
                 self.inner.index.remove_blob(&digest.to_string())?;
                 Ok(None)
             }
@@ -312,9 +340,12 @@ impl Store {
         self.inner.index.is_pinned(digest)
     }
 
-    /// (blob count, bytes) as the index knows them.
+    /// (blob count, bytes) in the store.
     pub fn totals(&self) -> io::Result<(u64, u64)> {
-        self.inner.index.totals()
+        Ok((
+            self.inner.count.load(Ordering::Relaxed),
+            self.inner.used.load(Ordering::Relaxed),
+        ))
     }
 
     /// Checks that the store can be written: a temp file is created, synced and removed.
@@ -398,6 +429,9 @@ impl VerifiedBlob {
         let dest = store.blob_path(&self.digest);
         let s = store.clone();
         let mt = media_type.map(str::to_owned);
+        let size = self.size;
+        // A blob already in place (stored again by a racing fill) is not counted twice.
+        let replaced = dest.exists();
         blocking(move || {
             self.file.sync_all()?;
             self.temp.persist(&dest)?;
@@ -405,7 +439,12 @@ impl VerifiedBlob {
                 .index
                 .insert_blob(&self.digest, self.size, mt.as_deref())
         })
-        .await
+        .await?;
+        if !replaced {
+            store.inner.used.fetch_add(size, Ordering::Relaxed);
+            store.inner.count.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 
