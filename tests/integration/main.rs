@@ -10,6 +10,7 @@ mod api;
 mod auth;
 mod bad_input;
 mod common;
+mod eviction;
 mod harness_smoke;
 mod herd;
 mod ops;

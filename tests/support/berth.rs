@@ -49,6 +49,17 @@ impl UpstreamSpec {
     }
 }
 
+/// Extra configuration for a berth under test.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    /// Top-level TOML (tables such as `[client_budgets]`).
+    pub top: String,
+    /// Lines in `[server]`.
+    pub server: String,
+    /// `storage.max_size` (10GiB when unset).
+    pub max_size: Option<String>,
+}
+
 pub struct Berth {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -62,40 +73,51 @@ pub struct Berth {
 impl Berth {
     /// Starts berth with these upstreams; the first is the default upstream.
     pub async fn start(upstreams: &[UpstreamSpec]) -> Berth {
-        Self::start_with(upstreams, "").await
+        Self::start_opts(upstreams, &Extra::default()).await
     }
 
     /// With extra top-level TOML (e.g. a `[client_budgets]` table).
-    pub async fn start_with(upstreams: &[UpstreamSpec], top_extra: &str) -> Berth {
-        let dir = tempfile::tempdir().expect("berth tempdir");
-        let data_dir = dir.path().join("data");
-        Self::start_in(dir, data_dir, upstreams, top_extra, "").await
+    pub async fn start_with(upstreams: &[UpstreamSpec], top: &str) -> Berth {
+        let extra = Extra {
+            top: top.into(),
+            ..Extra::default()
+        };
+        Self::start_opts(upstreams, &extra).await
     }
 
     /// With extra lines in the `[server]` table (e.g. `admin_token_file`).
-    pub async fn start_with_server(upstreams: &[UpstreamSpec], server_extra: &str) -> Berth {
-        let dir = tempfile::tempdir().expect("berth tempdir");
-        let data_dir = dir.path().join("data");
-        Self::start_in(dir, data_dir, upstreams, "", server_extra).await
+    pub async fn start_with_server(upstreams: &[UpstreamSpec], server: &str) -> Berth {
+        let extra = Extra {
+            server: server.into(),
+            ..Extra::default()
+        };
+        Self::start_opts(upstreams, &extra).await
     }
 
-    async fn start_in(
-        dir: tempfile::TempDir,
-        data_dir: PathBuf,
-        upstreams: &[UpstreamSpec],
-        top_extra: &str,
-        server_extra: &str,
-    ) -> Berth {
+    /// With `storage.max_size` set.
+    pub async fn start_with_storage(upstreams: &[UpstreamSpec], max_size: &str) -> Berth {
+        let extra = Extra {
+            max_size: Some(max_size.into()),
+            ..Extra::default()
+        };
+        Self::start_opts(upstreams, &extra).await
+    }
+
+    pub async fn start_opts(upstreams: &[UpstreamSpec], extra: &Extra) -> Berth {
+        let dir = tempfile::tempdir().expect("berth tempdir");
+        let data_dir = dir.path().join("data");
         let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+        let server_extra = &extra.server;
+        let max_size = extra.max_size.as_deref().unwrap_or("10GiB");
         let mut toml = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nshutdown_grace = \"5s\"\n\
              header_read_timeout = \"2s\"\n{server_extra}\n\
-             [storage]\nroot = \"{}\"\nmax_size = \"10GiB\"\n[routing]\ndefault_upstream = \"{}\"\n",
+             [storage]\nroot = \"{}\"\nmax_size = \"{max_size}\"\n[routing]\ndefault_upstream = \"{}\"\n",
             data_dir.display(),
             upstreams[0].host
         );
-        toml.push_str(top_extra);
+        toml.push_str(&extra.top);
         toml.push('\n');
         for u in upstreams {
             let _ = write!(
