@@ -138,6 +138,7 @@ pub struct Metrics {
     pub store_blobs: Gauge,
     pub store_max_bytes: Gauge,
     pub store_evictions: Counter,
+    pub store_full_fills: Counter,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -273,6 +274,12 @@ impl Metrics {
             "Blobs evicted from the store to keep it under its size",
             store_evictions.clone(),
         );
+        let store_full_fills = Counter::default();
+        registry.register(
+            "store_full_fills",
+            "Blob fills that found the store's disk full and passed their bytes through unstored",
+            store_full_fills.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -294,6 +301,7 @@ impl Metrics {
             store_blobs,
             store_max_bytes,
             store_evictions,
+            store_full_fills,
         }
     }
 

@@ -76,10 +76,19 @@ impl Proxy {
                     (f, Outcome::Coalesced)
                 }
             };
+        // Follow before waiting for the start: a follower registered now gets every byte
+        // even if the disk fills up and the fill has to pass them through.
+        let follower = fill.follow().ok_or_else(|| {
+            oci::Error::new(
+                ErrorCode::Unavailable,
+                format!("berth's store is full and {digest} is being passed through to other clients; retry shortly"),
+            )
+            .retry_after(std::time::Duration::from_secs(5))
+        })?;
         let progress = fill.started().await?;
         Ok(BlobAnswer {
             size: progress.total,
-            source: Some(BlobSource::Filling(fill.subscribe())),
+            source: Some(BlobSource::Filling(follower)),
             outcome,
         })
     }

@@ -14,9 +14,9 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use super::fill::{Progress, Status, FOLLOWER_PATIENCE};
+use super::fill::{Follower, Progress, Status, FOLLOWER_PATIENCE};
 use crate::metrics::{Metrics, Source, SourceLabels};
 
 /// Read size for stored blobs: large enough to match nginx's sendfile on one stream.
@@ -27,7 +27,7 @@ const FILL_CHUNK: u64 = 128 * 1024;
 /// Where a blob body's bytes come from.
 pub enum BlobSource {
     Stored(Arc<File>),
-    Filling(watch::Receiver<Progress>),
+    Filling(Follower),
 }
 
 pub struct BlobBody {
@@ -79,8 +79,9 @@ async fn pump(
         if end.is_some_and(|e| pos >= e) {
             // A fill's body ends only once its digest is verified: an empty (or fully
             // sent) range must not look complete while the blob may yet fail.
-            if let BlobSource::Filling(rx) = &mut source {
-                let end_state = rx
+            if let BlobSource::Filling(f) = &mut source {
+                let end_state = f
+                    .progress
                     .wait_for(|p| p.status.complete() || matches!(p.status, Status::Failed(_)))
                     .await
                     .map(|p| p.status.clone());
@@ -98,13 +99,14 @@ async fn pump(
         };
         let (file, avail) = match &mut source {
             BlobSource::Stored(f) => (f.clone(), end.unwrap_or(pos)),
-            BlobSource::Filling(rx) => {
+            BlobSource::Filling(f) => {
                 let waited = tokio::time::timeout(
                     FOLLOWER_PATIENCE,
-                    rx.wait_for(|p| {
+                    f.progress.wait_for(|p| {
                         readable(p) > pos
                             || p.status.complete()
                             || matches!(p.status, Status::Failed(_))
+                            || p.passed_from.is_some_and(|from| pos >= from)
                     }),
                 )
                 .await;
@@ -117,6 +119,15 @@ async fn pump(
                 };
                 if let Status::Failed(e) = &p.status {
                     return fail(slot, &e.message);
+                }
+                if let Some(from) = p.passed_from {
+                    if pos >= from {
+                        // The disk is full: the rest comes through this client's channel.
+                        match pass_through(f, &mut pos, end, slot, &served).await {
+                            Flow::Continue => continue,
+                            Flow::Stop => return,
+                        }
+                    }
                 }
                 let avail = readable(&p);
                 if p.status.complete() && pos >= avail {
@@ -158,6 +169,56 @@ async fn pump(
         served.inc_by(n as u64);
         pos += n as u64;
         slot.send(Ok(chunk));
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Sends the next bytes a fill passes through (disk full), from the follower's channel.
+async fn pass_through(
+    f: &mut Follower,
+    pos: &mut u64,
+    end: Option<u64>,
+    slot: mpsc::Permit<'_, io::Result<Bytes>>,
+    served: &prometheus_client::metrics::counter::Counter,
+) -> Flow {
+    match f.tail.recv().await {
+        Some((off, bytes)) => {
+            let len = bytes.len() as u64;
+            if off + len <= *pos {
+                return Flow::Continue; // already sent from the file
+            }
+            if off > *pos {
+                fail(slot, "the pass-through lost bytes");
+                return Flow::Stop;
+            }
+            let mut data = bytes.slice((*pos - off) as usize..);
+            if let Some(e) = end {
+                data.truncate((e - *pos) as usize);
+            }
+            *pos += data.len() as u64;
+            served.inc_by(data.len() as u64);
+            slot.send(Ok(data));
+            Flow::Continue
+        }
+        None => {
+            // The channel closes once the fill is verified, or when it failed.
+            let status = f.progress.borrow().status.clone();
+            match status {
+                s if s.complete() && end.is_none_or(|e| *pos >= e) => Flow::Stop,
+                Status::Failed(e) => {
+                    fail(slot, &e.message);
+                    Flow::Stop
+                }
+                _ => {
+                    fail(slot, "the blob fill ended unexpectedly");
+                    Flow::Stop
+                }
+            }
+        }
     }
 }
 

@@ -33,6 +33,9 @@ pub enum Status {
     Connecting,
     /// Bytes are arriving.
     Streaming,
+    /// The disk filled up: bytes from offset `from` on go to followers through their
+    /// channels instead of the file. Nothing will be stored.
+    PassThrough { from: u64 },
     /// Every byte arrived and matches the digest; being made durable.
     Verified,
     /// Verified and stored.
@@ -50,12 +53,37 @@ pub struct Progress {
     pub total: Option<u64>,
     /// The read-only handle clients read from (set once streaming starts).
     pub reader: Option<Arc<File>>,
+    /// Where the disk filled up: bytes from here on come through followers' channels.
+    /// Kept after the fill ends, so followers still reading know where to look.
+    pub passed_from: Option<u64>,
 }
 
 pub struct Fill {
     /// The repository the fill was started for (cross-repository checks).
     pub repository: Repository,
     progress: watch::Receiver<Progress>,
+    tails: Arc<Mutex<Tails>>,
+}
+
+/// The channels a fill passes bytes through if the disk fills up. Every follower has one
+/// from the start (an empty channel costs nothing), so none misses a byte at the switch.
+struct Tails {
+    /// False once the fill passes through: a client arriving later cannot catch up.
+    open: bool,
+    senders: Vec<mpsc::Sender<(u64, Bytes)>>,
+}
+
+/// A follower that takes no byte of a pass-through for this long is dropped.
+const SLOW_FOLLOWER: Duration = Duration::from_secs(30);
+
+/// How many chunks a follower's pass-through channel holds: the fill waits for the
+/// slowest follower beyond that (backpressure, not unbounded memory).
+const TAIL_CHUNKS: usize = 16;
+
+/// A client's view of a fill: its progress, and its pass-through channel.
+pub struct Follower {
+    pub progress: watch::Receiver<Progress>,
+    pub tail: mpsc::Receiver<(u64, Bytes)>,
 }
 
 impl Status {
@@ -68,6 +96,21 @@ impl Status {
 impl Fill {
     pub fn subscribe(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
+    }
+
+    /// Follows the fill; `None` when it already passes bytes through (disk full), which a
+    /// client that was not there from the switch cannot follow.
+    pub fn follow(&self) -> Option<Follower> {
+        let mut tails = self.tails.lock().unwrap_or_else(|p| p.into_inner());
+        if !tails.open {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(TAIL_CHUNKS);
+        tails.senders.push(tx);
+        Some(Follower {
+            progress: self.progress.clone(),
+            tail: rx,
+        })
     }
 
     /// Waits until the fill streams (or has finished), or returns why it never will.
@@ -127,8 +170,14 @@ impl Fills {
             written: 0,
             total: None,
             reader: None,
+            passed_from: None,
         });
+        let tails = Arc::new(Mutex::new(Tails {
+            open: true,
+            senders: Vec::new(),
+        }));
         let fill = Arc::new(Fill {
+            tails: tails.clone(),
             repository: repository.clone(),
             progress: rx,
         });
@@ -139,6 +188,7 @@ impl Fills {
             repository: repository.clone(),
             digest: digest.clone(),
             tx: Arc::new(tx),
+            tails,
             metrics: metrics.clone(),
         };
         let map_handle = self.map.clone();
@@ -160,6 +210,7 @@ struct FillTask {
     repository: Repository,
     digest: Digest,
     tx: Arc<watch::Sender<Progress>>,
+    tails: Arc<Mutex<Tails>>,
     metrics: Arc<Metrics>,
 }
 
@@ -251,16 +302,54 @@ impl FillTask {
         // the bounded channel keeps memory per fill to a few chunks.
         let (chunks, mut incoming) = mpsc::channel::<Bytes>(16);
         let progress = self.tx.clone();
+        let tails = self.tails.clone();
+        let store = self.store.clone();
         let disk = tokio::task::spawn_blocking(move || {
+            let mut passing: Option<PassThrough> = None;
+            let mut offset = 0u64;
             while let Some(chunk) = incoming.blocking_recv() {
-                writer.write_blocking(&chunk)?;
-                let written = writer.written();
-                progress.send_modify(|p| p.written = written);
+                let at = offset;
+                offset += chunk.len() as u64;
+                if let Some(pass) = passing.as_mut() {
+                    writer.hash_only(&chunk);
+                    pass.forward(at, chunk);
+                    continue;
+                }
+                match writer.try_write_blocking(&chunk) {
+                    Ok(()) => {
+                        let written = writer.written();
+                        progress.send_modify(|p| p.written = written);
+                    }
+                    Err((done, e)) if is_disk_full(&e) => {
+                        // Switch under the tails lock: every follower registered so far
+                        // gets every byte from here on; later clients are turned away.
+                        let from = at + done as u64;
+                        let senders = {
+                            let mut t = tails.lock().unwrap_or_else(|p| p.into_inner());
+                            t.open = false;
+                            std::mem::take(&mut t.senders)
+                        };
+                        let written = writer.written();
+                        progress.send_modify(|p| {
+                            p.written = written;
+                            p.status = Status::PassThrough { from };
+                            p.passed_from = Some(from);
+                        });
+                        store.note_disk_full();
+                        let rest = chunk.slice(done..);
+                        writer.hash_only(&rest);
+                        passing = Some(PassThrough {
+                            senders,
+                            held: Some((from, rest)),
+                        });
+                    }
+                    Err((_, e)) => return Err(e),
+                }
             }
-            Ok::<_, std::io::Error>(writer)
+            Ok::<_, std::io::Error>((writer, passing))
         });
         let streamed = self.stream(chunks, reader).await;
-        let writer = match disk.await {
+        let (writer, passing) = match disk.await {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => return Err(self.internal("writing", e)),
             Err(e) => return Err(self.internal("writer thread", e)),
@@ -280,6 +369,15 @@ impl FillTask {
             }
             Err(CommitError::Io(e)) => return Err(self.internal("verifying", e)),
         };
+        if let Some(pass) = passing {
+            // Verified: release the held last chunk, then let the channels close.
+            self.metrics.store_full_fills.inc();
+            let pass = pass.release_last().await;
+            self.tx.send_modify(|p| p.status = Status::Verified);
+            // Only now do the channels close: a follower seeing the end sees it verified.
+            drop(pass);
+            return Ok(());
+        }
         // Clients get their last byte now; durability is berth's business, not theirs.
         self.tx.send_modify(|p| p.status = Status::Verified);
         verified
@@ -366,6 +464,56 @@ impl FillTask {
             tracing::info!(digest = %self.digest, at = received, cause = %cut,
                 "upstream transfer cut; resuming with a range request");
         }
+    }
+}
+
+/// ENOSPC or EDQUOT: the disk (or the quota on it) is full.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28) | Some(122)) || e.kind() == std::io::ErrorKind::StorageFull
+}
+
+/// A fill passing its bytes through: the followers' channels, and the last chunk, held
+/// until the digest is verified.
+struct PassThrough {
+    senders: Vec<mpsc::Sender<(u64, Bytes)>>,
+    held: Option<(u64, Bytes)>,
+}
+
+impl PassThrough {
+    /// Sends the held chunk to every follower and holds `chunk` instead. The slowest
+    /// follower paces the fill; one that takes nothing for [`SLOW_FOLLOWER`] is dropped
+    /// (its transfer aborts) so it cannot stall the others. Followers that left are dropped.
+    fn forward(&mut self, at: u64, chunk: Bytes) {
+        if let Some((off, bytes)) = self.held.replace((at, chunk)) {
+            self.senders.retain(|s| {
+                let started = std::time::Instant::now();
+                let mut item = (off, bytes.clone());
+                loop {
+                    match s.try_send(item) {
+                        Ok(()) => return true,
+                        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                        Err(mpsc::error::TrySendError::Full(back)) => {
+                            if started.elapsed() > SLOW_FOLLOWER {
+                                return false;
+                            }
+                            item = back;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// After verification: the last chunk goes out. Dropping what this returns ends the
+    /// followers' channels.
+    async fn release_last(mut self) -> Self {
+        if let Some((off, bytes)) = self.held.take() {
+            for s in &self.senders {
+                let _ = s.send((off, bytes.clone())).await;
+            }
+        }
+        self
     }
 }
 

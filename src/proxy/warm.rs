@@ -112,8 +112,11 @@ impl Proxy {
         digest: &Digest,
     ) -> Result<(), oci::Error> {
         let answer = self.blob(up, repo, digest, false).await?;
-        if let Some(BlobSource::Filling(mut progress)) = answer.source {
-            let end = progress
+        if let Some(BlobSource::Filling(mut follower)) = answer.source {
+            // Warming reads no bytes: a pass-through (disk full) must not wait for it.
+            drop(follower.tail);
+            let end = follower
+                .progress
                 .wait_for(|p| matches!(p.status, FillStatus::Done | FillStatus::Failed(_)))
                 .await
                 .map(|p| p.status.clone());

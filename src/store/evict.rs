@@ -77,6 +77,9 @@ impl Store {
 
     /// Whether the store is over its high watermark or short of free space.
     pub fn over_limits(&self) -> bool {
+        if self.inner.disk_full.load(Ordering::Relaxed) {
+            return true;
+        }
         let limits = self.inner.limits;
         let high = (limits.max_bytes as f64 * HIGH_WATERMARK) as u64;
         self.used_bytes() > high
@@ -95,7 +98,11 @@ impl Store {
 
     fn evict_blocking(&self, target: Option<u64>) -> io::Result<Evicted> {
         let limits = self.inner.limits;
-        let goal = target.unwrap_or((limits.max_bytes as f64 * LOW_WATERMARK) as u64);
+        let mut goal = target.unwrap_or((limits.max_bytes as f64 * LOW_WATERMARK) as u64);
+        // A full disk (smaller than max_size, or shared): free a tenth of what is stored.
+        if self.inner.disk_full.swap(false, Ordering::Relaxed) {
+            goal = goal.min((self.used_bytes() as f64 * 0.9) as u64);
+        }
         let short_of_space = || {
             limits
                 .min_free

@@ -76,6 +76,8 @@ struct Inner {
     used: AtomicU64,
     count: AtomicU64,
     touches: evict::Touches,
+    /// Set by a write that hit a full disk; cleared when eviction has run.
+    disk_full: std::sync::atomic::AtomicBool,
 }
 
 /// Runs blocking store work (file syscalls, redb commits) off the async workers.
@@ -144,6 +146,7 @@ impl Store {
                 used: AtomicU64::new(0),
                 count: AtomicU64::new(0),
                 touches: evict::Touches::default(),
+                disk_full: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         store.reconcile()?;
@@ -348,6 +351,15 @@ impl Store {
         ))
     }
 
+    /// A write failed for lack of space: log it (once until a blob is stored again) and
+    /// let the evictor make room.
+    pub fn note_disk_full(&self) {
+        if !self.inner.disk_full.swap(true, Ordering::Relaxed) {
+            tracing::error!(root = %self.inner.root.display(),
+                "the store's disk is full: fills pass their bytes through without storing them; evicting");
+        }
+    }
+
     /// Checks that the store can be written: a temp file is created, synced and removed.
     pub async fn probe_writable(&self) -> io::Result<()> {
         let tmp = self.inner.tmp.clone();
@@ -393,10 +405,36 @@ impl BlobWriter {
     /// Appends and hashes `chunk`. Blocking: call it from a blocking thread. When this
     /// returns, the bytes are visible to readers of the temp file.
     pub fn write_blocking(&mut self, chunk: &[u8]) -> io::Result<()> {
-        (&*self.file).write_all(chunk)?;
-        self.hasher.update(chunk);
-        self.written += chunk.len() as u64;
-        Ok(())
+        self.try_write_blocking(chunk).map_err(|(_, e)| e)
+    }
+
+    /// Like [`Self::write_blocking`], but on failure says how many bytes of `chunk`
+    /// reached the file (and were hashed), so a fill can pass the rest through.
+    pub fn try_write_blocking(&mut self, chunk: &[u8]) -> Result<(), (usize, io::Error)> {
+        let mut done = 0;
+        let failure = loop {
+            if done == chunk.len() {
+                break None;
+            }
+            match (&*self.file).write(&chunk[done..]) {
+                Ok(0) => break Some(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(e),
+            }
+        };
+        self.hasher.update(&chunk[..done]);
+        self.written += done as u64;
+        match failure {
+            None => Ok(()),
+            Some(e) => Err((done, e)),
+        }
+    }
+
+    /// Hashes bytes that are passed to clients without being stored (the disk is full):
+    /// the blob is still verified before its last byte goes out.
+    pub fn hash_only(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
     }
 
     /// Checks the bytes against the digest. Cheap: they were hashed as they came.

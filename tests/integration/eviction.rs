@@ -79,3 +79,78 @@ async fn the_least_recently_used_goes_first_and_the_cap_holds() {
     settle().await;
     assert_store_consistent(data).await;
 }
+
+/// Issue 6, test 5: a store on a 64 MiB tmpfs; a 100 MiB blob is still delivered whole
+/// (passed through once the disk is full), nothing partial is left, and it is said once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_passes_the_blob_through() {
+    let registry = Registry::start(RegistryOptions::default()).await;
+    let front = Front::start(&registry.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let status = std::process::Command::new(crate::support::require_tool("mount"))
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs (the tests run as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let extra = crate::support::berth::Extra {
+        data_dir: Some(mnt.join("data")),
+        ..Default::default()
+    };
+    let berth = Berth::start_opts(&[UpstreamSpec::docker_hub(&front.url())], &extra).await;
+    let w = World {
+        registry,
+        front,
+        berth,
+        dir,
+    };
+    let img = w.push_image("library/huge", "v1", &[100 * MIB], 300).await;
+    let (layer, size) = img.layers[0].clone();
+    // Two clients at once: both get every byte.
+    let url = format!("{}/v2/library/huge/blobs/{layer}", w.berth.url());
+    let fetch = || async {
+        let r = get(&url, false).await;
+        assert_eq!(r.status(), 200);
+        r.bytes()
+            .await
+            .unwrap_or_else(|e| panic!("the whole body: {e}\nberth log:\n{}", w.berth.log()))
+    };
+    let (a, b) = tokio::join!(fetch(), fetch());
+    for body in [a, b] {
+        assert_eq!(body.len() as u64, size);
+        assert_eq!(sha256_digest(&body), layer);
+    }
+    let data = w.berth.data_dir();
+    assert!(!is_stored(data, &layer), "nothing that large fits");
+    assert_store_consistent(data).await;
+    assert_eq!(w.berth.metric("berth_store_full_fills_total").await, 1.0);
+    assert_eq!(
+        w.berth.log().matches("disk is full").count(),
+        1,
+        "said once"
+    );
+    // berth is still healthy and serves smaller things.
+    let small = w.push_image("library/small", "v1", &[MIB], 301).await;
+    let r = get(
+        &format!(
+            "{}/v2/library/small/blobs/{}",
+            w.berth.url(),
+            small.layers[0].0
+        ),
+        false,
+    )
+    .await;
+    assert_eq!(sha256_digest(&r.bytes().await.unwrap()), small.layers[0].0);
+}

@@ -58,6 +58,8 @@ pub struct Extra {
     pub server: String,
     /// `storage.max_size` (10GiB when unset).
     pub max_size: Option<String>,
+    /// `storage.root` (a temp dir when unset), e.g. on a small tmpfs.
+    pub data_dir: Option<PathBuf>,
 }
 
 pub struct Berth {
@@ -105,7 +107,10 @@ impl Berth {
 
     pub async fn start_opts(upstreams: &[UpstreamSpec], extra: &Extra) -> Berth {
         let dir = tempfile::tempdir().expect("berth tempdir");
-        let data_dir = dir.path().join("data");
+        let data_dir = extra
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
         let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let server_extra = &extra.server;
