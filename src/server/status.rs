@@ -57,32 +57,8 @@ pub struct StoreStatus {
 pub struct UpstreamStatus {
     pub host: String,
     pub url: String,
-    pub quota: QuotaView,
+    pub quota: QuotaSnapshot,
     pub last_error: Option<LastError>,
-}
-
-/// [`QuotaSnapshot`] as JSON (and back, for `berth status`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct QuotaView {
-    pub tokens: Option<u64>,
-    pub capacity: Option<u64>,
-    pub header_limit: Option<u64>,
-    pub header_remaining: Option<u64>,
-    pub cooldown_seconds: u64,
-    pub refill_seconds: u64,
-}
-
-impl From<QuotaSnapshot> for QuotaView {
-    fn from(q: QuotaSnapshot) -> Self {
-        QuotaView {
-            tokens: q.tokens,
-            capacity: q.capacity,
-            header_limit: q.header_limit,
-            header_remaining: q.header_remaining,
-            cooldown_seconds: q.cooldown_seconds,
-            refill_seconds: q.refill_seconds,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,7 +149,7 @@ pub fn status(app: &App) -> Status {
         .map(|u| UpstreamStatus {
             host: u.host().to_owned(),
             url: u.url_str().to_owned(),
-            quota: u.quota().snapshot().into(),
+            quota: u.quota().snapshot(),
             last_error: u
                 .last_error()
                 .map(|(message, unix)| LastError { message, unix }),

@@ -174,47 +174,36 @@ impl Store {
     /// Blocking and slow by nature: for `berth verify`, with berth stopped.
     pub fn verify(&self) -> io::Result<VerifyReport> {
         let mut report = VerifyReport::default();
-        let root = self.inner.root.join("blobs");
-        for algo in std::fs::read_dir(&root)? {
-            let algo = algo?;
-            for prefix in std::fs::read_dir(algo.path())? {
-                for file in std::fs::read_dir(prefix?.path())? {
-                    let file = file?;
-                    let name = format!(
-                        "{}:{}",
-                        algo.file_name().to_string_lossy(),
-                        file.file_name().to_string_lossy()
-                    );
-                    let ok = match Digest::parse(&name) {
-                        Ok(digest) => {
-                            let mut hasher = digest.hasher();
-                            let mut f = std::fs::File::open(file.path())?;
-                            let mut buf = vec![0u8; 1 << 20];
-                            loop {
-                                let n = std::io::Read::read(&mut f, &mut buf)?;
-                                if n == 0 {
-                                    break;
-                                }
-                                hasher.update(&buf[..n]);
-                                report.bytes += n as u64;
-                            }
-                            hasher.finish() == digest
+        self.for_each_blob_file(|name, path| {
+            let ok = match Digest::parse(name) {
+                Ok(digest) => {
+                    let mut hasher = digest.hasher();
+                    let mut f = std::fs::File::open(path)?;
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let n = std::io::Read::read(&mut f, &mut buf)?;
+                        if n == 0 {
+                            break;
                         }
-                        Err(_) => false,
-                    };
-                    report.checked += 1;
-                    if !ok {
-                        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-                        std::fs::remove_file(file.path())?;
-                        if self.inner.index.has_blob(&name)? {
-                            self.inner.index.remove_blob(&name)?;
-                            self.account_removed(size);
-                        }
-                        report.removed.push(name);
+                        hasher.update(&buf[..n]);
+                        report.bytes += n as u64;
                     }
+                    hasher.finish() == digest
                 }
+                Err(_) => false,
+            };
+            report.checked += 1;
+            if !ok {
+                let size = path.metadata().map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(path)?;
+                if self.inner.index.has_blob(name)? {
+                    self.inner.index.remove_blob(name)?;
+                    self.account_removed(size);
+                }
+                report.removed.push(name.to_owned());
             }
-        }
+            Ok(())
+        })?;
         Ok(report)
     }
 }

@@ -185,8 +185,33 @@ impl Store {
             }
         }
         let mut adopted = 0;
-        let blobs = self.inner.root.join("blobs");
-        for algo in std::fs::read_dir(&blobs)? {
+        self.for_each_blob_file(|name, path| {
+            let Ok(digest) = Digest::parse(name) else {
+                tracing::warn!(path = %path.display(), "ignoring a file that is not named by a digest");
+                return Ok(());
+            };
+            if index.has_blob(name)? {
+                return Ok(());
+            }
+            let size = path.metadata()?.len();
+            let media_type = sniff_manifest_media_type(path, size);
+            index.insert_blob(&digest, size, media_type.as_deref())?;
+            adopted += 1;
+            Ok(())
+        })?;
+        if dropped + adopted > 0 {
+            tracing::info!(dropped, adopted, "index reconciled with the blob files");
+        }
+        Ok(())
+    }
+
+    /// Calls `f(name, path)` for every file in the blob tree, `name` being what the file
+    /// claims to be (`sha256:<hex>`, unchecked).
+    fn for_each_blob_file(
+        &self,
+        mut f: impl FnMut(&str, &Path) -> io::Result<()>,
+    ) -> io::Result<()> {
+        for algo in std::fs::read_dir(self.inner.root.join("blobs"))? {
             let algo = algo?;
             for prefix in std::fs::read_dir(algo.path())? {
                 for file in std::fs::read_dir(prefix?.path())? {
@@ -196,22 +221,9 @@ impl Store {
                         algo.file_name().to_string_lossy(),
                         file.file_name().to_string_lossy()
                     );
-                    let Ok(digest) = Digest::parse(&name) else {
-                        tracing::warn!(path = %file.path().display(), "ignoring a file that is not named by a digest");
-                        continue;
-                    };
-                    if index.has_blob(&name)? {
-                        continue;
-                    }
-                    let size = file.metadata()?.len();
-                    let media_type = sniff_manifest_media_type(&file.path(), size);
-                    index.insert_blob(&digest, size, media_type.as_deref())?;
-                    adopted += 1;
+                    f(&name, &file.path())?;
                 }
             }
-        }
-        if dropped + adopted > 0 {
-            tracing::info!(dropped, adopted, "index reconciled with the blob files");
         }
         Ok(())
     }

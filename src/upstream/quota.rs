@@ -44,7 +44,7 @@ struct Size {
 }
 
 /// The bucket as the status page shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QuotaSnapshot {
     /// Tokens left; `None` when unlimited.
     pub tokens: Option<u64>,
