@@ -17,3 +17,4 @@ mod ops;
 mod pull;
 mod quota;
 mod status_page;
+mod storage;
