@@ -259,17 +259,6 @@ impl FillTask {
         match result {
             Ok(()) => {
                 self.tx.send_modify(|p| p.status = Status::Done);
-                if let Err(e) = self
-                    .store
-                    .link(
-                        self.upstream.host(),
-                        self.repository.as_str(),
-                        vec![self.digest.clone()],
-                    )
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not record the blob's repository link");
-                }
             }
             Err(e) => {
                 tracing::warn!(upstream = self.upstream.host(), repository = %self.repository,
@@ -380,8 +369,12 @@ impl FillTask {
         }
         // Clients get their last byte now; durability is berth's business, not theirs.
         self.tx.send_modify(|p| p.status = Status::Verified);
+        let link = (
+            self.upstream.host().to_owned(),
+            self.repository.as_str().to_owned(),
+        );
         verified
-            .persist(&self.store, None)
+            .persist_linked(&self.store, None, Some(link))
             .await
             .map_err(|e| self.internal("committing", e))
     }

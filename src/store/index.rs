@@ -23,6 +23,15 @@ const LINKS: TableDefinition<&str, ()> = TableDefinition::new("links");
 /// digest → unix seconds when pinned (warm list): never evicted.
 const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins");
 
+/// A blob to record: its size, its media type if it is a manifest, and the
+/// (upstream, repository) it was fetched for.
+pub struct NewBlob<'a> {
+    pub digest: &'a Digest,
+    pub size: u64,
+    pub media_type: Option<&'a str>,
+    pub link: Option<(&'a str, &'a str)>,
+}
+
 /// What berth knows of a tag: which manifest it pointed at, and since when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {
@@ -104,14 +113,34 @@ impl Index {
     }
 
     pub fn insert_blob(&self, digest: &Digest, size: u64, media_type: Option<&str>) -> Result<()> {
-        let key = digest.to_string();
+        self.insert_blobs(&[NewBlob {
+            digest,
+            size,
+            media_type,
+            link: None,
+        }])
+    }
+
+    /// Records blobs (and, for each, the repository it was fetched for) in one
+    /// transaction: a stored blob and its link land together or not at all.
+    pub fn insert_blobs(&self, new: &[NewBlob<'_>]) -> Result<()> {
         let txn = self.db.begin_write().map_err(io)?;
         {
             let mut blobs = txn.open_table(BLOBS).map_err(io)?;
-            blobs.insert(key.as_str(), (size, now_secs())).map_err(io)?;
-            if let Some(mt) = media_type {
-                let mut manifests = txn.open_table(MANIFESTS).map_err(io)?;
-                manifests.insert(key.as_str(), mt).map_err(io)?;
+            let mut manifests = txn.open_table(MANIFESTS).map_err(io)?;
+            let mut links = txn.open_table(LINKS).map_err(io)?;
+            let now = now_secs();
+            for b in new {
+                let key = b.digest.to_string();
+                blobs.insert(key.as_str(), (b.size, now)).map_err(io)?;
+                if let Some(mt) = b.media_type {
+                    manifests.insert(key.as_str(), mt).map_err(io)?;
+                }
+                if let Some((upstream, repository)) = b.link {
+                    links
+                        .insert(link_key(upstream, repository, b.digest).as_str(), ())
+                        .map_err(io)?;
+                }
             }
         }
         txn.commit().map_err(io)

@@ -124,6 +124,12 @@ impl Store {
             tracing::info!(removed, "removed temp files left by an earlier run");
         }
         let index_path = root.join("index.redb");
+        if !index_path.exists() && root.join("blobs").read_dir()?.next().is_some() {
+            tracing::warn!(
+                "the index is missing: rebuilding it from the blob files (tags and repository \
+                 links are lost; tags are fetched again, links confirmed with upstream HEADs)"
+            );
+        }
         let index = match Index::open(&index_path) {
             Ok(index) => index,
             Err(OpenError::Corrupted(m)) => {
@@ -184,7 +190,24 @@ impl Store {
                 dropped += 1;
             }
         }
+        // Files without an entry are adopted in batches: one durable transaction per
+        // 10,000 files, not per file (a rebuild of 100k blobs would take 15 s otherwise).
         let mut adopted = 0;
+        let mut batch: Vec<(Digest, u64, Option<String>)> = Vec::new();
+        let flush = |batch: &mut Vec<(Digest, u64, Option<String>)>| -> io::Result<()> {
+            let new: Vec<_> = batch
+                .iter()
+                .map(|(digest, size, mt)| index::NewBlob {
+                    digest,
+                    size: *size,
+                    media_type: mt.as_deref(),
+                    link: None,
+                })
+                .collect();
+            index.insert_blobs(&new)?;
+            batch.clear();
+            Ok(())
+        };
         self.for_each_blob_file(|name, path| {
             let Ok(digest) = Digest::parse(name) else {
                 tracing::warn!(path = %path.display(), "ignoring a file that is not named by a digest");
@@ -194,11 +217,14 @@ impl Store {
                 return Ok(());
             }
             let size = path.metadata()?.len();
-            let media_type = sniff_manifest_media_type(path, size);
-            index.insert_blob(&digest, size, media_type.as_deref())?;
+            batch.push((digest, size, sniff_manifest_media_type(path, size)));
             adopted += 1;
+            if batch.len() >= 10_000 {
+                flush(&mut batch)?;
+            }
             Ok(())
         })?;
+        flush(&mut batch)?;
         if dropped + adopted > 0 {
             tracing::info!(dropped, adopted, "index reconciled with the blob files");
         }
@@ -476,6 +502,17 @@ impl VerifiedBlob {
     /// fsyncs, renames into place and records the blob in the index. `media_type` marks
     /// the blob as a manifest.
     pub async fn persist(self, store: &Store, media_type: Option<&str>) -> io::Result<()> {
+        self.persist_linked(store, media_type, None).await
+    }
+
+    /// Like [`Self::persist`], recording in the same transaction that `(upstream,
+    /// repository)` holds the blob.
+    pub async fn persist_linked(
+        self,
+        store: &Store,
+        media_type: Option<&str>,
+        link: Option<(String, String)>,
+    ) -> io::Result<()> {
         let dest = store.blob_path(&self.digest);
         let s = store.clone();
         let mt = media_type.map(str::to_owned);
@@ -485,9 +522,12 @@ impl VerifiedBlob {
         blocking(move || {
             self.file.sync_all()?;
             self.temp.persist(&dest)?;
-            s.inner
-                .index
-                .insert_blob(&self.digest, self.size, mt.as_deref())
+            s.inner.index.insert_blobs(&[index::NewBlob {
+                digest: &self.digest,
+                size: self.size,
+                media_type: mt.as_deref(),
+                link: link.as_ref().map(|(u, r)| (u.as_str(), r.as_str())),
+            }])
         })
         .await?;
         if !replaced {

@@ -309,8 +309,10 @@ async fn kill_9_during_concurrent_fills_ten_times() {
 }
 
 /// Issue 6, test 4: `index.redb` deleted while berth is stopped. berth rebuilds it from the
-/// blob files and serves every stored blob and manifest by digest, even with the upstream
-/// down. Tags lived only in the index: a tag pull then answers a clear 503.
+/// blob files and serves everything stored without fetching it again: the repository
+/// links went with the index, so each is confirmed once with a (free) upstream HEAD, after
+/// which the content is served with the upstream down too. Tags lived only in the index:
+/// with the upstream down a tag pull answers a clear 503.
 #[tokio::test(flavor = "multi_thread")]
 async fn index_deleted_while_stopped_is_rebuilt() {
     let mut w = World::start("10m").await;
@@ -341,9 +343,29 @@ async fn index_deleted_while_stopped_is_rebuilt() {
     w.berth.restart().await;
     let log = w.berth.log();
     assert!(
-        log.contains("reconciled") || log.contains("adopted"),
+        log.contains("the index is missing") && log.contains("adopted"),
         "berth did not say it rebuilt its index; log:\n{log}"
     );
+    // Everything is served, confirmed with HEADs, fetched never.
+    w.front.clear();
+    for digest in &blobs {
+        let url = format!("{base}/v2/library/app/blobs/{digest}");
+        assert_eq!(fetch_digest(url).await.as_deref(), Ok(digest.as_str()));
+    }
+    let m = get(
+        &format!("{base}/v2/library/app/manifests/{}", img.manifest_digest),
+        false,
+    )
+    .await;
+    assert_eq!(m.status(), 200);
+    assert_eq!(
+        w.front.count("GET", "/blobs/"),
+        0,
+        "{:?}",
+        w.front.content_requests()
+    );
+    assert_eq!(w.front.count("GET", "/manifests/"), 0);
+    assert_eq!(w.front.count("HEAD", "/blobs/"), blobs.len());
     w.registry.stop();
 
     for digest in &blobs {
