@@ -156,3 +156,48 @@ pub async fn warm(
     }
     Ok((out, all_ok))
 }
+
+/// Writes `<out>/<host>/hosts.toml` for each configured upstream (or those in `only`):
+/// berth first for pull and resolve, with a short dial timeout, and the registry itself as
+/// `server`, the fallback containerd uses when berth does not answer.
+pub fn containerd_config(
+    config: &crate::config::Config,
+    endpoint: &str,
+    out: &std::path::Path,
+    only: &[String],
+) -> Result<Vec<std::path::PathBuf>, String> {
+    let url = reqwest::Url::parse(endpoint).map_err(|e| format!("--endpoint {endpoint:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "--endpoint {endpoint:?} must be an http:// or https:// URL"
+        ));
+    }
+    let endpoint = endpoint.trim_end_matches('/');
+    for wanted in only {
+        if !config.upstreams.iter().any(|u| &u.host == wanted) {
+            return Err(format!(
+                "--upstreams: {wanted:?} is not a configured upstream"
+            ));
+        }
+    }
+    let mut written = Vec::new();
+    for u in &config.upstreams {
+        if !only.is_empty() && !only.contains(&u.host) {
+            continue;
+        }
+        let dir = out.join(&u.host);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join("hosts.toml");
+        let text = format!(
+            "# Written by `berth containerd-config`: pull {host} through berth, falling back to\n\
+             # the registry itself when berth does not answer.\n\
+             server = \"{server}\"\n\n\
+             [host.\"{endpoint}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"3s\"\n",
+            host = u.host,
+            server = u.url.trim_end_matches('/'),
+        );
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}

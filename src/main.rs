@@ -82,6 +82,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Write containerd `hosts.toml` files (one directory per upstream) that pull through
+    /// berth, e.g. into /etc/containerd/certs.d.
+    ContainerdConfig {
+        /// berth's pull address as nodes reach it, e.g. http://10.96.0.50:5000
+        #[arg(long)]
+        endpoint: String,
+        /// The directory to write `<host>/hosts.toml` into.
+        #[arg(long)]
+        out: PathBuf,
+        /// The configuration whose upstreams to write (default: the embedded one).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only these upstream hosts (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        upstreams: Vec<String>,
+    },
     /// Print the version.
     Version,
 }
@@ -190,6 +206,31 @@ fn main() -> ExitCode {
                     } else {
                         ExitCode::FAILURE
                     }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::ContainerdConfig {
+            endpoint,
+            out,
+            config,
+            upstreams,
+        } => {
+            let config = match config {
+                Some(path) => Config::load(&path).map_err(|e| e.to_string()),
+                None => Ok(Config::embedded()),
+            };
+            match config
+                .and_then(|c| berth::cli::containerd_config(&c, &endpoint, &out, &upstreams))
+            {
+                Ok(paths) => {
+                    for p in paths {
+                        println!("wrote {}", p.display());
+                    }
+                    ExitCode::SUCCESS
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -16,7 +16,22 @@ async fn containerd_pulls_through_hosts_toml_mirror() {
         .push_image("library/app", "v1", &[MIB, 512 * KIB, 64 * KIB], 1)
         .await;
     let ctrd = Containerd::start().await;
-    let hosts = ctrd.write_hosts("docker.io", &w.berth.url());
+    // The hosts.toml files a node would get: written by `berth containerd-config`.
+    let hosts = ctrd.hosts_dir();
+    let mut cmd = std::process::Command::new(crate::support::berth::binary());
+    cmd.args(["containerd-config", "--endpoint", &w.berth.url(), "--out"])
+        .arg(&hosts)
+        .arg("--config")
+        .arg(&w.berth.config_path)
+        .args(["--upstreams", "docker.io"]);
+    let out = run_with_timeout_async(cmd, Duration::from_secs(20)).await;
+    assert!(out.status.success(), "containerd-config: {}", out.stderr);
+    let written = std::fs::read_to_string(hosts.join("docker.io/hosts.toml")).unwrap();
+    assert!(
+        written.contains(&format!("[host.\"{}\"]", w.berth.url())),
+        "{written}"
+    );
+    assert!(written.contains("dial_timeout"), "{written}");
     let out = ctrd.pull(&hosts, "docker.io/library/app:v1").await;
     assert!(
         out.status.success(),
@@ -40,6 +55,12 @@ async fn containerd_pulls_through_hosts_toml_mirror() {
         "berth log:\n{}",
         w.berth.log()
     );
+    // berth served the layers and the config, not the fallback `server`.
+    let misses = w
+        .berth
+        .metric("berth_requests_total{kind=\"blob\",outcome=\"miss\"}")
+        .await;
+    assert_eq!(misses, (img.layers.len() + 1) as f64);
     // Every layer went upstream exactly once.
     for (digest, _) in &img.layers {
         assert_eq!(
