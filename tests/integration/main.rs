@@ -16,5 +16,6 @@ mod herd;
 mod ops;
 mod pull;
 mod quota;
+mod ship;
 mod status_page;
 mod storage;
