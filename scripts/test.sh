@@ -35,3 +35,4 @@ fi
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --all-targets --locked -- -D warnings
 step test cargo test --locked --all-targets "$@"
+step chart scripts/check-chart.sh

@@ -101,6 +101,12 @@ impl Upstream {
             })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| ConfigError(format!("{at}.ca_file: {e}")))?;
+            if certs.is_empty() {
+                return Err(ConfigError(format!(
+                    "{at}.ca_file: {} holds no PEM certificate",
+                    ca.display()
+                )));
+            }
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
