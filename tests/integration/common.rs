@@ -166,9 +166,20 @@ pub async fn assert_store_consistent(data: &std::path::Path) {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let root = data.join("blobs/sha256");
-    let Ok(prefixes) = std::fs::read_dir(&root) else {
-        return;
+    assert_blobs_hash_to_names(data, "store");
+    let tmp = data.join("tmp");
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        let left: Vec<_> = entries.map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "temp files left behind: {left:?}");
+    }
+}
+
+/// Every file under the blob tree hashes to its name (`when` names the moment, for the
+/// message); returns how many files were checked.
+pub fn assert_blobs_hash_to_names(data: &std::path::Path, when: &str) -> usize {
+    let mut checked = 0;
+    let Ok(prefixes) = std::fs::read_dir(data.join("blobs/sha256")) else {
+        return 0;
     };
     for prefix in prefixes {
         for file in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
@@ -177,14 +188,11 @@ pub async fn assert_store_consistent(data: &std::path::Path) {
             assert_eq!(
                 crate::support::image::sha256_hex(&bytes),
                 file.file_name().to_string_lossy(),
-                "stored file {} does not hash to its name",
+                "{when}: stored file {} does not hash to its name",
                 file.path().display()
             );
+            checked += 1;
         }
     }
-    let tmp = data.join("tmp");
-    if let Ok(entries) = std::fs::read_dir(&tmp) {
-        let left: Vec<_> = entries.map(|e| e.unwrap().file_name()).collect();
-        assert!(left.is_empty(), "temp files left behind: {left:?}");
-    }
+    checked
 }

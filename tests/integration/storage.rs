@@ -55,30 +55,6 @@ fn temp_files(data: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Every file under `<data>/blobs/sha256` hashes to its name. Unlike
-/// `assert_store_consistent` it says nothing of temp files, so it can judge the store a
-/// killed berth left behind, before anything has cleaned up after it.
-fn assert_blobs_hash_to_names(data: &Path, when: &str) -> usize {
-    let mut checked = 0;
-    let Ok(prefixes) = std::fs::read_dir(data.join("blobs/sha256")) else {
-        return 0;
-    };
-    for prefix in prefixes {
-        for file in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
-            let file = file.unwrap();
-            let bytes = std::fs::read(file.path()).unwrap();
-            assert_eq!(
-                crate::support::image::sha256_hex(&bytes),
-                file.file_name().to_string_lossy(),
-                "{when}: stored file {} does not hash to its name",
-                file.path().display()
-            );
-            checked += 1;
-        }
-    }
-    checked
-}
-
 /// Issue 6, test 2: a slow fill of a 128 MiB blob, `kill -9` halfway, restart on the same
 /// store: no temp file remains, the blob pulls whole, the blob stored before is still
 /// served without asking upstream again.
