@@ -80,6 +80,8 @@ async fn pump(
             // A fill's body ends only once its digest is verified: an empty (or fully
             // sent) range must not look complete while the blob may yet fail.
             if let BlobSource::Filling(f) = &mut source {
+                // This client needs nothing more from a pass-through: do not hold it up.
+                f.tail.close();
                 let end_state = f
                     .progress
                     .wait_for(|p| p.status.complete() || matches!(p.status, Status::Failed(_)))
@@ -208,7 +210,16 @@ async fn pass_through(
             // The channel closes once the fill is verified, or when it failed.
             let status = f.progress.borrow().status.clone();
             match status {
-                s if s.complete() && end.is_none_or(|e| *pos >= e) => Flow::Stop,
+                // A clean end only if every byte came: a channel closed early (this client
+                // was dropped as too slow) must abort, not end a chunked body short.
+                s if s.complete()
+                    && f.progress
+                        .borrow()
+                        .total
+                        .is_some_and(|t| *pos >= end.unwrap_or(t).min(t)) =>
+                {
+                    Flow::Stop
+                }
                 Status::Failed(e) => {
                     fail(slot, &e.message);
                     Flow::Stop

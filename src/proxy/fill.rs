@@ -343,7 +343,7 @@ impl FillTask {
             Ok(Err(e)) => return Err(self.internal("writing", e)),
             Err(e) => return Err(self.internal("writer thread", e)),
         };
-        streamed?;
+        let received = streamed?;
         let verified = match writer.verify() {
             Ok(v) => v,
             Err(CommitError::Mismatch { actual }) => {
@@ -359,10 +359,15 @@ impl FillTask {
             Err(CommitError::Io(e)) => return Err(self.internal("verifying", e)),
         };
         if let Some(pass) = passing {
-            // Verified: release the held last chunk, then let the channels close.
+            // Verified: release the held last chunk, then let the channels close. The
+            // length is published first, so a follower whose channel closed early (it
+            // was dropped as too slow) can tell an end from a cut.
             self.metrics.store_full_fills.inc();
             let pass = pass.release_last().await;
-            self.tx.send_modify(|p| p.status = Status::Verified);
+            self.tx.send_modify(|p| {
+                p.total = Some(received);
+                p.status = Status::Verified;
+            });
             // Only now do the channels close: a follower seeing the end sees it verified.
             drop(pass);
             return Ok(());
@@ -385,7 +390,7 @@ impl FillTask {
         &self,
         chunks: mpsc::Sender<Bytes>,
         reader: Arc<File>,
-    ) -> Result<(), oci::Error> {
+    ) -> Result<u64, oci::Error> {
         let up = &self.upstream;
         let mut received = 0u64;
         let mut resumes = 0;
@@ -429,10 +434,10 @@ impl FillTask {
                         received += n;
                         if chunks.send(chunk).await.is_err() {
                             // The writer stopped: its error is reported by the caller.
-                            return Ok(());
+                            return Ok(received);
                         }
                     }
-                    Ok(Ok(None)) if total.is_none_or(|t| received == t) => return Ok(()),
+                    Ok(Ok(None)) if total.is_none_or(|t| received == t) => return Ok(received),
                     Ok(Ok(None)) => break "the body ended early".to_owned(),
                     Ok(Err(e)) => break e.to_string(),
                     Err(_) => {
@@ -478,8 +483,9 @@ impl PassThrough {
     /// (its transfer aborts) so it cannot stall the others. Followers that left are dropped.
     fn forward(&mut self, at: u64, chunk: Bytes) {
         if let Some((off, bytes)) = self.held.replace((at, chunk)) {
+            // One clock for the whole round: several stuck followers cost 30 s, not 30 s each.
+            let started = std::time::Instant::now();
             self.senders.retain(|s| {
-                let started = std::time::Instant::now();
                 let mut item = (off, bytes.clone());
                 loop {
                     match s.try_send(item) {
@@ -503,7 +509,8 @@ impl PassThrough {
     async fn release_last(mut self) -> Self {
         if let Some((off, bytes)) = self.held.take() {
             for s in &self.senders {
-                let _ = s.send((off, bytes.clone())).await;
+                // The same patience as for every other chunk.
+                let _ = tokio::time::timeout(SLOW_FOLLOWER, s.send((off, bytes.clone()))).await;
             }
         }
         self

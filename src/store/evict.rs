@@ -91,7 +91,11 @@ impl Store {
     /// Evicts least recently used blobs until the store is under its low watermark and
     /// has `min_free` space (when it was over its limits), or down to `target` bytes.
     pub async fn evict(&self, target: Option<u64>) -> io::Result<Evicted> {
-        self.flush_touches().await?;
+        // Access times sharpen the order; failing to write them (a full disk) must not
+        // stop the eviction that would make room.
+        if let Err(e) = self.flush_touches().await {
+            tracing::warn!(error = %e, "could not record access times before evicting");
+        }
         let s = self.clone();
         blocking(move || s.evict_blocking(target)).await
     }
