@@ -189,7 +189,11 @@ async fn keep_warm(app: Arc<App>, warm: config::WarmConfig) {
     let mut tick = tokio::time::interval(warm.interval);
     loop {
         tick.tick().await;
-        for report in warm_images(&app, &warm.images).await {
+        for report in app
+            .proxy
+            .warm_images(&app.upstreams, &warm.images, &app.warm_platforms)
+            .await
+        {
             if report.ok {
                 tracing::info!(image = %report.image, digest = report.digest.as_deref().unwrap_or(""),
                     platforms = report.platforms, blobs = report.blobs, "warm");
@@ -199,38 +203,6 @@ async fn keep_warm(app: Arc<App>, warm: config::WarmConfig) {
             }
         }
     }
-}
-
-/// Warms each image (one at a time: warming must not crowd out pulls).
-pub async fn warm_images(app: &App, images: &[String]) -> Vec<proxy::WarmReport> {
-    let mut reports = Vec::with_capacity(images.len());
-    for image in images {
-        let result = async {
-            let r = oci::ImageRef::parse(image)
-                .map_err(|e| oci::Error::new(oci::ErrorCode::NameInvalid, e.to_string()))?;
-            let (up, repo) = app.upstreams.resolve(None, &r.name)?;
-            app.proxy
-                .warm(&up, &repo, &r.reference, &app.warm_platforms)
-                .await
-        }
-        .await;
-        reports.push(match result {
-            Ok(mut report) => {
-                report.image = image.clone();
-                report
-            }
-            Err(e) => proxy::WarmReport {
-                image: image.clone(),
-                ok: false,
-                digest: None,
-                platforms: 0,
-                blobs: 0,
-                bytes: 0,
-                error: Some(e.to_string()),
-            },
-        });
-    }
-    reports
 }
 
 async fn shutdown_signal() {

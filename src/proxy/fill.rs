@@ -31,11 +31,8 @@ const MAX_RESUMES: u32 = 3;
 pub enum Status {
     /// Waiting for the upstream's response headers.
     Connecting,
-    /// Bytes are arriving.
+    /// Bytes are arriving (to the file, or past it once `Progress::passed_from` is set).
     Streaming,
-    /// The disk filled up: bytes from offset `from` on go to followers through their
-    /// channels instead of the file. Nothing will be stored.
-    PassThrough { from: u64 },
     /// Every byte arrived and matches the digest; being made durable.
     Verified,
     /// Verified and stored.
@@ -321,7 +318,6 @@ impl FillTask {
                         let written = writer.written();
                         progress.send_modify(|p| {
                             p.written = written;
-                            p.status = Status::PassThrough { from };
                             p.passed_from = Some(from);
                         });
                         store.note_disk_full();

@@ -141,6 +141,7 @@ impl Proxy {
         client: Option<String>,
     ) -> Result<ManifestAnswer, oci::Error> {
         let key = tag_key(up, repo, tag, accept);
+        let flight_key = key.clone();
         let record = find_tag(&self.store, up, repo, tag, accept)?;
         if let Some(r) = &record {
             let age = now_secs().saturating_sub(r.validated_at);
@@ -157,12 +158,9 @@ impl Proxy {
                 repo.clone(),
                 tag.clone(),
             );
-            async move {
-                this.refresh_tag(&up, &repo, &tag, accept, key.clone())
-                    .await
-            }
+            async move { this.refresh_tag(&up, &repo, &tag, accept, key).await }
         };
-        self.fly(tag_key(up, repo, tag, accept), work).await
+        self.fly(flight_key, work).await
     }
 
     /// Runs `work` once per key however many requests wait on it; followers are counted

@@ -10,8 +10,9 @@ use super::body::BlobSource;
 use super::fill::Status as FillStatus;
 use super::{internal, Proxy};
 use crate::oci::manifest::{Manifest, Platform};
+use crate::oci::ImageRef;
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, Upstreams};
 
 /// What warming one image did.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -40,6 +41,42 @@ fn platform_matches(wanted: &[String], p: Option<&Platform>) -> bool {
 }
 
 impl Proxy {
+    /// Warms each image reference (one at a time: warming must not crowd out pulls) and
+    /// reports on each; a bad reference or unconfigured host is a failed report.
+    pub async fn warm_images(
+        &self,
+        upstreams: &Upstreams,
+        images: &[String],
+        platforms: &[String],
+    ) -> Vec<WarmReport> {
+        let mut reports = Vec::with_capacity(images.len());
+        for image in images {
+            let result = async {
+                let r = ImageRef::parse(image)
+                    .map_err(|e| oci::Error::new(ErrorCode::NameInvalid, e.to_string()))?;
+                let (up, repo) = upstreams.resolve(None, &r.name)?;
+                self.warm(&up, &repo, &r.reference, platforms).await
+            }
+            .await;
+            reports.push(match result {
+                Ok(report) => WarmReport {
+                    image: image.clone(),
+                    ..report
+                },
+                Err(e) => WarmReport {
+                    image: image.clone(),
+                    ok: false,
+                    digest: None,
+                    platforms: 0,
+                    blobs: 0,
+                    bytes: 0,
+                    error: Some(e.to_string()),
+                },
+            });
+        }
+        reports
+    }
+
     /// Fetches `reference` and everything it refers to, then pins it all.
     pub async fn warm(
         &self,

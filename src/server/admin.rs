@@ -122,7 +122,10 @@ async fn warm(app: &App, req: Request<Incoming>) -> Response<Body> {
             )
         }
     };
-    let results = crate::warm_images(app, &request.images).await;
+    let results = app
+        .proxy
+        .warm_images(&app.upstreams, &request.images, &app.warm_platforms)
+        .await;
     json(StatusCode::OK, &serde_json::json!({ "results": results }))
 }
 
