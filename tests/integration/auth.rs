@@ -121,6 +121,26 @@ async fn token_auth_anonymous_configured_and_wrong_credentials() {
     assert!(!log.contains(PASSWORD), "password in the log");
     assert!(!log.contains(&auth), "docker config auth in the log");
     assert!(!log.contains("eyJ"), "a JWT in the log");
+    // Nor the metrics or the status JSON (issue 5).
+    let metrics = berth.metrics().await;
+    let status = crate::support::http()
+        .get(format!("{}/admin/status", berth.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("berth_upstream_requests_total"),
+        "metrics were served"
+    );
+    for (name, text) in [("metrics", &metrics), ("status", &status)] {
+        assert!(!text.contains(PASSWORD), "password in the {name}");
+        assert!(!text.contains(&auth), "docker config auth in the {name}");
+        assert!(!text.contains("eyJ"), "a JWT in the {name}");
+        assert!(!text.contains("alice:"), "user:password in the {name}");
+    }
 }
 
 fn base64_encode(s: &str) -> String {
