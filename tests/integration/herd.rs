@@ -294,3 +294,54 @@ async fn stored_blobs_do_not_leak_across_repositories() {
     );
     assert_eq!(w.front.count("HEAD", "/team/shared/blobs/"), 1);
 }
+
+/// A fill's stall timeout: an upstream that goes quiet mid-blob (connection open, no
+/// bytes) is given up on after `stall_timeout`, and the fill resumes with `Range`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upstream_is_resumed_after_the_stall_timeout() {
+    use crate::support::berth::{Berth, UpstreamSpec};
+    use crate::support::front::Front;
+    use crate::support::registry::{Registry, RegistryOptions};
+    let registry = Registry::start(RegistryOptions::default()).await;
+    let front = Front::start(&registry.url()).await;
+    let berth = Berth::start(&[UpstreamSpec::docker_hub(&front.url()).stall_timeout("1s")]).await;
+    let w = World {
+        registry,
+        front,
+        berth,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let img = w.push_image("library/big", "v1", &[4 * MIB], 77).await;
+    let (layer, size) = img.layers[0].clone();
+    w.front.set_faults(Faults {
+        cut: Some((layer.clone(), size / 2, 1)),
+        stall: true,
+        ..Faults::default()
+    });
+    let started = std::time::Instant::now();
+    let results = fetch_many(
+        &format!("{}/v2/library/big/blobs/{layer}", w.berth.url()),
+        3,
+    )
+    .await;
+    for r in &results {
+        assert_eq!(r.as_deref(), Ok(layer.as_str()));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(20),
+        "the stall was noticed after {waited:?}"
+    );
+    let gets: Vec<_> = w
+        .front
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.contains(&layer))
+        .collect();
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert!(gets[1]
+        .range
+        .as_deref()
+        .is_some_and(|r| r.starts_with("bytes=")));
+    assert!(wait_stored(w.berth.data_dir(), &layer).await);
+}

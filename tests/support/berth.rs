@@ -13,6 +13,8 @@ pub struct UpstreamSpec {
     pub host: String,
     pub url: String,
     pub tag_ttl: String,
+    /// `stall_timeout` for blob fills.
+    pub stall_timeout: String,
     /// Extra TOML lines for the block (credentials, timeouts).
     pub extra: String,
 }
@@ -24,6 +26,7 @@ impl UpstreamSpec {
             host: "docker.io".into(),
             url: url.into(),
             tag_ttl: "10m".into(),
+            stall_timeout: "10s".into(),
             extra: "aliases = [\"registry-1.docker.io\", \"index.docker.io\"]\n".into(),
         }
     }
@@ -33,8 +36,14 @@ impl UpstreamSpec {
             host: host.into(),
             url: url.into(),
             tag_ttl: "10m".into(),
+            stall_timeout: "10s".into(),
             extra: String::new(),
         }
+    }
+
+    pub fn stall_timeout(mut self, t: &str) -> Self {
+        self.stall_timeout = t.into();
+        self
     }
 
     pub fn ttl(mut self, ttl: &str) -> Self {
@@ -128,8 +137,8 @@ impl Berth {
             let _ = write!(
                 toml,
                 "\n[[upstreams]]\nhost = \"{}\"\nurl = \"{}\"\ntag_ttl = \"{}\"\n\
-                 connect_timeout = \"2s\"\nresponse_timeout = \"10s\"\nstall_timeout = \"10s\"\n{}",
-                u.host, u.url, u.tag_ttl, u.extra
+                 connect_timeout = \"2s\"\nresponse_timeout = \"10s\"\nstall_timeout = \"{}\"\n{}",
+                u.host, u.url, u.tag_ttl, u.stall_timeout, u.extra
             );
         }
         let config_path = dir.path().join("berth.toml");

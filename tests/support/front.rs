@@ -41,6 +41,9 @@ pub struct Seen {
 pub struct Faults {
     /// Cut blob bodies whose path contains `.0` after `.1` bytes, the next `.2` times.
     pub cut: Option<(String, u64, u32)>,
+    /// At the `cut` point, go quiet (keep the connection open, send nothing for up to a
+    /// minute) instead of breaking the connection: a stalled upstream.
+    pub stall: bool,
     /// Flip one byte in the middle of bodies whose path contains this.
     pub corrupt: Option<String>,
     /// Drop the `Range` header (a registry that cannot resume).
@@ -270,6 +273,7 @@ impl State {
         let half = resp.content_length().map(|n| n / 2);
         let (tx, rx) = mpsc::channel(4);
         let throttle = faults.throttle;
+        let stall = faults.stall;
         tokio::spawn(async move {
             let mut resp = resp;
             let mut sent = 0u64;
@@ -288,6 +292,12 @@ impl State {
                     if sent + chunk.len() as u64 >= at {
                         chunk.truncate((at - sent) as usize);
                         let _ = tx.send(Ok(Bytes::from(chunk))).await;
+                        if stall {
+                            // Silent until the client gives up (bounded: a minute).
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(60), tx.closed()).await;
+                            return;
+                        }
                         let _ = tx
                             .send(Err(std::io::Error::other("cut by the test harness")))
                             .await;
