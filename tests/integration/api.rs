@@ -243,3 +243,36 @@ async fn check_config_names_the_key() {
     let out = run_with_timeout_async(cmd, Duration::from_secs(10)).await;
     assert!(out.stdout.starts_with("berth "), "{}", out.stdout);
 }
+
+/// The idle timeout: a keep-alive connection on which nothing moves is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed() {
+    let registry = crate::support::registry::Registry::start(Default::default()).await;
+    let berth = crate::support::berth::Berth::start_with_server(
+        &[crate::support::berth::UpstreamSpec::docker_hub(
+            &registry.url(),
+        )],
+        "idle_timeout = \"1s\"",
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(berth.addr).await.unwrap();
+    conn.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Keep-alive: the connection stays open for a next request, until it idles out.
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection was not closed"
+    );
+    let idle = started.elapsed();
+    // Before the harness's 2 s header-read timeout could have closed it instead.
+    assert!(
+        idle >= Duration::from_millis(800) && idle < Duration::from_millis(1800),
+        "closed after {idle:?}, not at the 1 s idle timeout"
+    );
+}
