@@ -3,18 +3,27 @@
 #
 #   scripts/check-chart.sh            # needs: python3 (with venv), cargo; PyPI on first run
 #
-# For each values set (the chart's defaults, and charts/berth/ci/*-values.yaml, which
-# switch on every optional part):
+# For each values set (the chart's defaults; charts/berth/ci/*-values.yaml: all-on switches
+# on every optional part, fleet is three replicas on an S3-compatible bucket; and a few
+# fleet variants written by this script: IRSA with a generated secret, a claim per pod
+# with hard anti-affinity, GCS, Azure, replicas without shared storage):
 #   1. lint the chart strictly (`helm lint --strict` when a helm binary is on PATH, and
 #      always helm-python-sdk's lint with strict=true: Helm's own Go code, no binary);
 #   2. render it (helm-python-sdk, offline) and check what the chart promises: probes,
-#      ports, security context, store volume, config checksum;
+#      ports, security context, store volume, config checksum; for a fleet (sharedStorage)
+#      also the replica count, the headless peers Service, BERTH_FLEET_ADVERTISE from the
+#      pod IP, the bucket credentials, the fleet secret and its mount, [storage.shared] and
+#      [fleet] (peers_dns naming the headless Service) in berth.toml, anti-affinity, the
+#      PodDisruptionBudget and the NetworkPolicy rule between replicas;
 #   3. validate every rendered manifest with `kubernetes-validate --strict` against the
 #      schemas it bundles for Kubernetes $KUBE_VERSION. The ServiceMonitor is skipped: it
 #      is a CRD (monitoring.coreos.com/v1) with no bundled schema; its fields are checked
 #      in step 2 instead;
 #   4. take berth.toml out of the rendered ConfigMap and run `berth check-config` on it,
-#      with the files it names (credentials, admin token) taken from the rendered Secrets.
+#      with the files it names (credentials, admin token, fleet secret) taken from the
+#      rendered Secrets, or placeholders for Secrets named by existingSecret values.
+# Then values mistakes (a missing bucket, an unknown store kind, a fleet configured by hand,
+# ...) must fail to render with a message. A summary lists every step, pass or FAIL.
 #
 # Python tools live in a venv under ${BERTH_PEERS_CACHE:-~/.cache/berth-test-peers}/venv,
 # installed from PyPI when missing. Set BERTH_BIN to use a prebuilt berth binary instead
@@ -61,97 +70,352 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 # --- the Python half: lint, render, structural checks, split files ----------------------
-cat >"$work/chart.py" <<'PY'
-import base64, json, os, sys
+# checks.py holds the checks (one set for every values file: what the chart promises for
+# those values); chart.py runs them on one values file.
+cat >"$work/checks.py" <<'PY'
+# Shared by chart.py and variants.py: render the chart and check what it promises.
+import base64, os, re
 import yaml  # PyYAML, a dependency of kubernetes-validate
+import helm_python as helm
+
+try:
+    import tomllib  # Python 3.11+
+except ImportError:  # older Pythons: the TOML checks fall back to the text
+    tomllib = None
+
+RELEASE, NAMESPACE = "berth", "berth"
+FULLNAME = "berth"  # release "berth" contains the chart name
+SELECTOR = {
+    "app.kubernetes.io/name": "berth",
+    "app.kubernetes.io/instance": RELEASE,
+    "app.kubernetes.io/component": "proxy",
+}
+PEERS = f"{FULLNAME}-peers"
+PEERS_DNS = f"{PEERS}.{NAMESPACE}.svc.cluster.local:5000"
+
+
+def deep_merge(base, over):
+    """Helm's values merge: maps merge, everything else (lists included) replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = deep_merge(base.get(k), v) if k in base else v
+        return out
+    return over
+
+
+def effective_values(chart_dir, values):
+    with open(os.path.join(chart_dir, "values.yaml")) as f:
+        return deep_merge(yaml.safe_load(f), values or {})
+
+
+def lint(chart_dir, values, problems):
+    report = helm.lint(chart_dir, values, strict=True, kube_version="v" + os.environ["KUBE_VERSION"])
+    for m in report.get("messages") or []:
+        if m.get("severity", 0) >= 2:  # 2 warning, 3 error: strict fails on both
+            problems.append(f"lint: {m.get('path')}: {m.get('error')}")
+    for e in report.get("errors") or []:
+        problems.append(f"lint: {e}")
+
+
+def render(chart_dir, values):
+    """Returns ([(path, doc)], NOTES.txt text)."""
+    rendered = helm.Chart.load(chart_dir).render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs, notes = [], ""
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+        if not path.endswith((".yaml", ".yml")):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append((path, doc))
+    return docs, notes
+
+
+def write_manifests(docs, directory):
+    os.makedirs(directory, exist_ok=True)
+    for _, doc in docs:
+        name = f"{doc['kind']}-{doc['metadata']['name']}.yaml"
+        if doc["kind"] == "ServiceMonitor":
+            name = "skip-" + name  # a CRD: no bundled schema
+        with open(os.path.join(directory, name), "w") as f:
+            yaml.safe_dump(doc, f)
+
+
+def by_kind(docs):
+    kinds = {}
+    for _, doc in docs:
+        kinds.setdefault(doc["kind"], []).append(doc)
+    return kinds
+
+
+def selects(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def parse_toml(text, problems):
+    if tomllib is None:
+        return None
+    try:
+        return tomllib.loads(text)
+    except Exception as e:  # noqa: BLE001 - report any parse error as a problem
+        problems.append(f"berth.toml does not parse: {e}")
+        return None
+
+
+def check(docs, notes, values, chart_dir, problems):
+    """Checks the rendered chart against the effective values. Returns (workload, berth.toml text)."""
+    v = effective_values(chart_dir, values)
+    need = lambda cond, what: cond or problems.append(what)  # noqa: E731
+    kinds = by_kind(docs)
+    fleet = bool(v["sharedStorage"]["enabled"])
+
+    # --- the workload ---------------------------------------------------------------
+    expected_kind = "StatefulSet"
+    if fleet and v["sharedStorage"]["localCache"]["type"] == "emptyDir":
+        expected_kind = "Deployment"
+    workloads = kinds.get("StatefulSet", []) + kinds.get("Deployment", [])
+    need(len(workloads) == 1, f"expected one StatefulSet or Deployment, got {len(workloads)}")
+    wl = workloads[0] if workloads else None
+    toml_text = None
+    if wl:
+        need(wl["kind"] == expected_kind, f"workload is a {wl['kind']}, expected a {expected_kind}")
+        need(wl["spec"]["replicas"] == v["replicaCount"], f"replicas {wl['spec']['replicas']}, expected {v['replicaCount']}")
+        pod = wl["spec"]["template"]
+        spec = pod["spec"]
+        need(selects(SELECTOR, pod["metadata"]["labels"]), "pod labels")
+        c = spec["containers"][0]
+        need(c["args"][-3:] == ["serve", "--config", "/etc/berth/berth.toml"], f"berth args: {c['args']}")
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        need(ports == {"registry": 5000, "admin": 5001}, f"container ports: {ports}")
+        need(c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}, "liveness probe")
+        need(c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}, "readiness probe")
+        sc, psc = c["securityContext"], spec["securityContext"]
+        need(sc.get("runAsNonRoot") is True and sc.get("runAsUser") == 65532 and sc.get("runAsGroup") == 65532, "runAsNonRoot/65532")
+        need(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem")
+        need(sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation")
+        need(sc.get("capabilities", {}).get("drop") == ["ALL"], "capabilities drop ALL")
+        need(psc.get("fsGroup") == 65532 and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", "fsGroup/seccomp")
+        need("checksum/config" in pod["metadata"].get("annotations", {}), "checksum/config annotation")
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        need(mounts.get("/var/lib/berth") == "store", "store not mounted at /var/lib/berth")
+        volumes = {vol["name"]: vol for vol in spec.get("volumes", [])}
+        if wl["kind"] == "StatefulSet":
+            vcts = wl["spec"].get("volumeClaimTemplates") or []
+            need(len(vcts) == 1 and vcts[0]["metadata"]["name"] == "store"
+                 and vcts[0]["spec"]["resources"]["requests"]["storage"] == v["persistence"]["size"],
+                 "volumeClaimTemplate store with persistence.size")
+            need("store" not in volumes, "a StatefulSet's store must come from its claim, not a pod volume")
+            # Unchanged by sharedStorage: serviceName is immutable on an existing StatefulSet.
+            need(wl["spec"]["serviceName"] == FULLNAME, f"serviceName {wl['spec']['serviceName']}")
+        else:
+            ed = volumes.get("store", {}).get("emptyDir")
+            need(ed is not None, "Deployment: store is not an emptyDir")
+            if ed is not None and v["sharedStorage"]["localCache"]["sizeLimit"]:
+                need(str(ed.get("sizeLimit")) == str(v["sharedStorage"]["localCache"]["sizeLimit"]), "emptyDir sizeLimit")
+            need(not wl["spec"].get("volumeClaimTemplates"), "Deployment with volumeClaimTemplates")
+        env = c.get("env") or []
+        env_names = [e["name"] for e in env]
+        envs = {e["name"]: e for e in env}
+
+    # --- Services, ServiceMonitor, dashboard ----------------------------------------------
+    services = {s["metadata"]["name"]: s for s in kinds.get("Service", [])}
+    need({"berth", "berth-admin"} <= set(services), f"services: {sorted(services)}")
+    for sm in kinds.get("ServiceMonitor", []):
+        ep = sm["spec"]["endpoints"][0]
+        need(ep.get("port") == "admin" and ep.get("path") == "/metrics", "ServiceMonitor endpoint")
+        sel = sm["spec"]["selector"]["matchLabels"]
+        for name, svc in services.items():
+            chosen = selects(sel, svc["metadata"]["labels"])
+            need(chosen == (name == "berth-admin"), f"ServiceMonitor selects {name}: {chosen}")
+    for cm in kinds.get("ConfigMap", []):
+        if "berth.json" in cm.get("data", {}):
+            __import__("json").loads(cm["data"]["berth.json"])  # the dashboard survives templating
+            need(cm["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboard label")
+    cms = [cm for cm in kinds.get("ConfigMap", []) if "berth.toml" in cm.get("data", {})]
+    need(len(cms) == 1, "exactly one ConfigMap with berth.toml")
+    if cms:
+        toml_text = cms[0]["data"]["berth.toml"]
+    toml = parse_toml(toml_text, problems) if toml_text else None
+
+    # --- the node DaemonSet keeps pointing at the pull Service ---------------------------
+    for ds in kinds.get("DaemonSet", []):
+        args = ds["spec"]["template"]["spec"]["initContainers"][0]["args"]
+        endpoint = args[args.index("--endpoint") + 1]
+        expected = v["nodeConfig"]["endpoint"] or f"http://{v['service']['clusterIP']}:{v['service']['port']}"
+        need(endpoint == expected, f"node DaemonSet endpoint {endpoint}, expected the pull Service {expected}")
+
+    # --- PodDisruptionBudget ---------------------------------------------------------------
+    pdb_on = str(v["podDisruptionBudget"]["enabled"]).lower()
+    want_pdb = pdb_on == "true" or (pdb_on == "auto" and fleet and int(v["replicaCount"]) > 1)
+    pdbs = kinds.get("PodDisruptionBudget", [])
+    need(len(pdbs) == (1 if want_pdb else 0), f"PodDisruptionBudgets: {len(pdbs)}, expected {1 if want_pdb else 0}")
+    for pdb in pdbs:
+        need(pdb["spec"]["selector"]["matchLabels"] == SELECTOR, "PDB selector")
+        need(pdb["spec"].get("maxUnavailable") == 1 or "minAvailable" in pdb["spec"], "PDB maxUnavailable 1 / minAvailable")
+
+    if not fleet:
+        need(PEERS not in services, "peers Service without sharedStorage")
+        if wl:
+            need("BERTH_FLEET_ADVERTISE" not in env_names, "BERTH_FLEET_ADVERTISE without sharedStorage")
+        need(toml_text is None or not re.search(r"^\s*\[(fleet|storage\.shared)\]", toml_text, re.M),
+             "[fleet] or [storage.shared] in berth.toml without sharedStorage")
+        if int(v["replicaCount"]) > 1:
+            need("WARNING: replicaCount" in notes, "NOTES.txt: no warning for replicaCount > 1 without sharedStorage")
+        return wl, toml_text
+
+    # --- the fleet -------------------------------------------------------------------------
+    s, f = v["sharedStorage"], v["fleet"]
+    peers = services.get(PEERS)
+    need(peers is not None, f"no headless Service {PEERS}")
+    if peers:
+        ps = peers["spec"]
+        need(ps.get("clusterIP") == "None", f"{PEERS}: clusterIP {ps.get('clusterIP')!r}, expected None")
+        need(ps.get("publishNotReadyAddresses") is False, f"{PEERS}: publishNotReadyAddresses must be false")
+        need(ps.get("selector") == SELECTOR, f"{PEERS}: selector")
+        need([(p["name"], p["port"], p["targetPort"]) for p in ps["ports"]] == [("registry", 5000, "registry")],
+             f"{PEERS}: ports {ps['ports']}")
+    if wl:
+        need(envs.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP",
+             "env POD_IP from the downward API (status.podIP)")
+        adv = "http://[$(POD_IP)]:5000" if f["ipv6"] else "http://$(POD_IP):5000"
+        need(envs.get("BERTH_FLEET_ADVERTISE", {}).get("value") == adv, f"env BERTH_FLEET_ADVERTISE={adv}")
+        if "POD_IP" in env_names and "BERTH_FLEET_ADVERTISE" in env_names:
+            need(env_names.index("POD_IP") < env_names.index("BERTH_FLEET_ADVERTISE"),
+                 "POD_IP must come before BERTH_FLEET_ADVERTISE ($(POD_IP) expands only earlier variables)")
+        bucket_secret = s["credentials"]["existingSecret"]
+        if s["kind"] == "s3" and bucket_secret:
+            for var, key in (("AWS_ACCESS_KEY_ID", "accessKeyIdKey"), ("AWS_SECRET_ACCESS_KEY", "secretAccessKeyKey")):
+                ref = envs.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+                need(ref == {"name": bucket_secret, "key": s["credentials"][key]}, f"env {var} from secret {bucket_secret}/{s['credentials'][key]}: {ref}")
+        else:
+            need(not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env_names), "AWS_* env without s3 credentials.existingSecret")
+        if s["kind"] in ("gcs", "azure") and bucket_secret:
+            vol = volumes.get("bucket-credentials", {}).get("secret", {})
+            path = "service-account.json" if s["kind"] == "gcs" else "access-key"
+            key = s["credentials"]["serviceAccountKey" if s["kind"] == "gcs" else "accessKeyKey"]
+            need(vol.get("secretName") == bucket_secret and vol.get("items") == [{"key": key, "path": path}], f"bucket-credentials volume: {vol}")
+            need(mounts.get("/etc/berth/bucket") == "bucket-credentials", "bucket credentials not mounted at /etc/berth/bucket")
+        fleet_secret = f["existingSecret"] or f"{FULLNAME}-fleet"
+        fsv = volumes.get("fleet-secret", {}).get("secret", {})
+        need(fsv.get("secretName") == fleet_secret and fsv.get("items") == [{"key": f["secretKey"], "path": "secret"}],
+             f"fleet-secret volume: {fsv}")
+        need(mounts.get("/etc/berth/fleet") == "fleet-secret", "fleet secret not mounted at /etc/berth/fleet")
+        aff = (spec.get("affinity") or {}).get("podAntiAffinity")
+        user_aff = (v.get("affinity") or {}).get("podAntiAffinity")
+        if user_aff:
+            need(aff == user_aff, "affinity.podAntiAffinity from values not kept")
+        elif f["antiAffinity"] == "none":
+            need(aff is None, "podAntiAffinity with fleet.antiAffinity none")
+        else:
+            field = "requiredDuringSchedulingIgnoredDuringExecution" if f["antiAffinity"] == "hard" else "preferredDuringSchedulingIgnoredDuringExecution"
+            terms = (aff or {}).get(field) or []
+            term = (terms[0].get("podAffinityTerm", terms[0]) if terms else {})
+            need(term.get("topologyKey") == f["antiAffinityTopologyKey"] and term.get("labelSelector", {}).get("matchLabels") == SELECTOR,
+                 f"pod anti-affinity ({field}) over {f['antiAffinityTopologyKey']}: {aff}")
+    if not f["existingSecret"]:
+        sec = next((x for x in kinds.get("Secret", []) if x["metadata"]["name"] == f"{FULLNAME}-fleet"), None)
+        need(sec is not None, f"no Secret {FULLNAME}-fleet (fleet.existingSecret is empty)")
+        if sec:
+            raw = base64.b64decode(sec["data"].get(f["secretKey"], "")).decode()
+            if f["secret"]:
+                need(raw == f["secret"], "fleet Secret does not hold fleet.secret")
+            else:
+                need(re.fullmatch(r"[A-Za-z0-9]{48}", raw) is not None, "generated fleet secret is not 48 alphanumerics")
+    else:
+        need(not any(x["metadata"]["name"] == f"{FULLNAME}-fleet" for x in kinds.get("Secret", [])),
+             "fleet Secret rendered although fleet.existingSecret is set")
+    for np in kinds.get("NetworkPolicy", []):
+        rule = np["spec"]["ingress"][0]
+        if "from" in rule:
+            need({"podSelector": {"matchLabels": SELECTOR}} in rule["from"],
+                 "NetworkPolicy: the replicas may not reach each other's pull port")
+    if toml_text:
+        need(re.search(r"^\s*\[storage\.shared\]", toml_text, re.M) is not None, "berth.toml has no [storage.shared]")
+        need(re.search(r"^\s*\[fleet\]", toml_text, re.M) is not None, "berth.toml has no [fleet]")
+        need(re.search(r'^\s*peers_dns = "' + re.escape(PEERS_DNS) + '"', toml_text, re.M) is not None,
+             f"berth.toml: fleet.peers_dns is not {PEERS_DNS}")
+    if toml:
+        shared = toml.get("storage", {}).get("shared", {})
+        want = {"kind": s["kind"], "bucket": s["bucket"], "redirect": bool(s["redirect"])}
+        if s["prefix"]:
+            want["prefix"] = s["prefix"]
+        if s["kind"] == "s3":
+            want["path_style"] = bool(s["pathStyle"])
+            if s["endpoint"]:
+                want["endpoint"] = s["endpoint"]
+            if s["region"]:
+                want["region"] = s["region"]
+        else:
+            need("path_style" not in shared and "endpoint" not in shared, "s3-only keys for a non-s3 store")
+        if s["kind"] == "gcs" and s["credentials"]["existingSecret"]:
+            want["service_account_file"] = "/etc/berth/bucket/service-account.json"
+        if s["kind"] == "azure":
+            want["account"] = s["account"]
+            if s["credentials"]["existingSecret"]:
+                want["access_key_file"] = "/etc/berth/bucket/access-key"
+        got = {k: shared.get(k) for k in want}
+        need(got == want, f"[storage.shared]: {got}, expected {want}")
+        need(toml.get("storage", {}).get("root") == v["config"]["storage"]["root"], "storage.root (the local tier)")
+        fl = toml.get("fleet", {})
+        need(fl.get("peers_dns") == PEERS_DNS and fl.get("secret_file") == "/etc/berth/fleet/secret"
+             and fl.get("peer_timeout") == f["peerTimeout"] and "peers" not in fl and "advertise" not in fl,
+             f"[fleet]: {fl}")
+    return wl, toml_text
+
+
+def write_config_files(docs, wl, out, problems):
+    """The files berth.toml names under /etc/berth, for `berth check-config`: taken from the
+    rendered Secrets the pod mounts there, or placeholders for Secrets that exist before the
+    install (existingSecret values)."""
+    if not wl:
+        return
+    secrets = {s["metadata"]["name"]: s for s in by_kind(docs).get("Secret", [])}
+    spec = wl["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    for vol in spec.get("volumes", []):
+        mount = mounts.get(vol["name"], "")
+        if "secret" not in vol or not mount.startswith("/etc/berth/"):
+            continue
+        sec = secrets.get(vol["secret"]["secretName"])
+        items = vol["secret"].get("items") or [{"key": k, "path": k} for k in ((sec or {}).get("data") or {})]
+        directory = os.path.join(out, "etc-berth", mount[len("/etc/berth/"):])
+        os.makedirs(directory, exist_ok=True)
+        for it in items:
+            if sec is not None:
+                data = (sec.get("data") or {}).get(it["key"])
+                if data is None:
+                    problems.append(f"Secret {sec['metadata']['name']} has no key {it['key']!r} that the pod mounts")
+                    continue
+                content = base64.b64decode(data)
+            elif it["path"].endswith(".dockerconfigjson"):
+                content = b'{"auths":{}}'
+            else:
+                content = b"placeholder-for-an-existing-secret"
+            with open(os.path.join(directory, it["path"]), "wb") as fh:
+                fh.write(content)
+PY
+
+cat >"$work/chart.py" <<'PY'
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checks
 import helm_python as helm
 
 chart_dir, values_file, out = sys.argv[1], sys.argv[2], sys.argv[3]
 values = helm.values_from_yaml(open(values_file).read()) if values_file != "-" else None
 problems = []
-
-report = helm.lint(chart_dir, values, strict=True, kube_version="v" + os.environ["KUBE_VERSION"])
-for m in report.get("messages") or []:
-    if m.get("severity", 0) >= 2:  # 2 warning, 3 error: strict fails on both
-        problems.append(f"lint: {m.get('path')}: {m.get('error')}")
-for e in report.get("errors") or []:
-    problems.append(f"lint: {e}")
-
-rendered = helm.Chart.load(chart_dir).render(values, name="berth", namespace="berth", is_install=True)
-docs = []
-for path, text in sorted(rendered.items()):
-    if not path.endswith((".yaml", ".yml")):
-        continue  # NOTES.txt
-    for doc in yaml.safe_load_all(text):
-        if doc:
-            docs.append((path, doc))
-
-kinds = {}
-for path, doc in docs:
-    kinds.setdefault(doc["kind"], []).append(doc)
-    name = f"{doc['kind']}-{doc['metadata']['name']}.yaml"
-    if doc["kind"] == "ServiceMonitor":
-        name = "skip-" + name  # a CRD: no bundled schema
-    with open(os.path.join(out, "manifests", name), "w") as f:
-        yaml.safe_dump(doc, f)
-
-def need(cond, what):
-    if not cond:
-        problems.append(what)
-
-(sts,) = kinds.get("StatefulSet", [None]) or [None]
-need(sts is not None, "no StatefulSet rendered")
-if sts:
-    pod = sts["spec"]["template"]
-    c = pod["spec"]["containers"][0]
-    need(c["args"][-3:] == ["serve", "--config", "/etc/berth/berth.toml"], f"berth args: {c['args']}")
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    need(ports == {"registry": 5000, "admin": 5001}, f"container ports: {ports}")
-    need(c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}, "liveness probe")
-    need(c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}, "readiness probe")
-    sc, psc = c["securityContext"], pod["spec"]["securityContext"]
-    need(sc.get("runAsNonRoot") is True and sc.get("runAsUser") == 65532 and sc.get("runAsGroup") == 65532, "runAsNonRoot/65532")
-    need(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem")
-    need(sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation")
-    need(sc.get("capabilities", {}).get("drop") == ["ALL"], "capabilities drop ALL")
-    need(psc.get("fsGroup") == 65532 and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", "fsGroup/seccomp")
-    need("checksum/config" in pod["metadata"].get("annotations", {}), "checksum/config annotation")
-    mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    need("/var/lib/berth" in mounts, "store not mounted at /var/lib/berth")
-    vct = sts["spec"]["volumeClaimTemplates"][0]
-    need(vct["metadata"]["name"] == "store" and vct["spec"]["resources"]["requests"]["storage"] == (values or {}).get("persistence", {}).get("size", "25Gi"), "volumeClaimTemplate size")
-
-services = {s["metadata"]["name"]: s for s in kinds.get("Service", [])}
-need({"berth", "berth-admin"} <= set(services), f"services: {sorted(services)}")
-
-for sm in kinds.get("ServiceMonitor", []):
-    ep = sm["spec"]["endpoints"][0]
-    need(ep.get("port") == "admin" and ep.get("path") == "/metrics", "ServiceMonitor endpoint")
-    sel = sm["spec"]["selector"]["matchLabels"]
-    admin = services.get("berth-admin", {}).get("metadata", {}).get("labels", {})
-    need(all(admin.get(k) == v for k, v in sel.items()), "ServiceMonitor selects the admin Service")
-    need(all(services["berth"]["metadata"]["labels"].get(k) == v for k, v in sel.items()) is False,
-         "ServiceMonitor must not select the pull Service")
-
-for cm in kinds.get("ConfigMap", []):
-    if "berth.json" in cm.get("data", {}):
-        json.loads(cm["data"]["berth.json"])  # the dashboard survives templating
-        need(cm["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboard label")
-
-cms = [cm for cm in kinds.get("ConfigMap", []) if "berth.toml" in cm.get("data", {})]
-need(len(cms) == 1, "exactly one ConfigMap with berth.toml")
-if cms:
+checks.lint(chart_dir, values, problems)
+docs, notes = checks.render(chart_dir, values)
+checks.write_manifests(docs, os.path.join(out, "manifests"))
+wl, toml_text = checks.check(docs, notes, values, chart_dir, problems)
+if toml_text is not None:
     with open(os.path.join(out, "berth.toml"), "w") as f:
-        f.write(cms[0]["data"]["berth.toml"])
+        f.write(toml_text)
+checks.write_config_files(docs, wl, out, problems)
 
-# Files the config names under /etc/berth, from the rendered Secrets, for check-config.
-for s in kinds.get("Secret", []):
-    for key, b64 in (s.get("data") or {}).items():
-        sub = "secrets" if s["type"] == "kubernetes.io/dockerconfigjson" else "admin-token"
-        os.makedirs(os.path.join(out, "etc-berth", sub), exist_ok=True)
-        with open(os.path.join(out, "etc-berth", sub, key), "wb") as f:
-            f.write(base64.b64decode(b64))
-
+kinds = checks.by_kind(docs)
 print(f"rendered {len(docs)} manifests: " + ", ".join(f"{k}×{len(v)}" for k, v in sorted(kinds.items())))
 if problems:
     for p in problems:
@@ -160,6 +424,10 @@ if problems:
 PY
 
 failures=0
+results=()
+# pass|FAIL <label> <step>: one line each in the summary at the end.
+record() { results+=("$(printf '%-4s  %-40s %s' "$1" "[$2]" "$3")"); }
+
 check_values() {
     local label="$1" values="$2" out="$work/$1"
     mkdir -p "$out/manifests"
@@ -168,12 +436,14 @@ check_values() {
         local vargs=()
         [ "$values" = "-" ] || vargs=(--values "$values")
         helm lint --strict "${vargs[@]}" "$chart" >"$out/helm-lint.log" 2>&1 ||
-            { cat "$out/helm-lint.log" >&2; echo "check-chart: [$label] helm lint --strict failed" >&2; return 1; }
+            { cat "$out/helm-lint.log" >&2; echo "check-chart: [$label] helm lint --strict failed" >&2; record FAIL "$label" "helm lint --strict"; return 1; }
+        record pass "$label" "helm lint --strict"
     else
         say "[$label] no helm binary on PATH: linting with helm-python-sdk only"
     fi
     KUBE_VERSION="$KUBE_VERSION" "$py" "$work/chart.py" "$chart" "$values" "$out" ||
-        { echo "check-chart: [$label] lint/render/structure checks failed" >&2; return 1; }
+        { echo "check-chart: [$label] lint/render/structure checks failed" >&2; record FAIL "$label" "lint (sdk, strict) + render + structure"; return 1; }
+    record pass "$label" "lint (sdk, strict) + render + structure"
 
     say "[$label] kubernetes-validate --strict -k $KUBE_VERSION (ServiceMonitor skipped: CRD, no bundled schema)"
     local files=()
@@ -182,13 +452,16 @@ check_values() {
         files+=("$f")
     done
     "$venv/bin/kubernetes-validate" --strict --quiet -k "$KUBE_VERSION" "${files[@]}" ||
-        { echo "check-chart: [$label] kubernetes-validate failed" >&2; return 1; }
+        { echo "check-chart: [$label] kubernetes-validate failed" >&2; record FAIL "$label" "kubernetes-validate --strict"; return 1; }
+    record pass "$label" "kubernetes-validate --strict"
 
     say "[$label] berth check-config on the rendered berth.toml"
-    # Point /etc/berth/... at the files taken from the rendered Secrets.
+    # Point /etc/berth/... at the files taken from the rendered Secrets (placeholders for
+    # Secrets that exist before the install).
     sed "s#/etc/berth/#$out/etc-berth/#g" "$out/berth.toml" >"$out/berth-local.toml"
     "$berth" check-config "$out/berth-local.toml" ||
-        { sed -n '1,200p' "$out/berth.toml" >&2; echo "check-chart: [$label] berth check-config failed" >&2; return 1; }
+        { sed -n '1,200p' "$out/berth.toml" >&2; echo "check-chart: [$label] berth check-config failed" >&2; record FAIL "$label" "berth check-config"; return 1; }
+    record pass "$label" "berth check-config"
 }
 
 check_values defaults - || failures=$((failures + 1))
@@ -197,21 +470,122 @@ for v in "$chart"/ci/*-values.yaml; do
     check_values "$(basename "$v" .yaml)" "$v" || failures=$((failures + 1))
 done
 
-# A values mistake must stop rendering with a message, not render a broken config.
-say "[negative] credentials.upstreams naming an unknown host must fail to render"
-printf 'credentials:\n  existingSecret: hub\n  upstreams: ["nope.example"]\n' >"$work/bad-values.yaml"
-if "$py" - "$chart" "$work/bad-values.yaml" <<'PY' 2>"$work/bad.log"; then
+# --- variants of the fleet (and of replicaCount) that the CI values files do not cover ---
+# Same steps as above; written here rather than as ci/ files so the chart's test values
+# stay a few readable examples.
+mkdir -p "$work/variants"
+cat >"$work/variants/fleet-generated-secret-irsa.yaml" <<'YAML'
+# No keys (IRSA), a generated fleet secret, every other fleet value at its default.
+replicaCount: 3
+serviceAccount:
+  annotations:
+    eks.amazonaws.com/role-arn: arn:aws:iam::111122223333:role/berth
+sharedStorage:
+  enabled: true
+  bucket: berth-cache
+  region: eu-west-1
+YAML
+cat >"$work/variants/fleet-pvc-hard-inline-secret.yaml" <<'YAML'
+# The local tier on a claim per pod (a StatefulSet), one pod per node, the secret inline.
+replicaCount: 3
+sharedStorage:
+  enabled: true
+  bucket: berth
+  endpoint: https://garage.storage.svc:3900
+  region: garage
+  pathStyle: true
+  localCache:
+    type: persistentVolumeClaim
+persistence:
+  size: 40Gi
+fleet:
+  secret: an-inline-secret-of-enough-length-for-a-test-0123
+  antiAffinity: hard
+YAML
+cat >"$work/variants/fleet-gcs-ipv6.yaml" <<'YAML'
+# GCS with a service-account key; single-stack IPv6 pod addresses; own anti-affinity kept.
+replicaCount: 2
+sharedStorage:
+  enabled: true
+  kind: gcs
+  bucket: berth-cache
+  prefix: prod/
+  redirect: true
+  credentials:
+    existingSecret: berth-gcs
+    serviceAccountKey: key.json
+fleet:
+  ipv6: true
+  existingSecret: berth-fleet
+affinity:
+  podAntiAffinity:
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - topologyKey: topology.kubernetes.io/zone
+        labelSelector:
+          matchLabels:
+            app.kubernetes.io/instance: berth
+YAML
+cat >"$work/variants/fleet-azure-single.yaml" <<'YAML'
+# Azure with an access key; one replica (no PodDisruptionBudget by default), no anti-affinity.
+replicaCount: 1
+sharedStorage:
+  enabled: true
+  kind: azure
+  account: berthstore
+  bucket: berth
+  credentials:
+    existingSecret: berth-azure
+fleet:
+  antiAffinity: none
+YAML
+cat >"$work/variants/replicas-without-shared.yaml" <<'YAML'
+# Several replicas without shared storage: allowed as before (a StatefulSet, a claim per
+# pod), with a warning in NOTES.txt.
+replicaCount: 3
+YAML
+for v in "$work"/variants/*.yaml; do
+    check_values "variant-$(basename "$v" .yaml)" "$v" || failures=$((failures + 1))
+done
+
+# --- values mistakes must stop rendering with a message, not render a broken config -------
+cat >"$work/render.py" <<'PY'
 import sys, helm_python as helm
 helm.Chart.load(sys.argv[1]).render(helm.values_from_yaml(open(sys.argv[2]).read()), name="berth", namespace="berth")
 PY
-    echo "check-chart: [negative] rendered without error" >&2
-    failures=$((failures + 1))
-elif ! grep -q 'nope.example' "$work/bad.log"; then
-    cat "$work/bad.log" >&2
-    echo "check-chart: [negative] failed, but without naming the host" >&2
-    failures=$((failures + 1))
-fi
+# expect_failure <label> <expected text in the error> <values YAML>
+expect_failure() {
+    local label="$1" expected="$2"
+    printf '%s\n' "$3" >"$work/bad-$label.yaml"
+    say "[negative-$label] must fail to render, naming: $expected"
+    if "$py" "$work/render.py" "$chart" "$work/bad-$label.yaml" 2>"$work/bad-$label.log"; then
+        echo "check-chart: [negative-$label] rendered without error" >&2
+        record FAIL "negative-$label" "render must fail"
+        failures=$((failures + 1))
+    elif ! grep -qF -- "$expected" "$work/bad-$label.log"; then
+        cat "$work/bad-$label.log" >&2
+        echo "check-chart: [negative-$label] failed, but without naming: $expected" >&2
+        record FAIL "negative-$label" "render must fail"
+        failures=$((failures + 1))
+    else
+        record pass "negative-$label" "render must fail"
+    fi
+}
+expect_failure unknown-credentials-host 'nope.example' \
+    "$(printf 'credentials:\n  existingSecret: hub\n  upstreams: ["nope.example"]')"
+expect_failure shared-without-bucket 'sharedStorage.enabled needs sharedStorage.bucket' \
+    "$(printf 'sharedStorage:\n  enabled: true')"
+expect_failure shared-unknown-kind 'sharedStorage.kind: "minio"' \
+    "$(printf 'sharedStorage:\n  enabled: true\n  kind: minio\n  bucket: b')"
+expect_failure azure-without-account 'needs sharedStorage.account' \
+    "$(printf 'sharedStorage:\n  enabled: true\n  kind: azure\n  bucket: b')"
+expect_failure fleet-config-by-hand 'set sharedStorage.enabled=true' \
+    "$(printf 'config:\n  fleet:\n    peers_dns: "x:5000"\n    secret_file: /s')"
+expect_failure fleet-static-peers 'leave peers and advertise out' \
+    "$(printf 'sharedStorage:\n  enabled: true\n  bucket: b\nconfig:\n  fleet:\n    peers: ["http://10.0.0.7:5000"]')"
 
+echo
+say "summary:"
+for r in "${results[@]}"; do echo "  $r"; done
 if [ "$failures" -ne 0 ]; then
     die "$failures check(s) failed (see above)"
 fi

@@ -3,6 +3,11 @@
 # and only those that are missing. Safe to run again: with everything present it changes
 # nothing and needs no root.
 #
+# Garage (the S3-compatible object store behind the shared tier's tests) is not packaged
+# by Debian: it is built with `cargo install` into $BERTH_PEERS_DIR (default
+# ~/.cache/berth/peers), as the invoking user, no root needed. tests/support/garage.rs
+# looks for it in PATH, then $BERTH_PEERS_DIR/bin, then ~/.cache/berth/peers/bin.
+#
 # Services are not started by the install (a policy-rc.d is in place while apt runs):
 # docker-registry would otherwise take :5000, berth's own port. The tests start every
 # peer themselves, on loopback, with their own configuration.
@@ -27,6 +32,11 @@ peers=(
     "chromium chromium"
 )
 
+# The Garage release the tests are written against (its CLI output and config keys are
+# parsed by tests/support/garage.rs); bump both together.
+GARAGE_VERSION=2.5.0
+peers_dir="${BERTH_PEERS_DIR:-$HOME/.cache/berth/peers}"
+
 die() {
     echo "install-test-peers: $*" >&2
     exit 1
@@ -40,43 +50,72 @@ missing_packages() {
     done | sort -u
 }
 
+garage_present() {
+    command -v garage >/dev/null 2>&1 || [ -x "$peers_dir/bin/garage" ]
+}
+
+install_packages() {
+    command -v apt-get >/dev/null 2>&1 ||
+        die "missing ${packages[*]}, and apt-get is not available (berth's tests expect Debian or Ubuntu)"
+
+    as_root=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 ||
+            die "missing ${packages[*]}; run this script as root (sudo is not available)"
+        as_root=(sudo)
+    fi
+
+    echo "install-test-peers: missing, will install: ${packages[*]}"
+    "${as_root[@]}" apt-get update -qq || die "apt-get update failed"
+
+    # Newer Debian releases dropped nginx-light; plain nginx serves the benchmarks as well.
+    local i
+    for i in "${!packages[@]}"; do
+        if [ "${packages[$i]}" = nginx-light ] && ! apt-cache show nginx-light >/dev/null 2>&1; then
+            packages[i]=nginx
+        fi
+    done
+
+    # Globals, not locals: the EXIT trap reads them after this function has returned.
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | "${as_root[@]}" tee "$policy" >/dev/null
+        "${as_root[@]}" chmod +x "$policy"
+        trap '"${as_root[@]}" rm -f "$policy"' EXIT
+    fi
+
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${packages[@]}" ||
+        die "apt-get install ${packages[*]} failed"
+
+    local still
+    mapfile -t still < <(missing_packages)
+    [ "${#still[@]}" -eq 0 ] || die "still missing after install: ${still[*]}"
+    echo "install-test-peers: installed ${packages[*]}"
+}
+
+install_garage() {
+    command -v cargo >/dev/null 2>&1 ||
+        die "missing garage, and cargo is not available to build it (install Rust first)"
+    echo "install-test-peers: building garage $GARAGE_VERSION into $peers_dir" \
+        "(the first build takes ~16+ min on 2 cores; later runs find it there)"
+    cargo install garage --locked --version "$GARAGE_VERSION" --root "$peers_dir" ||
+        die "cargo install garage $GARAGE_VERSION failed"
+    [ -x "$peers_dir/bin/garage" ] || die "garage not found at $peers_dir/bin/garage after install"
+    echo "install-test-peers: installed garage $GARAGE_VERSION at $peers_dir/bin/garage"
+}
+
 mapfile -t packages < <(missing_packages)
-if [ "${#packages[@]}" -eq 0 ]; then
+need_garage=false
+garage_present || need_garage=true
+if [ "${#packages[@]}" -eq 0 ] && [ "$need_garage" = false ]; then
     echo "install-test-peers: all test peers present"
     exit 0
 fi
 
-command -v apt-get >/dev/null 2>&1 ||
-    die "missing ${packages[*]}, and apt-get is not available (berth's tests expect Debian or Ubuntu)"
-
-as_root=()
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 ||
-        die "missing ${packages[*]}; run this script as root (sudo is not available)"
-    as_root=(sudo)
+if [ "${#packages[@]}" -gt 0 ]; then
+    install_packages
 fi
-
-echo "install-test-peers: missing, will install: ${packages[*]}"
-"${as_root[@]}" apt-get update -qq || die "apt-get update failed"
-
-# Newer Debian releases dropped nginx-light; plain nginx serves the benchmarks as well.
-for i in "${!packages[@]}"; do
-    if [ "${packages[$i]}" = nginx-light ] && ! apt-cache show nginx-light >/dev/null 2>&1; then
-        packages[i]=nginx
-    fi
-done
-
-policy=/usr/sbin/policy-rc.d
-if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' | "${as_root[@]}" tee "$policy" >/dev/null
-    "${as_root[@]}" chmod +x "$policy"
-    trap '"${as_root[@]}" rm -f "$policy"' EXIT
+if [ "$need_garage" = true ]; then
+    install_garage
 fi
-
-"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq --no-install-recommends "${packages[@]}" ||
-    die "apt-get install ${packages[*]} failed"
-
-mapfile -t still < <(missing_packages)
-[ "${#still[@]}" -eq 0 ] || die "still missing after install: ${still[*]}"
-echo "install-test-peers: installed ${packages[*]}"

@@ -30,6 +30,103 @@ pub struct Config {
     /// Images fetched at start, kept fresh and pinned against eviction.
     #[serde(default)]
     pub warm: Option<WarmConfig>,
+    /// Several replicas that fetch each miss once between them; off when absent.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
+}
+
+/// The replicas of one fleet: who they are, and the secret their requests carry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// How the other replicas reach this one (`http://<pod IP>:5000`). The environment
+    /// variable `BERTH_FLEET_ADVERTISE` overrides it (the chart sets it from the pod IP).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Every replica's address, this one's included.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Or a DNS name (a headless Service) and port whose records are the replicas,
+    /// re-resolved every `resolve_interval`.
+    #[serde(default)]
+    pub peers_dns: Option<String>,
+    #[serde(default = "default_resolve_interval", with = "duration")]
+    pub resolve_interval: Duration,
+    /// A file holding the secret every replica shares; requests between replicas are
+    /// signed with it.
+    pub secret_file: PathBuf,
+    /// A peer that does not answer (headers) within this time is skipped for a while.
+    #[serde(default = "default_peer_timeout", with = "duration")]
+    pub peer_timeout: Duration,
+}
+
+fn default_resolve_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_peer_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// Which object store holds the shared tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedKind {
+    S3,
+    Gcs,
+    Azure,
+}
+
+/// The shared tier: an object store every replica reads and writes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedConfig {
+    pub kind: SharedKind,
+    /// The bucket (S3, GCS) or container (Azure).
+    pub bucket: String,
+    /// A key prefix for everything berth writes (`cache/`).
+    #[serde(default)]
+    pub prefix: String,
+    /// An S3-compatible endpoint (MinIO, Garage, Ceph); the cloud's own when unset.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Path-style S3 URLs (`endpoint/bucket/key`), as most S3-compatible stores need.
+    #[serde(default)]
+    pub path_style: bool,
+    /// Answer blob hits with a 307 to a short-lived presigned URL of the object.
+    #[serde(default)]
+    pub redirect: bool,
+    /// How long a presigned URL is valid.
+    #[serde(default = "default_redirect_ttl", with = "duration")]
+    pub redirect_ttl: Duration,
+    /// S3: files holding the access key id and secret; the standard AWS environment and
+    /// the platform's default chain (IRSA, instance metadata) when unset.
+    #[serde(default)]
+    pub access_key_id_file: Option<PathBuf>,
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// GCS: a service account JSON key; `GOOGLE_APPLICATION_CREDENTIALS` or the
+    /// platform's default when unset.
+    #[serde(default)]
+    pub service_account_file: Option<PathBuf>,
+    /// Azure: the storage account, and a file holding its access key (else the
+    /// `AZURE_STORAGE_*` environment).
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub access_key_file: Option<PathBuf>,
+    /// Metadata operations (HEAD, small GET/PUT) that take longer fail, and the tier is
+    /// skipped for a while: a slow store must not slow every pull.
+    #[serde(default = "default_shared_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_redirect_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_shared_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +207,9 @@ pub struct StorageConfig {
     pub max_size: ByteSize,
     #[serde(default)]
     pub min_free: Option<ByteSize>,
+    /// The object store every replica shares; the local store is a cache in front of it.
+    #[serde(default)]
+    pub shared: Option<SharedConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -362,6 +462,12 @@ impl Config {
                 ));
             }
         }
+        if let Some(shared) = &self.storage.shared {
+            validate_shared(shared)?;
+        }
+        if let Some(fleet) = &self.fleet {
+            validate_fleet(fleet)?;
+        }
         if !names.contains(&self.routing.default_upstream.to_ascii_lowercase()) {
             return Err(format!(
                 "routing.default_upstream: {:?} is not the host or alias of any [[upstreams]]",
@@ -370,6 +476,69 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_shared(s: &SharedConfig) -> Result<(), String> {
+    if s.bucket.is_empty() {
+        return Err("storage.shared.bucket must be set".into());
+    }
+    if let Some(e) = &s.endpoint {
+        let url = reqwest::Url::parse(e)
+            .map_err(|err| format!("storage.shared.endpoint: {e:?} is not a URL: {err}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "storage.shared.endpoint: {e:?} must be http:// or https://"
+            ));
+        }
+    }
+    if s.access_key_id_file.is_some() != s.secret_access_key_file.is_some() {
+        return Err(
+            "storage.shared: access_key_id_file and secret_access_key_file go together".into(),
+        );
+    }
+    let s3_only = s.access_key_id_file.is_some() || s.path_style;
+    if s3_only && s.kind != SharedKind::S3 {
+        return Err(
+            "storage.shared: access_key_id_file and path_style are for kind = \"s3\"".into(),
+        );
+    }
+    if s.kind == SharedKind::Azure && s.account.is_none() && s.access_key_file.is_some() {
+        return Err("storage.shared: access_key_file needs account".into());
+    }
+    if s.prefix.starts_with('/') || s.prefix.contains("//") {
+        return Err(format!(
+            "storage.shared.prefix: {:?} must not start with '/' or hold an empty segment",
+            s.prefix
+        ));
+    }
+    if s.timeout.is_zero() || s.redirect_ttl.is_zero() {
+        return Err("storage.shared: timeout and redirect_ttl must be greater than zero".into());
+    }
+    Ok(())
+}
+
+fn validate_fleet(f: &FleetConfig) -> Result<(), String> {
+    if f.peers.is_empty() == f.peers_dns.is_none() {
+        return Err("fleet: set either peers or peers_dns".into());
+    }
+    for p in f.peers.iter().chain(&f.advertise) {
+        let url = reqwest::Url::parse(p).map_err(|e| format!("fleet: {p:?} is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(format!("fleet: {p:?} must be an http:// or https:// URL"));
+        }
+    }
+    if let Some(dns) = &f.peers_dns {
+        let port_ok = dns
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(format!("fleet.peers_dns: {dns:?} must be <name>:<port>"));
+        }
+    }
+    if f.peer_timeout.is_zero() || f.resolve_interval.is_zero() {
+        return Err("fleet: peer_timeout and resolve_interval must be greater than zero".into());
+    }
+    Ok(())
 }
 
 fn valid_host(s: &str) -> bool {

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fleet;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;
@@ -34,11 +35,35 @@ pub fn install_crypto_provider() {
 /// Builds the parts from a configuration: what `serve` runs and `check-config` checks.
 pub fn build(config: &Config) -> Result<App, String> {
     install_crypto_provider();
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    let fleet = match &config.fleet {
+        Some(f) => Some(Arc::new(fleet::Fleet::new(
+            f,
+            fleet::FleetMetrics::register(metrics.registry_mut()),
+        )?)),
+        None => None,
+    };
+    let shared = match &config.storage.shared {
+        Some(s) => {
+            let replica = fleet
+                .as_ref()
+                .map_or_else(|| "berth".to_owned(), |f| f.me().to_owned());
+            Some(Arc::new(store::shared::Shared::new(
+                s,
+                &replica,
+                store::shared::SharedMetrics::register(metrics.registry_mut()),
+            )?))
+        }
+        None => None,
+    };
+    let metrics = Arc::new(metrics);
     metrics
         .store_max_bytes
         .set(config.storage.max_size.as_u64() as i64);
     let upstreams = Upstreams::from_config(config, metrics.clone()).map_err(|e| e.to_string())?;
+    if let Some(f) = &fleet {
+        upstreams.share_quota(f.size());
+    }
     let store = open_store(config)?;
     let admin_token = match &config.server.admin_token_file {
         Some(path) => Some(
@@ -55,6 +80,8 @@ pub fn build(config: &Config) -> Result<App, String> {
             store,
             metrics.clone(),
             config.client_budgets.as_ref().map(proxy::Budgets::new),
+            shared,
+            fleet,
         ),
         upstreams,
         metrics,
@@ -115,6 +142,13 @@ pub async fn serve(config: Config) -> Result<(), String> {
             "no server.admin_token_file: POST/DELETE /admin/* are open to anyone who reaches the admin port");
     }
     tokio::spawn(sample_history(app.clone()));
+    if let Some(fleet) = app.proxy.fleet() {
+        tracing::info!(me = fleet.me(), peers = ?fleet.peers(), "fleet member");
+        tokio::spawn(keep_fleet(app.clone(), fleet.clone()));
+    }
+    if let Some(shared) = app.proxy.shared() {
+        tracing::info!(store = shared.describe(), "shared tier");
+    }
     tokio::spawn(keep_within_limits(app.clone()));
     if let Some(warm) = config.warm.clone() {
         tokio::spawn(keep_warm(app.clone(), warm));
@@ -171,6 +205,24 @@ async fn keep_within_limits(app: Arc<App>) {
                 }
                 Err(e) => tracing::error!(error = %e, "eviction failed"),
             }
+        }
+    }
+}
+
+/// Follows the fleet's membership (DNS) and splits each upstream's quota cap across it.
+async fn keep_fleet(app: Arc<App>, fleet: Arc<fleet::Fleet>) {
+    let resolving = tokio::spawn(fleet.clone().keep_resolving());
+    let mut size = fleet.size();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if resolving.is_finished() && fleet.size() == size {
+            // A static list never changes; keep ticking cheaply all the same.
+            continue;
+        }
+        if fleet.size() != size {
+            size = fleet.size();
+            app.upstreams.share_quota(size);
         }
     }
 }

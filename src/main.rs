@@ -76,6 +76,13 @@ enum Command {
         /// Target size, e.g. 10GiB (default: the low watermark of storage.max_size).
         #[arg(long)]
         to: Option<bytesize::ByteSize>,
+        /// With a shared tier: abort multipart uploads started longer ago than this (their
+        /// replica died mid-upload).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        uploads_older_than: std::time::Duration,
+        /// Clean the shared tier only (the local store may be in use by a running berth).
+        #[arg(long)]
+        shared_only: bool,
     },
     /// Offline: re-hash every stored blob; report and remove any that fail.
     Verify {
@@ -165,8 +172,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             })
         }),
-        Command::Gc { config, to } => run_client(async move {
+        Command::Gc {
+            config,
+            to,
+            uploads_older_than,
+            shared_only,
+        } => run_client(async move {
             let config = Config::load(&config).map_err(|e| e.to_string())?;
+            if let Some(shared) = &config.storage.shared {
+                berth::install_crypto_provider();
+                let metrics = berth::store::shared::SharedMetrics::default();
+                let tier = berth::store::shared::Shared::new(shared, "berth gc", metrics)?;
+                let aborted = tier
+                    .abort_stale_uploads(uploads_older_than)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "shared store {}: aborted {aborted} incomplete uploads",
+                    tier.describe()
+                );
+            }
+            if shared_only {
+                return Ok(ExitCode::SUCCESS);
+            }
             let store = berth::open_store(&config)?;
             let before = store.used_bytes();
             let done = store

@@ -141,6 +141,14 @@ pub struct Metrics {
     pub store_full_fills: Counter,
 }
 
+impl Metrics {
+    /// The registry, for the parts that register their own metrics (the shared tier, the
+    /// fleet) before the metrics are shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+}
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use super::body::BlobSource;
 use super::fill::Joined;
-use super::{internal, Proxy};
+use super::origin::Origin;
+use super::{internal, Caller, Proxy};
 use crate::metrics::Outcome;
 use crate::oci::{self, Digest, ErrorCode, Repository};
 use crate::upstream::Upstream;
@@ -17,6 +18,8 @@ pub struct BlobAnswer {
     /// Where the bytes come from; `None` for a HEAD answered from upstream metadata.
     pub source: Option<BlobSource>,
     pub outcome: Outcome,
+    /// Redirect mode: where the client gets the bytes instead (a presigned URL).
+    pub redirect: Option<reqwest::Url>,
 }
 
 impl Proxy {
@@ -26,7 +29,13 @@ impl Proxy {
         repo: &Repository,
         digest: &Digest,
         head: bool,
+        caller: &Caller,
     ) -> Result<BlobAnswer, oci::Error> {
+        if !head && !caller.forwarded {
+            if let Some(answer) = self.redirect(up, repo, digest).await? {
+                return Ok(answer);
+            }
+        }
         if let Some(answer) = self.stored_blob(up, repo, digest).await? {
             return Ok(answer);
         }
@@ -40,8 +49,17 @@ impl Proxy {
                         size: Some(total),
                         source: None,
                         outcome: Outcome::Coalesced,
+                        redirect: None,
                     });
                 }
+            }
+            if let Some(size) = self.shared_blob(up, repo, digest).await? {
+                return Ok(BlobAnswer {
+                    size: Some(size),
+                    source: None,
+                    outcome: Outcome::Hit,
+                    redirect: None,
+                });
             }
             // A HEAD does not start a fill: HEADs are free upstream and often only probe.
             return match up.head_blob(repo, digest).await {
@@ -49,15 +67,17 @@ impl Proxy {
                     size: Some(size),
                     source: None,
                     outcome: Outcome::Miss,
+                    redirect: None,
                 }),
                 Ok(None) => Err(blob_unknown(up, repo, digest)),
                 Err(e) => Err(e.to_oci(up.host())),
             };
         }
+        let origin = self.origin(up, repo, digest, caller).await?;
         let (fill, outcome) =
             match self
                 .fills
-                .join_or_start(&self.store, up, repo, digest, &self.metrics)
+                .join_or_start(&self.store, up, repo, digest, &self.metrics, origin)
             {
                 Joined::Stored => {
                     // Finished between our look and the join: it is a hit after all.
@@ -90,7 +110,77 @@ impl Proxy {
             size: progress.total,
             source: Some(BlobSource::Filling(follower)),
             outcome,
+            redirect: None,
         })
+    }
+
+    /// Where a fill for this request would look: the shared tier when it holds the blob
+    /// (once the repository is authorised), else the digest's owner in the fleet, else
+    /// the upstream. A forwarded request is never forwarded again.
+    async fn origin(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+        caller: &Caller,
+    ) -> Result<Origin, oci::Error> {
+        if let Some(shared) = &self.shared {
+            if shared.has_blob(digest).await.unwrap_or(false) {
+                self.authorize_blob(up, repo, digest).await?;
+                return Ok(Origin::Shared(shared.clone()));
+            }
+        }
+        match &self.fleet {
+            Some(fleet) if !caller.forwarded => Ok(Origin::Fleet {
+                fleet: fleet.clone(),
+                owners: fleet.owners(&digest.to_string()),
+                client: caller.client.clone(),
+            }),
+            _ => Ok(Origin::Upstream),
+        }
+    }
+
+    /// The size of a blob the shared tier holds, once the repository is authorised.
+    async fn shared_blob(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<Option<u64>, oci::Error> {
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        let Ok(Some(size)) = shared.blob_size(digest).await else {
+            return Ok(None);
+        };
+        self.authorize_blob(up, repo, digest).await?;
+        Ok(Some(size))
+    }
+
+    /// Redirect mode: a blob the shared tier holds is answered with a presigned URL,
+    /// after the same repository check as any hit.
+    async fn redirect(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<Option<BlobAnswer>, oci::Error> {
+        let Some(shared) = self.shared.as_ref().filter(|s| s.redirects()) else {
+            return Ok(None);
+        };
+        if !shared.has_blob(digest).await.unwrap_or(false) {
+            return Ok(None);
+        }
+        self.authorize_blob(up, repo, digest).await?;
+        let Ok(Some(url)) = shared.presigned(digest).await else {
+            return Ok(None);
+        };
+        Ok(Some(BlobAnswer {
+            size: None,
+            source: None,
+            outcome: Outcome::Hit,
+            redirect: Some(url),
+        }))
     }
 
     async fn stored_blob(
@@ -112,6 +202,7 @@ impl Proxy {
             size: Some(blob.size),
             source: Some(BlobSource::Stored(blob.file)),
             outcome: Outcome::Hit,
+            redirect: None,
         }))
     }
 

@@ -18,10 +18,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use super::origin::{Answered, OpenError, Origin, Request};
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::{self, Digest, ErrorCode, Repository};
+use crate::store::shared::Shared;
 use crate::store::{CommitError, Store};
 use crate::upstream::{self, Upstream};
+
+/// How many times (5 s apart) a blob is offered to a shared store that is down.
+const WRITE_THROUGH_ATTEMPTS: u32 = 24;
 
 /// How many times a cut upstream stream is resumed with a `Range` request.
 const MAX_RESUMES: u32 = 3;
@@ -130,12 +135,20 @@ fn lost() -> oci::Error {
 }
 
 /// The fills in progress, by digest. Belongs to the proxy.
-#[derive(Default)]
 pub struct Fills {
     map: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
+    /// Where fills from the upstream are written through, in a fleet.
+    shared: Option<Arc<Shared>>,
 }
 
 impl Fills {
+    pub fn new(shared: Option<Arc<Shared>>) -> Self {
+        Fills {
+            map: Arc::default(),
+            shared,
+        }
+    }
+
     pub fn in_progress(&self, digest: &Digest) -> Option<Arc<Fill>> {
         self.map
             .lock()
@@ -152,6 +165,7 @@ impl Fills {
         repository: &Repository,
         digest: &Digest,
         metrics: &Arc<Metrics>,
+        origin: Origin,
     ) -> Joined {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = map.get(digest) {
@@ -187,6 +201,9 @@ impl Fills {
             tx: Arc::new(tx),
             tails,
             metrics: metrics.clone(),
+            origin,
+            shared: self.shared.clone(),
+            answered: Mutex::new(None),
         };
         let map_handle = self.map.clone();
         tokio::spawn(task.run(map_handle));
@@ -209,6 +226,11 @@ struct FillTask {
     tx: Arc<watch::Sender<Progress>>,
     tails: Arc<Mutex<Tails>>,
     metrics: Arc<Metrics>,
+    origin: Origin,
+    shared: Option<Arc<Shared>>,
+    /// Which source answered (named in errors; only upstream bytes are written through to
+    /// the shared tier, the others are there already or will be by their owner).
+    answered: Mutex<Option<Answered>>,
 }
 
 /// Takes a fill out of the map (and the in-flight gauge) when dropped: at the end of the
@@ -346,8 +368,8 @@ impl FillTask {
                 return Err(oci::Error::new(
                     ErrorCode::UpstreamDigestMismatch,
                     format!(
-                        "upstream {} sent bytes for {} that hash to {actual}; nothing stored",
-                        self.upstream.host(),
+                        "{} sent bytes for {} that hash to {actual}; nothing stored",
+                        self.source_name(),
                         self.digest
                     ),
                 ))
@@ -377,7 +399,66 @@ impl FillTask {
         verified
             .persist_linked(&self.store, None, Some(link))
             .await
-            .map_err(|e| self.internal("committing", e))
+            .map_err(|e| self.internal("committing", e))?;
+        self.write_through().await;
+        Ok(())
+    }
+
+    fn answered(&self) -> Option<Answered> {
+        self.answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn source_name(&self) -> String {
+        match self.answered() {
+            Some(Answered::Peer(p)) => format!("berth replica {p}"),
+            Some(Answered::Shared) => "the shared store".to_owned(),
+            _ => format!("upstream {}", self.upstream.host()),
+        }
+    }
+
+    /// A blob fetched from the upstream goes to the shared tier too (with its repository
+    /// link), so that no other replica fetches it again. Off the clients' path: they have
+    /// every byte already. A store that is down only costs a log line.
+    async fn write_through(&self) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        if self.answered() != Some(Answered::Upstream) {
+            return;
+        }
+        let Ok(Some(blob)) = self.store.open_blob(&self.digest).await else {
+            return;
+        };
+        let (digest, up, repo) = (
+            self.digest.clone(),
+            self.upstream.host().to_owned(),
+            self.repository.to_string(),
+        );
+        tokio::spawn(async move {
+            // Through a short outage the upload waits for the store; after a long one the
+            // blob stays local only (another replica's miss fetches it again).
+            for attempt in 1..=WRITE_THROUGH_ATTEMPTS {
+                let stored = shared.put_blob(&digest, blob.file.clone(), blob.size).await;
+                let linked = async { shared.link(&up, &repo, std::slice::from_ref(&digest)).await };
+                match stored {
+                    Ok(()) => match linked.await {
+                        Ok(()) => return,
+                        Err(e) if attempt == WRITE_THROUGH_ATTEMPTS => {
+                            tracing::warn!(%digest, error = %e, "blob link not written to the shared store")
+                        }
+                        Err(_) => {}
+                    },
+                    Err(e) if attempt == WRITE_THROUGH_ATTEMPTS => {
+                        tracing::warn!(%digest, error = %e, "blob not written to the shared store")
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
     }
 
     /// Receives the blob from upstream into `chunks`, resuming a cut transfer with a
@@ -392,22 +473,34 @@ impl FillTask {
         let mut resumes = 0;
         let mut total: Option<u64> = None;
         'attempt: loop {
-            let mut resp = match up.get_blob(&self.repository, &self.digest, received).await {
-                Ok(Some(r)) => r,
-                Ok(None) => {
+            let request = Request {
+                up,
+                repo: &self.repository,
+                digest: &self.digest,
+                from: received,
+            };
+            let mut resp = match self.origin.open(&request).await {
+                Ok(r) => r,
+                Err(OpenError::Unknown) => {
                     return Err(super::blobs::blob_unknown(
                         up,
                         &self.repository,
                         &self.digest,
                     ))
                 }
-                Err(e) if received > 0 && resumes < MAX_RESUMES && resumable(&e) => {
+                Err(OpenError::Upstream(e))
+                    if received > 0 && resumes < MAX_RESUMES && resumable(&e) =>
+                {
                     resumes += 1;
                     tracing::info!(digest = %self.digest, received, error = %e, "resume failed; retrying");
                     continue 'attempt;
                 }
-                Err(e) => return Err(e.to_oci(up.host())),
+                Err(OpenError::Upstream(e)) => return Err(e.to_oci(up.host())),
+                Err(OpenError::Oci(e)) => return Err(e),
             };
+            let from_upstream = resp.answered == Answered::Upstream;
+            let from_peer = matches!(resp.answered, Answered::Peer(_));
+            *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(resp.answered.clone());
             if total.is_none() {
                 total = resp.total;
                 self.tx.send_modify(|p| {
@@ -417,16 +510,18 @@ impl FillTask {
                 });
             }
             let cut = loop {
-                match tokio::time::timeout(up.stall_timeout, resp.chunk()).await {
+                match tokio::time::timeout(up.stall_timeout, resp.body.chunk()).await {
                     Ok(Ok(Some(chunk))) => {
                         let n = chunk.len() as u64;
                         if total.is_some_and(|t| received + n > t) {
                             return Err(oci::Error::new(
                                 ErrorCode::UpstreamInvalid,
-                                format!("upstream {} sent more bytes than it announced", up.host()),
+                                format!("{} sent more bytes than it announced", self.source_name()),
                             ));
                         }
-                        up.count_fetched(n);
+                        if from_upstream {
+                            up.count_fetched(n);
+                        }
                         received += n;
                         if chunks.send(chunk).await.is_err() {
                             // The writer stopped: its error is reported by the caller.
@@ -435,7 +530,7 @@ impl FillTask {
                     }
                     Ok(Ok(None)) if total.is_none_or(|t| received == t) => return Ok(received),
                     Ok(Ok(None)) => break "the body ended early".to_owned(),
-                    Ok(Err(e)) => break e.to_string(),
+                    Ok(Err(e)) => break e,
                     Err(_) => {
                         break format!(
                             "no byte for {}",
@@ -444,12 +539,19 @@ impl FillTask {
                     }
                 }
             };
-            if resumes >= MAX_RESUMES || received == 0 {
+            // A replica that cut its stream has likely died: its askers' clients see the
+            // abort and retry, and the retry finds the next owner.
+            if resumes >= MAX_RESUMES || received == 0 || from_peer {
+                if from_peer {
+                    if let Origin::Fleet { fleet, .. } = &self.origin {
+                        fleet.forward_failed("blob");
+                    }
+                }
                 return Err(oci::Error::new(
                     ErrorCode::Unavailable,
                     format!(
-                        "upstream {} cut the transfer of {} at byte {received}: {cut}",
-                        up.host(),
+                        "{} cut the transfer of {} at byte {received}: {cut}",
+                        self.source_name(),
                         self.digest,
                     ),
                 ));

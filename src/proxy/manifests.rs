@@ -9,10 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::flight::Role;
-use super::{internal, referenced_digests, Proxy};
+use super::tiers::{ask_owner, fresh_record, write_through, Ask};
+use super::{internal, referenced_digests, Caller, Proxy};
+use crate::fleet::{Fleet, Owner};
 use crate::metrics::Metrics;
 use crate::metrics::Outcome;
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository, Tag};
+use crate::store::shared::Shared;
 use crate::store::{now_secs, CommitError, StoredManifest, TagRecord};
 use crate::upstream::{self, ManifestResponse, Purpose, Upstream};
 
@@ -100,11 +103,11 @@ impl Proxy {
         repo: &Repository,
         reference: &Reference,
         accept: AcceptSet,
-        client: Option<String>,
+        caller: &Caller,
     ) -> Result<ManifestAnswer, oci::Error> {
         match reference {
-            Reference::Digest(d) => self.manifest_by_digest(up, repo, d, client).await,
-            Reference::Tag(t) => self.manifest_by_tag(up, repo, t, accept, client).await,
+            Reference::Digest(d) => self.manifest_by_digest(up, repo, d, caller).await,
+            Reference::Tag(t) => self.manifest_by_tag(up, repo, t, accept, caller).await,
         }
     }
 
@@ -113,21 +116,34 @@ impl Proxy {
         up: &Arc<Upstream>,
         repo: &Repository,
         digest: &Digest,
-        client: Option<String>,
+        caller: &Caller,
     ) -> Result<ManifestAnswer, oci::Error> {
         if let Some(m) = self.stored_manifest(digest).await? {
             self.authorize_manifest(up, repo, digest).await?;
             return Ok(ManifestAnswer::stored(digest.clone(), m, Outcome::Hit));
         }
+        if let Some(m) = self.shared_manifest(up, repo, digest).await? {
+            return Ok(ManifestAnswer::stored(digest.clone(), m, Outcome::Hit));
+        }
         let key = format!("{}/{repo}@{digest}", up.host());
         let work = {
             let (this, up, repo, digest) = (
-                self.clone_parts(client),
+                self.clone_parts(caller),
                 up.clone(),
                 repo.clone(),
                 digest.clone(),
             );
-            async move { this.fetch_by_digest(&up, &repo, &digest).await }
+            async move {
+                let reference = Reference::Digest(digest.clone());
+                let owned_key = digest.to_string();
+                if let Some(answer) = this
+                    .ask_owners(&owned_key, &up, &repo, &reference, AcceptSet::ALL)
+                    .await
+                {
+                    return answer;
+                }
+                this.fetch_by_digest(&up, &repo, &digest).await
+            }
         };
         self.fly(key, work).await
     }
@@ -138,27 +154,46 @@ impl Proxy {
         repo: &Repository,
         tag: &Tag,
         accept: AcceptSet,
-        client: Option<String>,
+        caller: &Caller,
     ) -> Result<ManifestAnswer, oci::Error> {
         let key = tag_key(up, repo, tag, accept);
         let flight_key = key.clone();
-        let record = find_tag(&self.store, up, repo, tag, accept)?;
-        if let Some(r) = &record {
-            let age = now_secs().saturating_sub(r.validated_at);
-            if Duration::from_secs(age) < up.tag_ttl {
-                if let Some(m) = self.stored_manifest(&r.digest).await? {
-                    return Ok(ManifestAnswer::stored(r.digest.clone(), m, Outcome::Hit));
-                }
+        if let Some(hit) = self.fresh_tag(up, repo, tag, accept).await? {
+            return Ok(hit);
+        }
+        if self.shared.is_some() {
+            // Another replica may have validated it: its record is as good as ours.
+            let record = find_tag(&self.store, up, repo, tag, accept)?;
+            self.adopt_shared_tag(up, repo, &key, record.as_ref())
+                .await?;
+            if let Some(hit) = self.fresh_tag(up, repo, tag, accept).await? {
+                return Ok(hit);
             }
         }
         let work = {
             let (this, up, repo, tag) = (
-                self.clone_parts(client),
+                self.clone_parts(caller),
                 up.clone(),
                 repo.clone(),
                 tag.clone(),
             );
-            async move { this.refresh_tag(&up, &repo, &tag, accept, key).await }
+            async move {
+                let reference = Reference::Tag(tag.clone());
+                let owned_key = tag_key_prefix(&up, &repo, &tag);
+                if let Some(answer) = this
+                    .ask_owners(&owned_key, &up, &repo, &reference, accept)
+                    .await
+                {
+                    if let Ok(a) = &answer {
+                        if a.warning.is_none() {
+                            this.put_local_tag(key, fresh_record(a.digest.clone(), &a.media_type))
+                                .await?;
+                        }
+                    }
+                    return answer;
+                }
+                this.refresh_tag(&up, &repo, &tag, accept, key).await
+            }
         };
         self.fly(flight_key, work).await
     }
@@ -187,6 +222,27 @@ impl Proxy {
         })
     }
 
+    /// The stored answer for a tag validated within its TTL, if there is one.
+    async fn fresh_tag(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        tag: &Tag,
+        accept: AcceptSet,
+    ) -> Result<Option<ManifestAnswer>, oci::Error> {
+        let Some(r) = find_tag(&self.store, up, repo, tag, accept)? else {
+            return Ok(None);
+        };
+        let age = now_secs().saturating_sub(r.validated_at);
+        if Duration::from_secs(age) >= up.tag_ttl {
+            return Ok(None);
+        }
+        Ok(self
+            .stored_manifest(&r.digest)
+            .await?
+            .map(|m| ManifestAnswer::stored(r.digest, m, Outcome::Hit)))
+    }
+
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, oci::Error> {
         self.store
             .manifest(digest)
@@ -195,7 +251,7 @@ impl Proxy {
     }
 
     /// Same rule as for blobs, confirmed with a (free) manifest HEAD.
-    async fn authorize_manifest(
+    pub(super) async fn authorize_manifest(
         &self,
         up: &Arc<Upstream>,
         repo: &Repository,
@@ -212,23 +268,66 @@ impl Proxy {
 #[derive(Clone)]
 struct Parts {
     store: crate::store::Store,
+    shared: Option<Arc<Shared>>,
+    /// The fleet, unless the request was forwarded (then it is answered here).
+    fleet: Option<Arc<Fleet>>,
     metrics: Arc<Metrics>,
     budgets: Option<Arc<Budgets>>,
     client: Option<String>,
 }
 
 impl Proxy {
-    fn clone_parts(&self, client: Option<String>) -> Parts {
+    fn clone_parts(&self, caller: &Caller) -> Parts {
         Parts {
             store: self.store.clone(),
+            shared: self.shared.clone(),
+            fleet: self.fleet.clone().filter(|_| !caller.forwarded),
             metrics: self.metrics.clone(),
             budgets: self.budgets.clone(),
-            client,
+            client: caller.client.clone(),
         }
     }
 }
 
 impl Parts {
+    /// Asks the owners of `key` in rendezvous order until one answers; `None` when this
+    /// replica's turn comes first (or there is no fleet): fetch it here.
+    async fn ask_owners(
+        &self,
+        key: &str,
+        up: &Upstream,
+        repo: &Repository,
+        reference: &Reference,
+        accept: AcceptSet,
+    ) -> Option<Result<ManifestAnswer, oci::Error>> {
+        let fleet = self.fleet.as_ref()?;
+        let ask = Ask {
+            up,
+            repo,
+            reference,
+            accept,
+            client: self.client.as_deref(),
+        };
+        for owner in fleet.owners(key) {
+            match owner {
+                Owner::Me => return None,
+                Owner::Peer(peer) => {
+                    if let Some(answer) = ask_owner(fleet, &peer, &self.store, &ask).await {
+                        return Some(answer);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    async fn put_local_tag(&self, key: String, record: TagRecord) -> Result<(), oci::Error> {
+        self.store
+            .put_tag(key, record)
+            .await
+            .map_err(|e| internal("writing the index", e))
+    }
+
     /// A counted manifest GET, paid from the client's budget (when on) and the upstream's
     /// bucket. The client's token comes back if the upstream's bucket says no.
     async fn counted_get(
@@ -314,7 +413,15 @@ impl Parts {
         self.store
             .link(up.host(), repo.as_str(), links)
             .await
-            .map_err(|e| internal("writing the index", e))
+            .map_err(|e| internal("writing the index", e))?;
+        if let Some(shared) = &self.shared {
+            let stored = StoredManifest {
+                bytes: m.bytes.clone(),
+                media_type: m.media_type.clone(),
+            };
+            write_through(shared, up, repo, digest, &stored, None).await;
+        }
+        Ok(())
     }
 
     /// A tag that is stale or unknown: revalidate with HEAD when something is stored,
@@ -371,7 +478,7 @@ impl Parts {
                             .map_err(|e| internal("reading a stored manifest", e))?
                         {
                             if accept.accepts(&m.media_type) {
-                                self.put_tag(key, record_for(new.clone(), &m.media_type))
+                                self.put_tag(key, fresh_record(new.clone(), &m.media_type))
                                     .await?;
                                 let mut links = referenced_digests(&m.bytes);
                                 links.push(new.clone());
@@ -464,7 +571,7 @@ impl Parts {
         self.keep(up, repo, &digest, &fetched)
             .await
             .map_err(FetchError::Oci)?;
-        self.put_tag(key, record_for(digest.clone(), &fetched.media_type))
+        self.put_tag(key, fresh_record(digest.clone(), &fetched.media_type))
             .await?;
         Ok(ManifestAnswer {
             digest,
@@ -475,21 +582,14 @@ impl Parts {
         })
     }
 
+    /// Records a tag here and in the shared tier, where every replica sees it.
     async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), oci::Error> {
-        self.store
-            .put_tag(key, record)
-            .await
-            .map_err(|e| internal("writing the index", e))
-    }
-}
-
-fn record_for(digest: Digest, media_type: &str) -> TagRecord {
-    let now = now_secs();
-    TagRecord {
-        digest,
-        media_type: media_type.to_owned(),
-        fetched_at: now,
-        validated_at: now,
+        if let Some(shared) = &self.shared {
+            if let Err(e) = shared.put_tag(&key, &record).await {
+                tracing::debug!(key, error = %e, "tag record not written to the shared store");
+            }
+        }
+        self.put_local_tag(key, record).await
     }
 }
 

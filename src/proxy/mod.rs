@@ -11,6 +11,8 @@ mod budgets;
 mod fill;
 mod flight;
 mod manifests;
+mod origin;
+mod tiers;
 mod warm;
 
 use std::sync::Arc;
@@ -23,28 +25,73 @@ pub use budgets::Budgets;
 pub use manifests::{tag_key_prefix, ManifestAnswer};
 pub use warm::WarmReport;
 
+use crate::fleet::Fleet;
 use crate::metrics::{Kind, Metrics};
 use crate::oci::{self, Digest, ErrorCode, Repository};
+use crate::store::shared::Shared;
 use crate::store::Store;
 use crate::upstream::{Passthrough, Upstream};
 
 pub struct Proxy {
     store: Store,
+    /// The object store a fleet shares, behind the local store.
+    shared: Option<Arc<Shared>>,
+    /// The other replicas, and who owns which key.
+    fleet: Option<Arc<Fleet>>,
     metrics: Arc<Metrics>,
     budgets: Option<Arc<Budgets>>,
     fills: fill::Fills,
     manifest_flights: flight::Flights<String, Result<ManifestAnswer, oci::Error>>,
 }
 
+/// Who is asking, as far as policy cares.
+#[derive(Clone, Debug, Default)]
+pub struct Caller {
+    /// Who pays for counted requests, when per-client budgets are on.
+    pub client: Option<String>,
+    /// Forwarded by another replica of the fleet: answer here, never forward again.
+    pub forwarded: bool,
+}
+
 impl Proxy {
-    pub fn new(store: Store, metrics: Arc<Metrics>, budgets: Option<Budgets>) -> Self {
+    pub fn new(
+        store: Store,
+        metrics: Arc<Metrics>,
+        budgets: Option<Budgets>,
+        shared: Option<Arc<Shared>>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> Self {
         Proxy {
             store,
+            fills: fill::Fills::new(shared.clone()),
+            shared,
+            fleet,
             metrics,
             budgets: budgets.map(Arc::new),
-            fills: fill::Fills::default(),
             manifest_flights: flight::Flights::default(),
         }
+    }
+
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
+    }
+
+    /// Forgets every tag record whose key starts with `prefix`, here and in the shared
+    /// tier (other replicas keep their local copy until its TTL runs out).
+    pub async fn forget_tags(&self, prefix: String) -> std::io::Result<usize> {
+        let shared = match &self.shared {
+            Some(s) => s.remove_tags(&prefix).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "tag records not removed from the shared store");
+                0
+            }),
+            None => 0,
+        };
+        let local = self.store.remove_tags(prefix).await?;
+        Ok(local.max(shared))
     }
 
     pub fn store(&self) -> &Store {
@@ -91,12 +138,28 @@ impl Proxy {
         if linked {
             return Ok(());
         }
+        // Another replica may have seen the repository hold it.
+        if let Some(shared) = &self.shared {
+            if let Ok(true) = shared.is_linked(up.host(), repo.as_str(), digest).await {
+                return self
+                    .store
+                    .link(up.host(), repo.as_str(), vec![digest.clone()])
+                    .await
+                    .map_err(|e| internal("writing the index", e));
+            }
+        }
         match confirm.await {
-            Ok(Some(_)) => self
-                .store
-                .link(up.host(), repo.as_str(), vec![digest.clone()])
-                .await
-                .map_err(|e| internal("writing the index", e)),
+            Ok(Some(_)) => {
+                if let Some(shared) = &self.shared {
+                    let _ = shared
+                        .link(up.host(), repo.as_str(), std::slice::from_ref(digest))
+                        .await;
+                }
+                self.store
+                    .link(up.host(), repo.as_str(), vec![digest.clone()])
+                    .await
+                    .map_err(|e| internal("writing the index", e))
+            }
             Ok(None) => Err(unknown()),
             Err(e) => Err(e.to_oci(up.host())),
         }

@@ -86,7 +86,13 @@ impl Proxy {
         platforms: &[String],
     ) -> Result<WarmReport, oci::Error> {
         let top = self
-            .manifest(up, repo, reference, AcceptSet::ALL, None)
+            .manifest(
+                up,
+                repo,
+                reference,
+                AcceptSet::ALL,
+                &super::Caller::default(),
+            )
             .await?;
         let mut pins = vec![top.digest.clone()];
         let mut images = Vec::new();
@@ -110,7 +116,7 @@ impl Proxy {
                         repo,
                         &Reference::Digest(child.digest.clone()),
                         AcceptSet::ALL,
-                        None,
+                        &super::Caller::default(),
                     )
                     .await?;
                 pins.push(child.digest);
@@ -148,7 +154,9 @@ impl Proxy {
         repo: &Repository,
         digest: &Digest,
     ) -> Result<(), oci::Error> {
-        let answer = self.blob(up, repo, digest, false).await?;
+        let answer = self
+            .blob(up, repo, digest, false, &super::Caller::default())
+            .await?;
         if let Some(BlobSource::Filling(mut follower)) = answer.source {
             // Warming reads no bytes: a pass-through (disk full) must not wait for it.
             drop(follower.tail);

@@ -32,7 +32,21 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         (Method::GET, "/metrics") => metrics(&app, &req),
         (Method::GET, "/healthz") => response::status(StatusCode::OK, "ok\n", "text/plain"),
         (Method::GET, "/readyz") => match app.proxy.store().probe_writable().await {
-            Ok(()) => response::status(StatusCode::OK, "ready\n", "text/plain"),
+            // A shared tier in trouble degrades the replica, it does not take it out:
+            // it still serves its local disk and fetches through.
+            Ok(()) => match shared_trouble(&app).await {
+                Some(trouble) => {
+                    let text = format!(
+                        "ready (degraded): the shared store is unavailable ({trouble}); \
+                         serving from local disk and fetching through\n"
+                    );
+                    let mut resp = Response::new(Body::bytes(text.into_bytes()));
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                    resp
+                }
+                None => response::status(StatusCode::OK, "ready\n", "text/plain"),
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "not ready: the store cannot be written");
                 response::status(
@@ -57,6 +71,16 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         }
         _ => response::status(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
     }
+}
+
+/// What is wrong with the shared tier, if anything: probed (one listing) unless it is
+/// already being skipped after a failure.
+async fn shared_trouble(app: &App) -> Option<String> {
+    let shared = app.proxy.shared()?;
+    if !shared.skipped() {
+        let _ = shared.probe().await;
+    }
+    shared.trouble()
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
@@ -143,7 +167,7 @@ async fn delete_tag(app: &App, image: &str) -> Response<Body> {
         Err(e) => return admin_error(e.status(), &e.message),
     };
     let prefix = crate::proxy::tag_key_prefix(&up, &repo, tag);
-    match app.proxy.store().remove_tags(prefix).await {
+    match app.proxy.forget_tags(prefix).await {
         Ok(0) => admin_error(StatusCode::NOT_FOUND, &format!("{image} is not cached")),
         Ok(n) => json(StatusCode::OK, &serde_json::json!({ "removed": n })),
         Err(e) => admin_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("index: {e}")),

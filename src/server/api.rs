@@ -13,7 +13,7 @@ use super::response::{self, Body, API_VERSION};
 use super::App;
 use crate::metrics::{Kind, Outcome};
 use crate::oci::{self, AcceptSet, Endpoint, ErrorCode, Route};
-use crate::proxy::{BlobAnswer, BlobBody, ManifestAnswer};
+use crate::proxy::{BlobAnswer, BlobBody, Caller, ManifestAnswer};
 
 /// What the log line and the metrics say about a request.
 struct Summary {
@@ -118,6 +118,7 @@ async fn serve<B>(
         return Ok(resp);
     }
     let (up, repo) = app.upstreams.resolve(route.ns.as_deref(), route.name)?;
+    let caller = caller(app, req, peer)?;
     // The host a path-prefix client named (`/v2/ghcr.io/org/app/...`), if any.
     let prefix = route
         .ns
@@ -137,19 +138,18 @@ async fn serve<B>(
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            let client = app
-                .proxy
-                .budgets()
-                .map(|b| b.client_of(req.headers(), peer.ip()));
             let answer = app
                 .proxy
-                .manifest(&up, &repo, &reference, accept, client)
+                .manifest(&up, &repo, &reference, accept, &caller)
                 .await?;
             summary.outcome = answer.outcome;
             manifest_response(answer, route.head)
         }
         Endpoint::Blob(digest) => {
-            let answer = app.proxy.blob(&up, &repo, &digest, route.head).await?;
+            let answer = app
+                .proxy
+                .blob(&up, &repo, &digest, route.head, &caller)
+                .await?;
             summary.outcome = answer.outcome;
             blob_response(app, answer, &digest, req.headers(), route.head)?
         }
@@ -190,6 +190,40 @@ async fn serve<B>(
         }
     }
     Ok(resp)
+}
+
+/// Who asks: a replica of the fleet (its signed header verified; it names the client it
+/// serves) or a client, named for per-client budgets.
+fn caller<B>(app: &App, req: &Request<B>, peer: SocketAddr) -> Result<Caller, oci::Error> {
+    let own_client = || {
+        app.proxy
+            .budgets()
+            .map(|b| b.client_of(req.headers(), peer.ip()))
+    };
+    let Some(fleet) = app.proxy.fleet() else {
+        return Ok(Caller {
+            client: own_client(),
+            forwarded: false,
+        });
+    };
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    match fleet.verify(req.headers(), req.method().as_str(), target) {
+        Ok(Some(forwarded)) => Ok(Caller {
+            client: forwarded.client,
+            forwarded: true,
+        }),
+        Ok(None) => Ok(Caller {
+            client: own_client(),
+            forwarded: false,
+        }),
+        Err(bad) => {
+            tracing::warn!(%peer, reason = bad.0, "refused a request with a bad fleet signature");
+            Err(oci::Error::new(
+                ErrorCode::Unauthorized,
+                "the request carries a berth fleet header that does not verify",
+            ))
+        }
+    }
 }
 
 fn encode_query(s: &str) -> String {
@@ -253,6 +287,17 @@ fn blob_response(
     req_headers: &HeaderMap,
     head: bool,
 ) -> Result<Response<Body>, oci::Error> {
+    if let Some(url) = &answer.redirect {
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(url.as_str()) {
+            h.insert(header::LOCATION, v);
+        }
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+        digest_headers(h, digest);
+        return Ok(resp);
+    }
     let range_header = req_headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, end) = match answer.size {
         Some(size) => match range::evaluate(range_header, size) {

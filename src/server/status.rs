@@ -23,6 +23,28 @@ pub struct Status {
     pub fills_in_flight: i64,
     pub upstreams: Vec<UpstreamStatus>,
     pub history: Vec<Sample>,
+    /// The fleet this replica belongs to, when there is one.
+    #[serde(default)]
+    pub fleet: Option<FleetStatus>,
+    /// The shared tier, when configured.
+    #[serde(default)]
+    pub shared: Option<SharedStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// How peers reach this replica.
+    pub me: String,
+    /// Every replica, this one included.
+    pub peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SharedStatus {
+    pub store: String,
+    pub available: bool,
+    /// The last failure while unavailable.
+    pub error: Option<String>,
 }
 
 /// Manifest and blob requests since start. `hits` are answers that cost no upstream
@@ -178,5 +200,17 @@ pub fn status(app: &App) -> Status {
         fills_in_flight: m.fills_in_flight.get(),
         upstreams,
         history: app.history.all(),
+        fleet: app.proxy.fleet().map(|f| FleetStatus {
+            me: f.me().to_owned(),
+            peers: f.peers(),
+        }),
+        shared: app.proxy.shared().map(|s| {
+            let error = s.trouble();
+            SharedStatus {
+                store: s.describe().to_owned(),
+                available: error.is_none(),
+                error,
+            }
+        }),
     }
 }

@@ -9,6 +9,7 @@
 
 mod evict;
 pub mod index;
+pub mod shared;
 mod temp;
 
 use std::fs::File;

@@ -53,6 +53,13 @@ impl Upstreams {
         })
     }
 
+    /// Splits every upstream's quota across a fleet of `replicas`.
+    pub fn share_quota(&self, replicas: usize) {
+        for u in &self.all {
+            u.quota().share(replicas);
+        }
+    }
+
     pub fn all(&self) -> &[Arc<Upstream>] {
         &self.all
     }

@@ -63,6 +63,10 @@ struct State {
     cap: Option<Size>,
     /// The bucket in force: the cap, or what the upstream's headers say.
     size: Option<Size>,
+    /// The configured cap before a fleet split it.
+    configured: Option<Size>,
+    /// This replica's part of the upstream's quota (1 alone; 1/n in a fleet of n).
+    share: f64,
     tokens: f64,
     refilled: Instant,
     /// After a 429: no counted request until then.
@@ -104,6 +108,8 @@ impl Quota {
                 tokens: size.map_or(0.0, |s| s.capacity),
                 cap: size,
                 size,
+                configured: size,
+                share: 1.0,
                 header_limit: None,
                 header_remaining: None,
                 refilled: Instant::now(),
@@ -211,7 +217,7 @@ impl Quota {
                     .unwrap_or(Duration::from_secs(6 * 3600));
                 s.header_limit = Some(limit);
                 let upstream = Size {
-                    capacity: limit.max(1) as f64,
+                    capacity: (limit.max(1) as f64 * s.share).max(1.0),
                     per,
                 };
                 s.size = Some(match s.cap {
@@ -225,7 +231,8 @@ impl Quota {
             }
             if let Some((remaining, _)) = remaining {
                 s.header_remaining = Some(remaining);
-                let remaining = remaining as f64;
+                // The upstream counts for the whole fleet (one account or address).
+                let remaining = remaining as f64 * s.share;
                 s.tokens = match s.cap {
                     Some(_) => s.tokens.min(remaining),
                     None => remaining,
@@ -237,6 +244,39 @@ impl Quota {
                     .ratelimit_remaining
                     .get_or_create(&self.labels())
                     .set(remaining as i64);
+            }
+        }
+        self.publish();
+    }
+
+    /// A fleet of `replicas` shares one upstream quota: each spends at most its part of
+    /// the configured cap, and of what the upstream's headers say remains. Counted
+    /// requests are made only by the owner of each key, and keys are spread evenly by
+    /// rendezvous hashing, so equal parts match how the fleet spends.
+    pub fn share(&self, replicas: usize) {
+        {
+            let mut s = self.lock();
+            refill(&mut s, Instant::now());
+            let share = 1.0 / replicas.max(1) as f64;
+            let old = s.share;
+            s.share = share;
+            s.cap = s.configured.map(|c| Size {
+                capacity: (c.capacity * share).max(1.0),
+                per: c.per,
+            });
+            s.size = match (s.size, s.cap) {
+                (Some(size), Some(cap)) if s.header_limit.is_some() => Some(Size {
+                    capacity: (size.capacity * share / old).max(1.0).min(cap.capacity),
+                    per: size.per,
+                }),
+                (_, Some(cap)) => Some(cap),
+                (size, None) => size.map(|z| Size {
+                    capacity: (z.capacity * share / old).max(1.0),
+                    per: z.per,
+                }),
+            };
+            if let Some(size) = s.size {
+                s.tokens = s.tokens.min(size.capacity);
             }
         }
         self.publish();

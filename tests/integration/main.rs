@@ -11,6 +11,7 @@ mod auth;
 mod bad_input;
 mod common;
 mod eviction;
+mod fleet;
 mod harness_smoke;
 mod herd;
 mod ops;

@@ -69,6 +69,9 @@ pub struct Extra {
     pub max_size: Option<String>,
     /// `storage.root` (a temp dir when unset), e.g. on a small tmpfs.
     pub data_dir: Option<PathBuf>,
+    /// The pull API's address (a free port when unset): a fleet's replicas must know
+    /// each other's before they start.
+    pub listen: Option<SocketAddr>,
 }
 
 pub struct Berth {
@@ -120,7 +123,9 @@ impl Berth {
             .data_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("data"));
-        let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+        let addr: SocketAddr = extra
+            .listen
+            .unwrap_or_else(|| format!("127.0.0.1:{}", super::free_port()).parse().unwrap());
         let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let server_extra = &extra.server;
         let max_size = extra.max_size.as_deref().unwrap_or("10GiB");
@@ -235,6 +240,20 @@ impl Berth {
     /// Stops and starts again on the same config, ports and store.
     pub async fn restart(&mut self) {
         self.stop();
+        self.spawn().await;
+    }
+
+    /// SIGKILL: no drain, no clean-up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again (after `kill` or `stop`) on the same config, ports and store.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "berth is still running");
         self.spawn().await;
     }
 

@@ -86,6 +86,24 @@ impl Containerd {
         hosts
     }
 
+    /// Like [`Self::write_hosts`] with several mirrors, tried in order (as on a node whose
+    /// hosts.toml lists several berth replicas: a dead one is skipped). A 2 s dial timeout
+    /// keeps a dead mirror cheap.
+    pub fn write_hosts_many(&self, registry: &str, mirrors: &[String]) -> PathBuf {
+        let hosts = self.dir.path().join("certs.d");
+        let dir = hosts.join(registry);
+        std::fs::create_dir_all(&dir).expect("hosts dir");
+        let dead = format!("http://127.0.0.1:{}", super::free_port());
+        let mut text = format!("server = \"{dead}\"\n");
+        for m in mirrors {
+            text.push_str(&format!(
+                "\n[host.\"{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"2s\"\n"
+            ));
+        }
+        std::fs::write(dir.join("hosts.toml"), text).expect("hosts.toml");
+        hosts
+    }
+
     /// A directory for hosts files that something else (e.g. `berth containerd-config`) writes.
     pub fn hosts_dir(&self) -> PathBuf {
         self.dir.path().join("certs.d")

@@ -4,14 +4,17 @@
 //! This module owns the small pieces every peer needs: free ports, finding a peer's binary
 //! (a missing peer fails the test, it never skips it), bounded waits, running a CLI with a
 //! deadline, and the HTTP client tests talk with. Each peer lives in its own submodule:
-//! `registry` (CNCF distribution), `token` (a JWT issuer that registry trusts) and `image`
-//! (OCI layouts built offline and pushed with skopeo).
+//! `registry` (CNCF distribution), `token` (a JWT issuer that registry trusts), `image`
+//! (OCI layouts built offline and pushed with skopeo) and `garage` (the S3 object store
+//! behind the shared tier).
 
 #![allow(dead_code)] // each test module uses a different part of the harness
 
 pub mod berth;
 pub mod containerd;
+pub mod fleet;
 pub mod front;
+pub mod garage;
 pub mod hub;
 pub mod image;
 pub mod registry;

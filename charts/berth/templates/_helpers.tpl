@@ -29,7 +29,7 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
-{{/* Selector labels of berth's pods (the StatefulSet). */}}
+{{/* Selector labels of berth's pods (the StatefulSet or, for a fleet, the Deployment). */}}
 {{- define "berth.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "berth.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -115,7 +115,113 @@ credentials.upstreams, server.admin_token_file), as TOML.
 {{- $_ := set $server "admin_token_file" (printf "/etc/berth/admin-token/%s" .Values.adminToken.key) }}
 {{- $_ := set $cfg "server" $server }}
 {{- end }}
+{{- if include "berth.fleet" . }}
+{{- $storage := $cfg.storage | default dict }}
+{{- $_ := set $storage "shared" (merge (include "berth.sharedStorageConfig" . | fromYaml) ($storage.shared | default dict)) }}
+{{- $_ := set $cfg "storage" $storage }}
+{{- $fleet := $cfg.fleet | default dict }}
+{{- if or $fleet.peers $fleet.advertise }}
+{{- fail "config.fleet: leave peers and advertise out; the chart finds peers through the headless Service (peers_dns) and sets BERTH_FLEET_ADVERTISE per pod" }}
+{{- end }}
+{{- $_ := set $fleet "peers_dns" (include "berth.peersDNS" .) }}
+{{- $_ := set $fleet "secret_file" "/etc/berth/fleet/secret" }}
+{{- $_ := set $fleet "peer_timeout" .Values.fleet.peerTimeout }}
+{{- $_ := set $cfg "fleet" $fleet }}
+{{- else if or (and (kindIs "map" $cfg.storage) (hasKey $cfg.storage "shared")) (hasKey $cfg "fleet") }}
+{{- fail "config.storage.shared / config.fleet: set sharedStorage.enabled=true (and sharedStorage.*) instead; the chart then adds the peers Service, the fleet secret and the pod settings a fleet needs" }}
+{{- end }}
 {{- toToml $cfg }}
+{{- end }}
+
+{{/* "true" when sharedStorage is on (a fleet), else "". Validates the sharedStorage values. */}}
+{{- define "berth.fleet" -}}
+{{- if .Values.sharedStorage.enabled }}
+{{- $s := .Values.sharedStorage }}
+{{- if not (has $s.kind (list "s3" "gcs" "azure")) }}
+{{- fail (printf "sharedStorage.kind: %q is not one of s3, gcs, azure" $s.kind) }}
+{{- end }}
+{{- if not $s.bucket }}
+{{- fail "sharedStorage.enabled needs sharedStorage.bucket" }}
+{{- end }}
+{{- if and (eq $s.kind "azure") (not $s.account) }}
+{{- fail "sharedStorage.kind azure needs sharedStorage.account" }}
+{{- end }}
+{{- if not (has $s.localCache.type (list "emptyDir" "persistentVolumeClaim")) }}
+{{- fail (printf "sharedStorage.localCache.type: %q is not emptyDir or persistentVolumeClaim" $s.localCache.type) }}
+{{- end }}
+{{- if not (has (toString .Values.fleet.antiAffinity) (list "soft" "hard" "none" "")) }}
+{{- fail (printf "fleet.antiAffinity: %q is not soft, hard or none" .Values.fleet.antiAffinity) }}
+{{- end }}
+{{- if and .Values.fleet.existingSecret .Values.fleet.secret }}
+{{- fail "fleet: set existingSecret or secret, not both" }}
+{{- end }}
+{{- print "true" }}
+{{- end }}
+{{- end }}
+
+{{/* The workload kind: Deployment for a fleet with an emptyDir local tier, else StatefulSet. */}}
+{{- define "berth.workloadKind" -}}
+{{- if and (include "berth.fleet" .) (eq .Values.sharedStorage.localCache.type "emptyDir") }}
+{{- print "Deployment" }}
+{{- else }}
+{{- print "StatefulSet" }}
+{{- end }}
+{{- end }}
+
+{{/* config.storage.shared from the sharedStorage values, as YAML (keys as in berth.toml). */}}
+{{- define "berth.sharedStorageConfig" -}}
+{{- $s := .Values.sharedStorage }}
+kind: {{ $s.kind | quote }}
+bucket: {{ $s.bucket | quote }}
+{{- with $s.prefix }}
+prefix: {{ . | quote }}
+{{- end }}
+redirect: {{ $s.redirect }}
+{{- if eq $s.kind "s3" }}
+{{- with $s.endpoint }}
+endpoint: {{ . | quote }}
+{{- end }}
+{{- with $s.region }}
+region: {{ . | quote }}
+{{- end }}
+path_style: {{ $s.pathStyle }}
+{{- else if eq $s.kind "gcs" }}
+{{- if $s.credentials.existingSecret }}
+service_account_file: "/etc/berth/bucket/service-account.json"
+{{- end }}
+{{- else if eq $s.kind "azure" }}
+account: {{ $s.account | quote }}
+{{- if $s.credentials.existingSecret }}
+access_key_file: "/etc/berth/bucket/access-key"
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The headless Service through which the replicas find each other. */}}
+{{- define "berth.peersService" -}}
+{{- printf "%s-peers" (include "berth.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* config.fleet.peers_dns: <headless>.<namespace>.svc.<domain>:<pull port>. */}}
+{{- define "berth.peersDNS" -}}
+{{- printf "%s.%s.svc.%s:%s" (include "berth.peersService" .) .Release.Namespace .Values.fleet.clusterDomain (include "berth.port" .Values.config.server.listen) }}
+{{- end }}
+
+{{/* Name of the Secret holding the fleet's shared secret. */}}
+{{- define "berth.fleetSecret" -}}
+{{- default (printf "%s-fleet" (include "berth.fullname" .)) .Values.fleet.existingSecret }}
+{{- end }}
+
+{{/* "true" when the PodDisruptionBudget is rendered: enabled true, or auto with a fleet of more than one. */}}
+{{- define "berth.pdbEnabled" -}}
+{{- $e := toString .Values.podDisruptionBudget.enabled }}
+{{- if eq $e "true" }}
+{{- print "true" }}
+{{- else if and (eq $e "auto") (include "berth.fleet" .) (gt (int .Values.replicaCount) 1) }}
+{{- print "true" }}
+{{- else if not (has $e (list "false" "auto" "true")) }}
+{{- fail (printf "podDisruptionBudget.enabled: %q is not true, false or auto" $e) }}
+{{- end }}
 {{- end }}
 
 {{/* The port of a "host:port" listen address. */}}

@@ -1,0 +1,199 @@
+//! Where a fill's bytes come from: the upstream, the shared tier, or the replica that owns
+//! the digest. Whatever the origin, the fill hashes what arrives and aborts its clients'
+//! streams if it does not match: a peer or an object store is trusted no more than an
+//! upstream.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use http::{header, HeaderMap, HeaderValue};
+
+use crate::fleet::{Fleet, Owner};
+use crate::oci::{self, Digest, ErrorCode, Repository};
+use crate::store::shared::Shared;
+use crate::upstream::{self, BlobResponse, Upstream};
+
+/// Where a fill was told to look, decided when it starts.
+#[derive(Clone)]
+pub enum Origin {
+    Upstream,
+    /// The shared tier holds the blob (and the repository was authorised).
+    Shared(Arc<Shared>),
+    /// Ask the owners in rendezvous order; `Owner::Me` means the upstream.
+    Fleet {
+        fleet: Arc<Fleet>,
+        owners: Vec<Owner>,
+        client: Option<String>,
+    },
+}
+
+/// Which source actually answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answered {
+    Upstream,
+    Shared,
+    Peer(String),
+}
+
+pub enum Body {
+    Upstream(BlobResponse),
+    Stream(BoxStream<'static, Result<Bytes, String>>),
+}
+
+impl Body {
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, String> {
+        match self {
+            Body::Upstream(r) => r.chunk().await.map_err(|e| e.to_string()),
+            Body::Stream(s) => s.next().await.transpose(),
+        }
+    }
+}
+
+/// A response on its way, from byte `from` of the blob.
+pub struct Opened {
+    pub total: Option<u64>,
+    pub body: Body,
+    pub answered: Answered,
+}
+
+pub enum OpenError {
+    /// The repository does not hold the blob.
+    Unknown,
+    /// Talking to the upstream failed (some failures may be resumed).
+    Upstream(upstream::Error),
+    /// Anything else, already in OCI terms.
+    Oci(oci::Error),
+}
+
+pub struct Request<'a> {
+    pub up: &'a Upstream,
+    pub repo: &'a Repository,
+    pub digest: &'a Digest,
+    pub from: u64,
+}
+
+impl Origin {
+    /// Opens the blob at `r.from`. A fleet origin tries the owners in order, skipping
+    /// those that do not answer, and fetches from the upstream itself when its turn comes.
+    pub async fn open(&self, r: &Request<'_>) -> Result<Opened, OpenError> {
+        match self {
+            Origin::Upstream => open_upstream(r).await,
+            Origin::Shared(shared) => match shared.blob_stream(r.digest, r.from).await {
+                Ok(Some((size, stream))) => Ok(Opened {
+                    total: Some(size),
+                    body: Body::Stream(stream),
+                    answered: Answered::Shared,
+                }),
+                // Gone or unreachable since the look: the upstream has it.
+                Ok(None) | Err(_) => open_upstream(r).await,
+            },
+            Origin::Fleet {
+                fleet,
+                owners,
+                client,
+            } => {
+                for owner in owners {
+                    let peer = match owner {
+                        Owner::Me => return open_upstream(r).await,
+                        Owner::Peer(p) => p,
+                    };
+                    match open_peer(fleet, peer, client.as_deref(), r).await {
+                        Some(result) => return result,
+                        None => continue,
+                    }
+                }
+                open_upstream(r).await
+            }
+        }
+    }
+}
+
+async fn open_upstream(r: &Request<'_>) -> Result<Opened, OpenError> {
+    match r.up.get_blob(r.repo, r.digest, r.from).await {
+        Ok(Some(resp)) => Ok(Opened {
+            total: resp.total,
+            body: Body::Upstream(resp),
+            answered: Answered::Upstream,
+        }),
+        Ok(None) => Err(OpenError::Unknown),
+        Err(e) => Err(OpenError::Upstream(e)),
+    }
+}
+
+/// `None` when the peer did not answer (it is marked down; try the next one).
+async fn open_peer(
+    fleet: &Fleet,
+    peer: &str,
+    client: Option<&str>,
+    r: &Request<'_>,
+) -> Option<Result<Opened, OpenError>> {
+    let target = format!("/v2/{}/blobs/{}?ns={}", r.repo, r.digest, r.up.host());
+    let mut extra = HeaderMap::new();
+    if r.from > 0 {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes={}-", r.from)) {
+            extra.insert(header::RANGE, v);
+        }
+    }
+    let resp = fleet
+        .ask(peer, "blob", reqwest::Method::GET, &target, extra, client)
+        .await
+        .ok()?;
+    let status = resp.status();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Some(Err(OpenError::Unknown));
+    }
+    if !(status.is_success()) || (r.from > 0 && status != reqwest::StatusCode::PARTIAL_CONTENT) {
+        fleet.forward_failed("blob");
+        return Some(Err(OpenError::Oci(peer_error(peer, resp).await)));
+    }
+    let total = if r.from > 0 {
+        resp.headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit_once('/'))
+            .and_then(|(_, t)| t.parse().ok())
+    } else {
+        resp.content_length()
+    };
+    let stream = resp.bytes_stream().map_err(|e| e.to_string()).boxed();
+    Some(Ok(Opened {
+        total,
+        body: Body::Stream(stream),
+        answered: Answered::Peer(peer.to_owned()),
+    }))
+}
+
+/// A replica's error answer, in OCI terms: its code and message when it sent the usual
+/// JSON, else its status.
+pub async fn peer_error(peer: &str, resp: reqwest::Response) -> oci::Error {
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Error bodies are small; a peer that sends a huge one is cut off.
+    let body = tokio::time::timeout(std::time::Duration::from_secs(5), resp.bytes())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&body[..body.len().min(65536)])
+        .ok()
+        .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("berth replica {peer} answered {status}"));
+    let code = match status.as_u16() {
+        404 => ErrorCode::ManifestUnknown,
+        401 | 403 => ErrorCode::Denied,
+        429 => ErrorCode::TooManyRequests,
+        503 => ErrorCode::Unavailable,
+        _ => ErrorCode::UpstreamInvalid,
+    };
+    let e = oci::Error::new(code, message);
+    match retry_after {
+        Some(s) => e.retry_after(std::time::Duration::from_secs(s)),
+        None => e,
+    }
+}

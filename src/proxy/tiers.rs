@@ -1,0 +1,256 @@
+//! Manifests across the tiers of a fleet: what another replica stored in the shared tier
+//! is taken from there (tag records included, so a tag validated by any replica is fresh
+//! for all), what this replica fetched is written there, and a miss goes to the key's
+//! owner, which alone spends the upstream's quota on it.
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue};
+
+use super::manifests::ManifestAnswer;
+use super::{internal, referenced_digests, Proxy};
+use crate::fleet::Fleet;
+use crate::metrics::Outcome;
+use crate::oci::media::MAX_MANIFEST_BYTES;
+use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository};
+use crate::store::shared::Shared;
+use crate::store::{now_secs, Store, StoredManifest, TagRecord};
+use crate::upstream::Upstream;
+
+impl Proxy {
+    /// A manifest by digest from the shared tier, copied to the local store.
+    pub(super) async fn shared_manifest(
+        &self,
+        up: &std::sync::Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<Option<StoredManifest>, oci::Error> {
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        let Ok(Some(m)) = shared.manifest(digest).await else {
+            return Ok(None);
+        };
+        self.authorize_manifest(up, repo, digest).await?;
+        keep_local(&self.store, up, repo, digest, &m).await?;
+        Ok(Some(m))
+    }
+
+    /// A tag record another replica wrote that is newer than this replica's: copied to
+    /// the local index (with its manifest), so the usual freshness rule applies to it.
+    pub(super) async fn adopt_shared_tag(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        key: &str,
+        local: Option<&TagRecord>,
+    ) -> Result<(), oci::Error> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let Ok(Some(record)) = shared.tag(key).await else {
+            return Ok(());
+        };
+        if local.is_some_and(|l| l.validated_at >= record.validated_at) {
+            return Ok(());
+        }
+        let have = self
+            .store
+            .manifest(&record.digest)
+            .await
+            .map_err(|e| internal("reading a stored manifest", e))?
+            .is_some();
+        if !have {
+            let Ok(Some(m)) = shared.manifest(&record.digest).await else {
+                return Ok(());
+            };
+            keep_local(&self.store, up, repo, &record.digest, &m).await?;
+        }
+        self.store
+            .put_tag(key.to_owned(), record)
+            .await
+            .map_err(|e| internal("writing the index", e))
+    }
+}
+
+/// Stores a verified manifest locally and links what it refers to.
+async fn keep_local(
+    store: &Store,
+    up: &Upstream,
+    repo: &Repository,
+    digest: &Digest,
+    m: &StoredManifest,
+) -> Result<(), oci::Error> {
+    store
+        .put_manifest(digest, &m.media_type, m.bytes.clone())
+        .await
+        .map_err(|e| internal("storing a manifest", e))?;
+    let mut links = referenced_digests(&m.bytes);
+    links.push(digest.clone());
+    store
+        .link(up.host(), repo.as_str(), links)
+        .await
+        .map_err(|e| internal("writing the index", e))
+}
+
+/// Writes a fetched manifest, its links and (for a tag) its record to the shared tier.
+/// A store that is down costs a log line, not the pull.
+pub(super) async fn write_through(
+    shared: &Shared,
+    up: &Upstream,
+    repo: &Repository,
+    digest: &Digest,
+    m: &StoredManifest,
+    tag: Option<(&str, &TagRecord)>,
+) {
+    let mut links = referenced_digests(&m.bytes);
+    links.push(digest.clone());
+    let result = async {
+        shared
+            .put_manifest(digest, &m.media_type, m.bytes.clone())
+            .await?;
+        shared.link(up.host(), repo.as_str(), &links).await?;
+        if let Some((key, record)) = tag {
+            shared.put_tag(key, record).await?;
+        }
+        Ok::<_, crate::store::shared::Unavailable>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%digest, error = %e, "manifest not written to the shared store");
+    }
+}
+
+/// A manifest request to forward to its owner.
+pub(super) struct Ask<'a> {
+    pub up: &'a Upstream,
+    pub repo: &'a Repository,
+    pub reference: &'a Reference,
+    pub accept: AcceptSet,
+    /// Who pays, when per-client budgets are on.
+    pub client: Option<&'a str>,
+}
+
+/// Asks a peer (the key's owner) for a manifest. `None` when the peer did not answer:
+/// the caller tries the next owner.
+pub(super) async fn ask_owner(
+    fleet: &Fleet,
+    peer: &str,
+    store: &Store,
+    ask: &Ask<'_>,
+) -> Option<Result<ManifestAnswer, oci::Error>> {
+    let Ask {
+        up,
+        repo,
+        reference,
+        accept,
+        client,
+    } = *ask;
+    let target = format!("/v2/{repo}/manifests/{reference}?ns={}", up.host());
+    let mut extra = HeaderMap::new();
+    for mt in accept.media_types() {
+        extra.append(header::ACCEPT, HeaderValue::from_static(mt));
+    }
+    let resp = fleet
+        .ask(
+            peer,
+            "manifest",
+            reqwest::Method::GET,
+            &target,
+            extra,
+            client,
+        )
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        fleet.forward_failed("manifest");
+        let mut e = super::origin::peer_error(peer, resp).await;
+        if e.code == ErrorCode::ManifestUnknown {
+            e.message = format!(
+                "manifest {reference} is not in {repo} on upstream {}",
+                up.host()
+            );
+        }
+        return Some(Err(e));
+    }
+    Some(receive(fleet, peer, store, up, repo, reference, resp).await)
+}
+
+async fn receive(
+    fleet: &Fleet,
+    peer: &str,
+    store: &Store,
+    up: &Upstream,
+    repo: &Repository,
+    reference: &Reference,
+    resp: reqwest::Response,
+) -> Result<ManifestAnswer, oci::Error> {
+    let text =
+        |h: &HeaderMap, name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let media_type = text(resp.headers(), "content-type").unwrap_or_default();
+    let claimed =
+        text(resp.headers(), "docker-content-digest").and_then(|d| Digest::parse(&d).ok());
+    let warning = text(resp.headers(), "warning");
+    let bad = |why: String| {
+        fleet.forward_failed("manifest");
+        oci::Error::new(
+            ErrorCode::UpstreamInvalid,
+            format!("berth replica {peer}: {why}"),
+        )
+    };
+    let bytes = read_limited(resp).await.map_err(bad)?;
+    let digest = match (reference, &claimed) {
+        (Reference::Digest(d), _) => d.clone(),
+        (Reference::Tag(_), Some(d)) => d.clone(),
+        (Reference::Tag(_), None) => return Err(bad("no Docker-Content-Digest".into())),
+    };
+    let mut h = digest.hasher();
+    h.update(&bytes);
+    if h.finish() != digest || claimed.is_some_and(|c| c != digest) {
+        return Err(bad(format!(
+            "sent a manifest that does not hash to {digest}"
+        )));
+    }
+    let m = StoredManifest {
+        bytes: bytes.clone(),
+        media_type: media_type.clone(),
+    };
+    keep_local(store, up, repo, &digest, &m).await?;
+    Ok(ManifestAnswer {
+        digest,
+        media_type,
+        bytes,
+        outcome: if warning.is_some() {
+            Outcome::Stale
+        } else {
+            Outcome::Miss
+        },
+        // The owner's warning already names why; keep its text without the wrapper.
+        warning: warning.map(|w| {
+            w.trim_start_matches("299 - \"berth: ")
+                .trim_end_matches('"')
+                .to_owned()
+        }),
+    })
+}
+
+async fn read_limited(mut resp: reqwest::Response) -> Result<Bytes, String> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if out.len() + chunk.len() > MAX_MANIFEST_BYTES {
+            return Err("sent a manifest over the size limit".into());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// A tag record for a manifest fetched now.
+pub(super) fn fresh_record(digest: Digest, media_type: &str) -> TagRecord {
+    let now = now_secs();
+    TagRecord {
+        digest,
+        media_type: media_type.to_owned(),
+        fetched_at: now,
+        validated_at: now,
+    }
+}
