@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;
+pub mod quota;
 pub mod server;
 pub mod store;
 pub mod upstream;
@@ -76,13 +77,7 @@ pub fn build(config: &Config) -> Result<App, String> {
         None => None,
     };
     Ok(App {
-        proxy: Proxy::new(
-            store,
-            metrics.clone(),
-            config.client_budgets.as_ref().map(proxy::Budgets::new),
-            shared,
-            fleet,
-        ),
+        proxy: Proxy::new(store, metrics.clone(), shared, fleet),
         upstreams,
         metrics,
         started: std::time::Instant::now(),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::body::BlobSource;
 use super::fill::Joined;
-use super::origin::Origin;
+use super::origin::{Origin, Via};
 use super::{internal, Caller, Proxy};
 use crate::metrics::Outcome;
 use crate::oci::{self, Digest, ErrorCode, Repository};
@@ -124,20 +124,24 @@ impl Proxy {
         digest: &Digest,
         caller: &Caller,
     ) -> Result<Origin, oci::Error> {
+        let client = caller.client.clone();
         if let Some(shared) = &self.shared {
             if shared.has_blob(digest).await.unwrap_or(false) {
                 self.authorize_blob(up, repo, digest).await?;
-                return Ok(Origin::Shared(shared.clone()));
+                return Ok(Origin {
+                    via: Via::Shared(shared.clone()),
+                    client,
+                });
             }
         }
-        match &self.fleet {
-            Some(fleet) if !caller.forwarded => Ok(Origin::Fleet {
+        let via = match &self.fleet {
+            Some(fleet) if !caller.forwarded => Via::Fleet {
                 fleet: fleet.clone(),
                 owners: fleet.owners(&digest.to_string()),
-                client: caller.client.clone(),
-            }),
-            _ => Ok(Origin::Upstream),
-        }
+            },
+            _ => Via::Upstream,
+        };
+        Ok(Origin { via, client })
     }
 
     /// The size of a blob the shared tier holds, once the repository is authorised.

@@ -18,15 +18,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::origin::{Answered, OpenError, Origin, Request};
+use super::origin::{Answered, OpenError, Origin, Request, Via};
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::{self, Digest, ErrorCode, Repository};
 use crate::store::shared::Shared;
 use crate::store::{CommitError, Store};
 use crate::upstream::{self, Upstream};
-
-/// How many times (5 s apart) a blob is offered to a shared store that is down.
-const WRITE_THROUGH_ATTEMPTS: u32 = 24;
 
 /// How many times a cut upstream stream is resumed with a `Range` request.
 const MAX_RESUMES: u32 = 3;
@@ -420,8 +417,8 @@ impl FillTask {
     }
 
     /// A blob fetched from the upstream goes to the shared tier too (with its repository
-    /// link), so that no other replica fetches it again. Off the clients' path: they have
-    /// every byte already. A store that is down only costs a log line.
+    /// link), so that no other replica fetches it again. The others are there already,
+    /// or will be, by their owner.
     async fn write_through(&self) {
         let Some(shared) = self.shared.clone() else {
             return;
@@ -429,36 +426,14 @@ impl FillTask {
         if self.answered() != Some(Answered::Upstream) {
             return;
         }
-        let Ok(Some(blob)) = self.store.open_blob(&self.digest).await else {
-            return;
-        };
-        let (digest, up, repo) = (
-            self.digest.clone(),
-            self.upstream.host().to_owned(),
-            self.repository.to_string(),
-        );
-        tokio::spawn(async move {
-            // Through a short outage the upload waits for the store; after a long one the
-            // blob stays local only (another replica's miss fetches it again).
-            for attempt in 1..=WRITE_THROUGH_ATTEMPTS {
-                let stored = shared.put_blob(&digest, blob.file.clone(), blob.size).await;
-                let linked = async { shared.link(&up, &repo, std::slice::from_ref(&digest)).await };
-                match stored {
-                    Ok(()) => match linked.await {
-                        Ok(()) => return,
-                        Err(e) if attempt == WRITE_THROUGH_ATTEMPTS => {
-                            tracing::warn!(%digest, error = %e, "blob link not written to the shared store")
-                        }
-                        Err(_) => {}
-                    },
-                    Err(e) if attempt == WRITE_THROUGH_ATTEMPTS => {
-                        tracing::warn!(%digest, error = %e, "blob not written to the shared store")
-                    }
-                    Err(_) => {}
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        });
+        super::tiers::write_through_blob(
+            shared,
+            &self.store,
+            &self.digest,
+            self.upstream.host(),
+            &self.repository,
+        )
+        .await;
     }
 
     /// Receives the blob from upstream into `chunks`, resuming a cut transfer with a
@@ -543,7 +518,7 @@ impl FillTask {
             // abort and retry, and the retry finds the next owner.
             if resumes >= MAX_RESUMES || received == 0 || from_peer {
                 if from_peer {
-                    if let Origin::Fleet { fleet, .. } = &self.origin {
+                    if let Via::Fleet { fleet, .. } = &self.origin.via {
                         fleet.forward_failed("blob");
                     }
                 }

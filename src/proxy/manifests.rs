@@ -8,18 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::flight::Role;
-use super::tiers::{ask_owner, fresh_record, write_through, Ask};
+use super::flying::Parts;
+use super::tiers::{fresh_record, write_through};
 use super::{internal, referenced_digests, Caller, Proxy};
-use crate::fleet::{Fleet, Owner};
-use crate::metrics::Metrics;
 use crate::metrics::Outcome;
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository, Tag};
-use crate::store::shared::Shared;
+use crate::quota::{Payer, Purpose};
 use crate::store::{now_secs, CommitError, StoredManifest, TagRecord};
-use crate::upstream::{self, ManifestResponse, Purpose, Upstream};
-
-use super::budgets::Budgets;
+use crate::upstream::{self, ManifestResponse, Upstream};
 
 /// A manifest to send: the upstream's exact bytes and media type.
 #[derive(Clone, Debug)]
@@ -126,13 +122,8 @@ impl Proxy {
             return Ok(ManifestAnswer::stored(digest.clone(), m, Outcome::Hit));
         }
         let key = format!("{}/{repo}@{digest}", up.host());
-        let work = {
-            let (this, up, repo, digest) = (
-                self.clone_parts(caller),
-                up.clone(),
-                repo.clone(),
-                digest.clone(),
-            );
+        let work = |this: Parts| {
+            let (up, repo, digest) = (up.clone(), repo.clone(), digest.clone());
             async move {
                 let reference = Reference::Digest(digest.clone());
                 let owned_key = digest.to_string();
@@ -145,7 +136,7 @@ impl Proxy {
                 this.fetch_by_digest(&up, &repo, &digest).await
             }
         };
-        self.fly(key, work).await
+        self.fly(key, caller, work).await
     }
 
     async fn manifest_by_tag(
@@ -170,13 +161,8 @@ impl Proxy {
                 return Ok(hit);
             }
         }
-        let work = {
-            let (this, up, repo, tag) = (
-                self.clone_parts(caller),
-                up.clone(),
-                repo.clone(),
-                tag.clone(),
-            );
+        let work = |this: Parts| {
+            let (up, repo, tag, key) = (up.clone(), repo.clone(), tag.clone(), key.clone());
             async move {
                 let reference = Reference::Tag(tag.clone());
                 let owned_key = tag_key_prefix(&up, &repo, &tag);
@@ -195,31 +181,7 @@ impl Proxy {
                 this.refresh_tag(&up, &repo, &tag, accept, key).await
             }
         };
-        self.fly(flight_key, work).await
-    }
-
-    /// Runs `work` once per key however many requests wait on it; followers are counted
-    /// as coalesced.
-    async fn fly(
-        &self,
-        key: String,
-        work: impl std::future::Future<Output = Result<ManifestAnswer, oci::Error>> + Send + 'static,
-    ) -> Result<ManifestAnswer, oci::Error> {
-        let (result, role) = self
-            .manifest_flights
-            .run(key, work, || {
-                Err(oci::Error::new(
-                    ErrorCode::Internal,
-                    "the manifest fetch ended unexpectedly",
-                ))
-            })
-            .await;
-        result.map(|mut a| {
-            if role == Role::Follower && a.outcome == Outcome::Miss {
-                a.outcome = Outcome::Coalesced;
-            }
-            a
-        })
+        self.fly(flight_key, caller, work).await
     }
 
     /// The stored answer for a tag validated within its TTL, if there is one.
@@ -264,72 +226,8 @@ impl Proxy {
     }
 }
 
-/// The parts of the proxy a spawned flight needs (it outlives the request), and who pays.
-#[derive(Clone)]
-struct Parts {
-    store: crate::store::Store,
-    shared: Option<Arc<Shared>>,
-    /// The fleet, unless the request was forwarded (then it is answered here).
-    fleet: Option<Arc<Fleet>>,
-    metrics: Arc<Metrics>,
-    budgets: Option<Arc<Budgets>>,
-    client: Option<String>,
-}
-
-impl Proxy {
-    fn clone_parts(&self, caller: &Caller) -> Parts {
-        Parts {
-            store: self.store.clone(),
-            shared: self.shared.clone(),
-            fleet: self.fleet.clone().filter(|_| !caller.forwarded),
-            metrics: self.metrics.clone(),
-            budgets: self.budgets.clone(),
-            client: caller.client.clone(),
-        }
-    }
-}
-
 impl Parts {
-    /// Asks the owners of `key` in rendezvous order until one answers; `None` when this
-    /// replica's turn comes first (or there is no fleet): fetch it here.
-    async fn ask_owners(
-        &self,
-        key: &str,
-        up: &Upstream,
-        repo: &Repository,
-        reference: &Reference,
-        accept: AcceptSet,
-    ) -> Option<Result<ManifestAnswer, oci::Error>> {
-        let fleet = self.fleet.as_ref()?;
-        let ask = Ask {
-            up,
-            repo,
-            reference,
-            accept,
-            client: self.client.as_deref(),
-        };
-        for owner in fleet.owners(key) {
-            match owner {
-                Owner::Me => return None,
-                Owner::Peer(peer) => {
-                    if let Some(answer) = ask_owner(fleet, &peer, &self.store, &ask).await {
-                        return Some(answer);
-                    }
-                }
-            }
-        }
-        None
-    }
-
-    async fn put_local_tag(&self, key: String, record: TagRecord) -> Result<(), oci::Error> {
-        self.store
-            .put_tag(key, record)
-            .await
-            .map_err(|e| internal("writing the index", e))
-    }
-
-    /// A counted manifest GET, paid from the client's budget (when on) and the upstream's
-    /// bucket. The client's token comes back if the upstream's bucket says no.
+    /// A manifest GET, paid by this flight's client if the upstream counts it.
     async fn counted_get(
         &self,
         up: &Upstream,
@@ -338,27 +236,8 @@ impl Parts {
         accept: AcceptSet,
         purpose: Purpose,
     ) -> Result<Option<ManifestResponse>, upstream::Error> {
-        let payer = match (&self.budgets, &self.client) {
-            (Some(b), Some(c))
-                if up
-                    .quota()
-                    .counts(crate::config::CountedRequest::ManifestGet) =>
-            {
-                if let Err(denied) = b.acquire(c) {
-                    self.metrics.quota_refused(up.host(), denied.reason);
-                    return Err(upstream::Error::Quota(denied));
-                }
-                Some((b, c))
-            }
-            _ => None,
-        };
-        let result = up.get_manifest(repo, reference, accept, purpose).await;
-        if let (Some((b, c)), Err(e)) = (payer, &result) {
-            if !e.reached_upstream() {
-                b.refund(c);
-            }
-        }
-        result
+        let payer = Payer::new(purpose, self.client.clone());
+        up.get_manifest(repo, reference, accept, &payer).await
     }
 
     async fn fetch_by_digest(

@@ -7,9 +7,9 @@
 
 mod blobs;
 mod body;
-mod budgets;
 mod fill;
 mod flight;
+mod flying;
 mod manifests;
 mod origin;
 mod tiers;
@@ -21,7 +21,6 @@ use bytes::Bytes;
 
 pub use blobs::BlobAnswer;
 pub use body::{BlobBody, BlobSource};
-pub use budgets::Budgets;
 pub use manifests::{tag_key_prefix, ManifestAnswer};
 pub use warm::WarmReport;
 
@@ -39,9 +38,9 @@ pub struct Proxy {
     /// The other replicas, and who owns which key.
     fleet: Option<Arc<Fleet>>,
     metrics: Arc<Metrics>,
-    budgets: Option<Arc<Budgets>>,
     fills: fill::Fills,
-    manifest_flights: flight::Flights<String, Result<ManifestAnswer, oci::Error>>,
+    /// Manifest fetches by key, each with the client that paid for it.
+    manifest_flights: flight::Flights<String, (Result<ManifestAnswer, oci::Error>, Option<String>)>,
 }
 
 /// Who is asking, as far as policy cares.
@@ -57,7 +56,6 @@ impl Proxy {
     pub fn new(
         store: Store,
         metrics: Arc<Metrics>,
-        budgets: Option<Budgets>,
         shared: Option<Arc<Shared>>,
         fleet: Option<Arc<Fleet>>,
     ) -> Self {
@@ -67,7 +65,6 @@ impl Proxy {
             shared,
             fleet,
             metrics,
-            budgets: budgets.map(Arc::new),
             manifest_flights: flight::Flights::default(),
         }
     }
@@ -96,11 +93,6 @@ impl Proxy {
 
     pub fn store(&self) -> &Store {
         &self.store
-    }
-
-    /// The per-client budgets, when configured (the server names the client).
-    pub fn budgets(&self) -> Option<&Budgets> {
-        self.budgets.as_deref()
     }
 
     /// Relays a tags list or referrers request; these change too often to cache usefully

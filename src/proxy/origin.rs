@@ -12,12 +12,20 @@ use http::{header, HeaderMap, HeaderValue};
 
 use crate::fleet::{Fleet, Owner};
 use crate::oci::{self, Digest, ErrorCode, Repository};
+use crate::quota::{Payer, Purpose};
 use crate::store::shared::Shared;
 use crate::upstream::{self, BlobResponse, Upstream};
 
-/// Where a fill was told to look, decided when it starts.
+/// Where a fill was told to look, decided when it starts, and who pays if the upstream
+/// counts the blob GET (the client that started the fill).
 #[derive(Clone)]
-pub enum Origin {
+pub struct Origin {
+    pub via: Via,
+    pub client: Option<String>,
+}
+
+#[derive(Clone)]
+pub enum Via {
     Upstream,
     /// The shared tier holds the blob (and the repository was authorised).
     Shared(Arc<Shared>),
@@ -25,7 +33,6 @@ pub enum Origin {
     Fleet {
         fleet: Arc<Fleet>,
         owners: Vec<Owner>,
-        client: Option<String>,
     },
 }
 
@@ -78,40 +85,38 @@ impl Origin {
     /// Opens the blob at `r.from`. A fleet origin tries the owners in order, skipping
     /// those that do not answer, and fetches from the upstream itself when its turn comes.
     pub async fn open(&self, r: &Request<'_>) -> Result<Opened, OpenError> {
-        match self {
-            Origin::Upstream => open_upstream(r).await,
-            Origin::Shared(shared) => match shared.blob_stream(r.digest, r.from).await {
+        let payer = Payer::new(Purpose::New, self.client.clone());
+        let client = self.client.as_deref();
+        match &self.via {
+            Via::Upstream => open_upstream(r, &payer).await,
+            Via::Shared(shared) => match shared.blob_stream(r.digest, r.from).await {
                 Ok(Some((size, stream))) => Ok(Opened {
                     total: Some(size),
                     body: Body::Stream(stream),
                     answered: Answered::Shared,
                 }),
                 // Gone or unreachable since the look: the upstream has it.
-                Ok(None) | Err(_) => open_upstream(r).await,
+                Ok(None) | Err(_) => open_upstream(r, &payer).await,
             },
-            Origin::Fleet {
-                fleet,
-                owners,
-                client,
-            } => {
+            Via::Fleet { fleet, owners } => {
                 for owner in owners {
                     let peer = match owner {
-                        Owner::Me => return open_upstream(r).await,
+                        Owner::Me => return open_upstream(r, &payer).await,
                         Owner::Peer(p) => p,
                     };
-                    match open_peer(fleet, peer, client.as_deref(), r).await {
+                    match open_peer(fleet, peer, client, r).await {
                         Some(result) => return result,
                         None => continue,
                     }
                 }
-                open_upstream(r).await
+                open_upstream(r, &payer).await
             }
         }
     }
 }
 
-async fn open_upstream(r: &Request<'_>) -> Result<Opened, OpenError> {
-    match r.up.get_blob(r.repo, r.digest, r.from).await {
+async fn open_upstream(r: &Request<'_>, payer: &Payer) -> Result<Opened, OpenError> {
+    match r.up.get_blob(r.repo, r.digest, r.from, payer).await {
         Ok(Some(resp)) => Ok(Opened {
             total: resp.total,
             body: Body::Upstream(resp),

@@ -254,3 +254,39 @@ pub(super) fn fresh_record(digest: Digest, media_type: &str) -> TagRecord {
         validated_at: now,
     }
 }
+
+/// How many times (5 s apart) a blob is offered to a shared store that is down.
+const WRITE_THROUGH_ATTEMPTS: u32 = 24;
+
+/// Uploads a blob just stored locally (and its repository link) to the shared tier, in
+/// the background: off the clients' path, who have every byte already. Through a short
+/// outage the upload waits for the store; after a long one the blob stays local only
+/// (another replica's miss then fetches it again).
+pub(super) async fn write_through_blob(
+    shared: std::sync::Arc<Shared>,
+    store: &Store,
+    digest: &Digest,
+    upstream: &str,
+    repo: &Repository,
+) {
+    let Ok(Some(blob)) = store.open_blob(digest).await else {
+        return;
+    };
+    let (digest, up, repo) = (digest.clone(), upstream.to_owned(), repo.to_string());
+    tokio::spawn(async move {
+        for attempt in 1..=WRITE_THROUGH_ATTEMPTS {
+            let last = attempt == WRITE_THROUGH_ATTEMPTS;
+            let result = match shared.put_blob(&digest, blob.file.clone(), blob.size).await {
+                Ok(()) => shared.link(&up, &repo, std::slice::from_ref(&digest)).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return,
+                Err(e) if last => {
+                    tracing::warn!(%digest, error = %e, "blob not written to the shared store")
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_secs(5)).await,
+            }
+        }
+    });
+}

@@ -195,11 +195,7 @@ async fn serve<B>(
 /// Who asks: a replica of the fleet (its signed header verified; it names the client it
 /// serves) or a client, named for per-client budgets.
 fn caller<B>(app: &App, req: &Request<B>, peer: SocketAddr) -> Result<Caller, oci::Error> {
-    let own_client = || {
-        app.proxy
-            .budgets()
-            .map(|b| b.client_of(req.headers(), peer.ip()))
-    };
+    let own_client = || app.upstreams.ledger().client_of(req.headers(), peer.ip());
     let Some(fleet) = app.proxy.fleet() else {
         return Ok(Caller {
             client: own_client(),

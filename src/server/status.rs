@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::App;
 use crate::metrics::{Outcome, Source};
+use crate::quota::QuotaSnapshot;
 use crate::store::now_secs;
-use crate::upstream::QuotaSnapshot;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {

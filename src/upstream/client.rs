@@ -15,12 +15,12 @@ use reqwest::{Method, Response, StatusCode, Url};
 use super::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
 use super::credentials::Credentials;
 use super::error::{describe, Error};
-use super::quota::{Purpose, Quota};
 use super::wire::{header_digest, header_str, parse_content_range, read_limited, retry_after};
 use crate::config::{ConfigError, CountedRequest, QuotaConfig, UpstreamConfig};
 use crate::metrics::{Kind, Metrics, UpstreamLabels};
 use crate::oci::media::MAX_MANIFEST_BYTES;
 use crate::oci::{AcceptSet, Digest, Reference, Repository};
+use crate::quota::{Ledger, Payer, Purpose, Quota};
 
 /// A manifest as fetched: the exact bytes and what the upstream said about them.
 #[derive(Debug, Clone)]
@@ -77,6 +77,9 @@ pub struct Upstream {
     pub stall_timeout: Duration,
     pub fill_deadline: Duration,
     quota: Quota,
+    /// Decides, with `quota`, whether a counted request may go (shared by all upstreams:
+    /// per-client budgets span them).
+    ledger: Arc<Ledger>,
     /// The last failure talking to this upstream, for the status page.
     last_error: std::sync::Mutex<Option<(String, u64)>>,
     metrics: Arc<Metrics>,
@@ -86,7 +89,11 @@ pub struct Upstream {
 const MAX_PASSTHROUGH_BYTES: usize = 16 * 1024 * 1024;
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+        ledger: Arc<Ledger>,
+    ) -> Result<Self, ConfigError> {
         let at = format!("upstreams ({})", config.host);
         let base = Url::parse(config.url.trim_end_matches('/'))
             .map_err(|e| ConfigError(format!("{at}.url: {e}")))?;
@@ -140,6 +147,7 @@ impl Upstream {
             http,
             credentials,
             quota,
+            ledger,
             last_error: std::sync::Mutex::new(None),
             tokens: TokenCache::default(),
             basic: AtomicBool::new(false),
@@ -205,11 +213,15 @@ impl Upstream {
         headers: HeaderMap,
         repo: &Repository,
         kind: Kind,
-        counted: Option<Purpose>,
+        counted: Option<(CountedRequest, &Payer)>,
     ) -> Result<Response, Error> {
-        if let Some(purpose) = counted {
-            self.quota.acquire(purpose).map_err(Error::Quota)?;
-        }
+        let charge = match counted {
+            Some((request, payer)) => self
+                .ledger
+                .charge(&self.quota, &self.host, request, payer)
+                .map_err(Error::Quota)?,
+            None => None,
+        };
         let result = self
             .send_authenticated(method, url, headers, repo, kind)
             .await;
@@ -220,11 +232,8 @@ impl Upstream {
             }
             Ok(_) => {}
         }
-        if counted.is_some() {
-            match &result {
-                Err(e) if !e.reached_upstream() => self.quota.refund(),
-                _ => self.quota.spent(),
-            }
+        if let Some(charge) = charge {
+            charge.settle(!matches!(&result, Err(e) if !e.reached_upstream()));
         }
         result
     }
@@ -400,22 +409,17 @@ impl Upstream {
         h
     }
 
-    /// Whether a request of this kind spends quota, and so needs a purpose.
-    fn counted(&self, request: CountedRequest, purpose: Purpose) -> Option<Purpose> {
-        self.quota.counts(request).then_some(purpose)
-    }
-
-    /// GET a manifest; `None` when the upstream does not have it. `purpose` says what the
-    /// quota is spent on (on Docker Hub this request is counted).
+    /// GET a manifest; `None` when the upstream does not have it. `payer` says who pays
+    /// and for what, if the upstream counts it (Docker Hub does).
     pub async fn get_manifest(
         &self,
         repo: &Repository,
         reference: &Reference,
         accept: AcceptSet,
-        purpose: Purpose,
+        payer: &Payer,
     ) -> Result<Option<ManifestResponse>, Error> {
         let url = self.url(&format!("{repo}/manifests/{reference}"), None);
-        let counted = self.counted(CountedRequest::ManifestGet, purpose);
+        let counted = Some((CountedRequest::ManifestGet, payer));
         let resp = self
             .send(
                 Method::GET,
@@ -462,7 +466,9 @@ impl Upstream {
         accept: AcceptSet,
     ) -> Result<Option<ManifestHead>, Error> {
         let url = self.url(&format!("{repo}/manifests/{reference}"), None);
-        let counted = self.counted(CountedRequest::ManifestHead, Purpose::Refresh);
+        // HEADs are berth's own checks (revalidation, authorisation): no client pays.
+        let payer = Payer::berth(Purpose::Refresh);
+        let counted = Some((CountedRequest::ManifestHead, &payer));
         let resp = self
             .send(
                 Method::HEAD,
@@ -490,7 +496,8 @@ impl Upstream {
         digest: &Digest,
     ) -> Result<Option<u64>, Error> {
         let url = self.url(&format!("{repo}/blobs/{digest}"), None);
-        let counted = self.counted(CountedRequest::BlobHead, Purpose::New);
+        let payer = Payer::berth(Purpose::New);
+        let counted = Some((CountedRequest::BlobHead, &payer));
         let resp = self
             .send(
                 Method::HEAD,
@@ -519,6 +526,7 @@ impl Upstream {
         repo: &Repository,
         digest: &Digest,
         offset: u64,
+        payer: &Payer,
     ) -> Result<Option<BlobResponse>, Error> {
         let url = self.url(&format!("{repo}/blobs/{digest}"), None);
         let mut headers = HeaderMap::new();
@@ -534,7 +542,7 @@ impl Upstream {
                 headers,
                 repo,
                 Kind::Blob,
-                self.counted(CountedRequest::BlobGet, Purpose::New),
+                Some((CountedRequest::BlobGet, payer)),
             )
             .await?;
         match resp.status() {

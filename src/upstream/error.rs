@@ -3,9 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::quota::Denied;
 use crate::metrics::QuotaRefusal;
 use crate::oci::{self, ErrorCode};
+use crate::quota::Denied;
 
 #[derive(Debug, Clone)]
 pub enum Error {

@@ -9,7 +9,6 @@ mod auth;
 mod client;
 mod credentials;
 mod error;
-mod quota;
 mod wire;
 
 use std::collections::HashMap;
@@ -18,25 +17,27 @@ use std::sync::Arc;
 pub use client::{BlobResponse, ManifestHead, ManifestResponse, Passthrough, Upstream};
 pub use credentials::Credentials;
 pub use error::Error;
-pub use quota::{secs as quota_secs, Denied, Purpose, Quota, QuotaSnapshot};
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::oci::{self, ErrorCode, Repository};
+use crate::quota::Ledger;
 
 /// The configured upstreams by host and alias.
 pub struct Upstreams {
     by_name: HashMap<String, Arc<Upstream>>,
     all: Vec<Arc<Upstream>>,
     default: Arc<Upstream>,
+    ledger: Arc<Ledger>,
 }
 
 impl Upstreams {
     pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
         let mut by_name = HashMap::new();
         let mut all = Vec::new();
+        let ledger = Arc::new(Ledger::new(config.client_budgets.as_ref(), metrics.clone()));
         for u in &config.upstreams {
-            let upstream = Arc::new(Upstream::new(u, metrics.clone())?);
+            let upstream = Arc::new(Upstream::new(u, metrics.clone(), ledger.clone())?);
             for name in std::iter::once(&u.host).chain(&u.aliases) {
                 by_name.insert(name.to_ascii_lowercase(), upstream.clone());
             }
@@ -50,6 +51,7 @@ impl Upstreams {
             by_name,
             all,
             default,
+            ledger,
         })
     }
 
@@ -58,6 +60,11 @@ impl Upstreams {
         for u in &self.all {
             u.quota().share(replicas);
         }
+    }
+
+    /// Who pays for counted requests (per-client budgets, shared by every upstream).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     pub fn all(&self) -> &[Arc<Upstream>] {

@@ -18,8 +18,6 @@
 //! fetching through).
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,9 +37,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 
 use super::{StoredManifest, TagRecord};
+
+mod uploads;
 use crate::config::{SharedConfig, SharedKind};
 use crate::oci::Digest;
 
@@ -98,16 +97,6 @@ impl SharedMetrics {
         );
         m
     }
-}
-
-/// One multipart upload in progress, as its marker records it.
-#[derive(Debug, Serialize, Deserialize)]
-struct UploadMarker {
-    key: String,
-    id: String,
-    /// Unix seconds.
-    started: u64,
-    replica: String,
 }
 
 pub struct Shared {
@@ -482,86 +471,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Uploads a verified blob from a local file, unless the tier already holds it. Small
-    /// blobs go in one PUT; big ones in parts, visible only once complete, and aborted on
-    /// any failure.
-    pub async fn put_blob(&self, d: &Digest, file: Arc<File>, size: u64) -> Result<()> {
-        if self.has_blob(d).await? {
-            return Ok(());
-        }
-        let path = self.blob_path(d);
-        if size <= PART_SIZE {
-            let bytes = read_at(file, 0, size)
-                .await
-                .map_err(|e| self.failed("put", e))?;
-            self.op("put", self.objects.put(&path, PutPayload::from(bytes)))
-                .await?;
-        } else {
-            self.put_parts(&path, file, size).await?;
-        }
-        self.metrics.uploaded.inc();
-        self.remember(d);
-        Ok(())
-    }
-
-    async fn put_parts(&self, path: &Path, file: Arc<File>, size: u64) -> Result<()> {
-        let Some(id) = self
-            .op("create_multipart", self.parts.create_multipart(path))
-            .await?
-        else {
-            return Err(Unavailable("the store refused a multipart upload".into()));
-        };
-        let marker = UploadMarker {
-            key: path.to_string(),
-            id: id.clone(),
-            started: super::now_secs(),
-            replica: self.replica.clone(),
-        };
-        let marker_path = self.path(["uploads", &marker_name(&marker)]);
-        let marked = serde_json::to_vec(&marker).unwrap_or_default();
-        let result = async {
-            self.op(
-                "put",
-                self.objects
-                    .put(&marker_path, PutPayload::from(Bytes::from(marked))),
-            )
-            .await?;
-            let mut done = Vec::new();
-            let mut at = 0;
-            while at < size {
-                let n = PART_SIZE.min(size - at);
-                let bytes = read_at(file.clone(), at, n)
-                    .await
-                    .map_err(|e| self.failed("put_part", e))?;
-                // A part is big: give it the time a slow link needs, not the metadata deadline.
-                let part = tokio::time::timeout(
-                    self.timeout * 12,
-                    self.parts
-                        .put_part(path, &id, done.len(), PutPayload::from(bytes)),
-                )
-                .await
-                .map_err(|_| self.failed("put_part", "timed out".into()))?
-                .map_err(|e| self.failed("put_part", e.to_string()))?;
-                done.push(part);
-                at += n;
-            }
-            self.op(
-                "complete_multipart",
-                self.parts.complete_multipart(path, &id, done),
-            )
-            .await?;
-            Ok::<_, Unavailable>(())
-        }
-        .await;
-        if result.is_err() {
-            let _ = self
-                .op("abort_multipart", self.parts.abort_multipart(path, &id))
-                .await;
-        }
-        let _ = self.op("delete", self.objects.delete(&marker_path)).await;
-        result
-    }
-
     pub async fn tag(&self, key: &str) -> Result<Option<TagRecord>> {
         let path = self.tag_path(key);
         let Some(got) = self.op("get", self.objects.get(&path)).await? else {
@@ -627,44 +536,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Aborts multipart uploads whose markers are older than `older_than` (their replica
-    /// died mid-upload), and removes the markers. Returns how many were aborted.
-    pub async fn abort_stale_uploads(&self, older_than: Duration) -> Result<usize> {
-        let base = self.path(["uploads"]);
-        let markers: Vec<_> = self.objects.list(Some(&base)).collect().await;
-        let now = super::now_secs();
-        let mut aborted = 0;
-        for meta in markers {
-            let meta = meta.map_err(|e| self.failed("list", e.to_string()))?;
-            let Some(got) = self.op("get", self.objects.get(&meta.location)).await? else {
-                continue;
-            };
-            let Some(bytes) = self.op("get", got.bytes()).await? else {
-                continue;
-            };
-            let Ok(marker) = serde_json::from_slice::<UploadMarker>(&bytes) else {
-                self.op("delete", self.objects.delete(&meta.location))
-                    .await?;
-                continue;
-            };
-            if now.saturating_sub(marker.started) < older_than.as_secs() {
-                continue;
-            }
-            let key = Path::from(marker.key.as_str());
-            // An upload the store already forgot is as good as aborted.
-            let _ = self
-                .op(
-                    "abort_multipart",
-                    self.parts.abort_multipart(&key, &marker.id),
-                )
-                .await;
-            self.op("delete", self.objects.delete(&meta.location))
-                .await?;
-            aborted += 1;
-        }
-        Ok(aborted)
-    }
-
     pub fn describe(&self) -> &str {
         &self.description
     }
@@ -675,22 +546,4 @@ impl Shared {
         let listing = self.objects.list_with_delimiter(Some(&base));
         self.op("list", listing).await.map(drop)
     }
-}
-
-fn marker_name(m: &UploadMarker) -> String {
-    let mut h = crate::oci::Hasher::new(crate::oci::Algorithm::Sha256);
-    h.update(m.key.as_bytes());
-    h.update(m.id.as_bytes());
-    format!("{}.json", &h.finish().hex()[..32])
-}
-
-/// Reads `len` bytes at `at` on the blocking pool.
-async fn read_at(file: Arc<File>, at: u64, len: u64) -> std::result::Result<Bytes, String> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("reading the local copy: {e}"))
 }

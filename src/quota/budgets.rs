@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName};
 
+use super::bucket::Denied;
 use crate::config::ClientBudgetConfig;
 use crate::metrics::QuotaRefusal;
-use crate::upstream::Denied;
 
 /// How clients are told apart.
 #[derive(Debug, Clone)]
@@ -84,7 +84,7 @@ impl Budgets {
             Err(Denied {
                 reason: QuotaRefusal::Client,
                 remaining: 0,
-                retry_after: crate::upstream::quota_secs((1.0 - tokens) * per_token),
+                retry_after: super::bucket::secs((1.0 - tokens) * per_token),
             })
         }
     }
