@@ -111,6 +111,10 @@ pub async fn serve(config: Config) -> Result<(), String> {
         _ => None,
     };
     let app = Arc::new(build(&config)?);
+    if let Some(fleet) = app.proxy.fleet() {
+        fleet.resolve_now().await;
+        app.upstreams.share_quota(fleet.size());
+    }
     let api = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
@@ -206,15 +210,14 @@ async fn keep_within_limits(app: Arc<App>) {
 
 /// Follows the fleet's membership (DNS) and splits each upstream's quota cap across it.
 async fn keep_fleet(app: Arc<App>, fleet: Arc<fleet::Fleet>) {
-    let resolving = tokio::spawn(fleet.clone().keep_resolving());
+    let Some(every) = fleet.resolve_interval() else {
+        return; // a static list never changes
+    };
     let mut size = fleet.size();
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        if resolving.is_finished() && fleet.size() == size {
-            // A static list never changes; keep ticking cheaply all the same.
-            continue;
-        }
+        fleet.resolve_now().await;
         if fleet.size() != size {
             size = fleet.size();
             app.upstreams.share_quota(size);

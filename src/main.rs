@@ -183,14 +183,15 @@ fn main() -> ExitCode {
                 berth::install_crypto_provider();
                 let metrics = berth::store::shared::SharedMetrics::default();
                 let tier = berth::store::shared::Shared::new(shared, "berth gc", metrics)?;
-                let aborted = tier
-                    .abort_stale_uploads(uploads_older_than)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                println!(
-                    "shared store {}: aborted {aborted} incomplete uploads",
-                    tier.describe()
-                );
+                match tier.abort_stale_uploads(uploads_older_than).await {
+                    Ok(aborted) => println!(
+                        "shared store {}: aborted {aborted} incomplete uploads",
+                        tier.describe()
+                    ),
+                    // The local store can still be cleaned.
+                    Err(e) if !shared_only => eprintln!("warning: {e}"),
+                    Err(e) => return Err(e.to_string()),
+                }
             }
             if shared_only {
                 return Ok(ExitCode::SUCCESS);

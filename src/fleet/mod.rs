@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -37,6 +37,10 @@ pub const CLIENT: &str = "x-berth-client";
 const MAX_SKEW_SECS: u64 = 300;
 /// How long a peer that failed to answer is skipped.
 const DOWN_FOR: Duration = Duration::from_secs(10);
+/// How long an owner that accepted a request may take to send its response headers: it
+/// may be fetching from its upstream first (a token round trip, a slow registry), which
+/// is not a sign of a dead peer. It also bounds each read of a response body.
+const RESPONSE_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ForwardLabels {
@@ -111,7 +115,6 @@ pub struct Fleet {
     peers: RwLock<Vec<String>>,
     down: Mutex<HashMap<String, Instant>>,
     secret: Vec<u8>,
-    timeout: Duration,
     dns: Option<String>,
     resolve_interval: Duration,
     http: reqwest::Client,
@@ -144,7 +147,14 @@ impl Fleet {
         reqwest::Url::parse(&me).map_err(|e| format!("fleet.advertise {me:?}: {e}"))?;
         let me = normalize(&me);
         let mut peers: Vec<String> = config.peers.iter().map(|p| normalize(p)).collect();
-        if !peers.contains(&me) {
+        if !config.peers.is_empty() && !peers.contains(&me) {
+            // Spelt differently, this replica would count twice and could forward to
+            // itself.
+            return Err(format!(
+                "fleet.peers must list this replica's advertised address {me:?} exactly"
+            ));
+        }
+        if peers.is_empty() {
             peers.push(me.clone());
         }
         peers.sort();
@@ -152,6 +162,7 @@ impl Fleet {
         let http = reqwest::Client::builder()
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION"), " (fleet)"))
             .connect_timeout(config.peer_timeout)
+            .read_timeout(RESPONSE_WAIT)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
@@ -162,7 +173,6 @@ impl Fleet {
             peers: RwLock::new(peers),
             down: Mutex::new(HashMap::new()),
             secret,
-            timeout: config.peer_timeout,
             dns: config.peers_dns.clone(),
             resolve_interval: config.resolve_interval,
             http,
@@ -212,16 +222,19 @@ impl Fleet {
     }
 
     /// A peer failed to answer: skip it for a while.
-    pub fn mark_down(&self, peer: &str) {
-        let first = self
-            .down
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer.to_owned(), Instant::now() + DOWN_FOR)
-            .is_none();
+    pub fn mark_down(&self, peer: &str, why: &str) {
+        let (first, count) = {
+            let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+            let first = down
+                .insert(peer.to_owned(), Instant::now() + DOWN_FOR)
+                .is_none();
+            (first, down.len())
+        };
+        self.metrics.peers_down.set(count as i64);
         if first {
             tracing::warn!(
                 peer,
+                error = why,
                 "fleet peer did not answer; skipping it for {}s",
                 DOWN_FOR.as_secs()
             );
@@ -305,8 +318,10 @@ impl Fleet {
         })
     }
 
-    /// Sends a forwarded GET or HEAD to `peer`; the response headers must arrive within
-    /// `peer_timeout`, or the peer is marked down.
+    /// Sends a forwarded GET or HEAD to `peer`. A peer that cannot be connected to within
+    /// `peer_timeout`, sends no response headers within 30 s, or answers that it cannot
+    /// serve (401: another fleet secret; 5xx: broken) is marked down: `Err`, and the
+    /// caller asks the next replica. Any other answer is the owner's to give.
     pub async fn ask(
         &self,
         peer: &str,
@@ -323,12 +338,21 @@ impl Fleet {
             .request(method, format!("{peer}{target}"))
             .headers(headers)
             .send();
-        let result = match tokio::time::timeout(self.timeout, send).await {
+        let result = match tokio::time::timeout(RESPONSE_WAIT, send).await {
+            Ok(Ok(resp)) if resp.status() == reqwest::StatusCode::UNAUTHORIZED => {
+                Err("refused this replica's signature (is the fleet secret the same?)".to_owned())
+            }
+            Ok(Ok(resp))
+                if resp.status().is_server_error()
+                    && resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                Err(format!("answered {}", resp.status()))
+            }
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
                 "no answer within {}",
-                humantime::format_duration(self.timeout)
+                humantime::format_duration(RESPONSE_WAIT)
             )),
         };
         let label = ForwardLabels {
@@ -336,8 +360,8 @@ impl Fleet {
             result: if result.is_ok() { "ok" } else { "down" },
         };
         self.metrics.forwarded.get_or_create(&label).inc();
-        if result.is_err() {
-            self.mark_down(peer);
+        if let Err(e) = &result {
+            self.mark_down(peer, e);
         }
         result
     }
@@ -354,9 +378,15 @@ impl Fleet {
             .inc();
     }
 
-    /// Re-resolves `peers_dns` every `resolve_interval` (no-op with a static list).
-    pub async fn keep_resolving(self: Arc<Self>) {
-        let Some(name) = self.dns.clone() else {
+    /// How often `peers_dns` is resolved again; `None` with a static list.
+    pub fn resolve_interval(&self) -> Option<Duration> {
+        self.dns.as_ref().map(|_| self.resolve_interval)
+    }
+
+    /// Resolves `peers_dns` once (bounded), so that a replica starts with the fleet it
+    /// joins rather than believing it owns every key and the whole quota.
+    pub async fn resolve_now(&self) {
+        let Some(name) = self.dns.as_deref() else {
             return;
         };
         let scheme = if self.me.starts_with("https://") {
@@ -364,38 +394,41 @@ impl Fleet {
         } else {
             "http"
         };
-        let port = name
-            .rsplit_once(':')
-            .map(|(_, p)| p)
-            .unwrap_or("5000")
-            .to_owned();
-        let mut tick = tokio::time::interval(self.resolve_interval);
-        loop {
-            tick.tick().await;
-            match tokio::net::lookup_host(name.as_str()).await {
-                Ok(addrs) => {
-                    let mut peers: Vec<String> = addrs
-                        .map(|a| match a.ip() {
-                            IpAddr::V4(ip) => format!("{scheme}://{ip}:{port}"),
-                            IpAddr::V6(ip) => format!("{scheme}://[{ip}]:{port}"),
-                        })
-                        .collect();
-                    if !peers.contains(&self.me) {
-                        peers.push(self.me.clone());
-                    }
-                    peers.sort();
-                    peers.dedup();
-                    let mut current = self.peers.write().unwrap_or_else(|p| p.into_inner());
-                    if *current != peers {
-                        tracing::info!(peers = ?peers, "fleet membership changed");
-                        self.metrics.peers.set(peers.len() as i64);
-                        *current = peers;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(name, error = %e, "cannot resolve fleet.peers_dns; keeping the last list")
-                }
+        let port = name.rsplit_once(':').map_or("5000", |(_, p)| p);
+        let lookup = tokio::time::timeout(RESPONSE_WAIT, tokio::net::lookup_host(name)).await;
+        let addrs = match lookup {
+            Ok(Ok(addrs)) => addrs,
+            Ok(Err(e)) => {
+                tracing::warn!(name, error = %e, "cannot resolve fleet.peers_dns; keeping the last list");
+                return;
             }
+            Err(_) => {
+                tracing::warn!(
+                    name,
+                    "fleet.peers_dns did not resolve in time; keeping the last list"
+                );
+                return;
+            }
+        };
+        let mut peers: Vec<String> = addrs
+            .map(|a| match a.ip() {
+                IpAddr::V4(ip) => format!("{scheme}://{ip}:{port}"),
+                IpAddr::V6(ip) => format!("{scheme}://[{ip}]:{port}"),
+            })
+            .collect();
+        if !peers.contains(&self.me) {
+            // Not ready yet (a headless Service lists ready pods only), or `advertise`
+            // is spelt otherwise than the records: count this replica once all the same.
+            tracing::debug!(me = %self.me, "this replica is not among fleet.peers_dns's records");
+            peers.push(self.me.clone());
+        }
+        peers.sort();
+        peers.dedup();
+        let mut current = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if *current != peers {
+            tracing::info!(peers = ?peers, "fleet membership changed");
+            self.metrics.peers.set(peers.len() as i64);
+            *current = peers;
         }
     }
 }
@@ -468,7 +501,7 @@ mod tests {
         let f = fleet(PEERS[0], &PEERS);
         let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
         let before: Vec<_> = keys.iter().map(|k| f.owners(k)).collect();
-        f.mark_down(PEERS[1]);
+        f.mark_down(PEERS[1], "test");
         for (k, was) in keys.iter().zip(before) {
             let now = f.owners(k);
             assert_eq!(now.len(), 2);

@@ -74,28 +74,37 @@ impl Proxy {
             };
         }
         let origin = self.origin(up, repo, digest, caller).await?;
-        let (fill, outcome) =
-            match self
-                .fills
-                .join_or_start(&self.store, up, repo, digest, &self.metrics, origin)
-            {
-                Joined::Stored => {
-                    // Finished between our look and the join: it is a hit after all.
-                    return match self.stored_blob(up, repo, digest).await? {
-                        Some(a) => Ok(a),
-                        None => Err(internal("blob vanished after its fill", digest)),
-                    };
+        let (fill, outcome) = match self.fills.join_or_start(
+            &self.store,
+            up,
+            repo,
+            digest,
+            &self.metrics,
+            origin,
+        ) {
+            Joined::Stored => {
+                // Finished between our look and the join: it is a hit after all.
+                return match self.stored_blob(up, repo, digest).await? {
+                    Some(a) => Ok(a),
+                    None => Err(internal("blob vanished after its fill", digest)),
+                };
+            }
+            Joined::Started(f) => (f, Outcome::Miss),
+            Joined::Following(f) if caller.forwarded && f.via_peers => {
+                return Err(oci::Error::new(
+                        ErrorCode::Internal,
+                        format!("this replica is itself asking another replica for {digest}; ask the next owner"),
+                    ));
+            }
+            Joined::Following(f) => {
+                // Joined a fill started for another repository: this one must hold
+                // the blob too (checked after joining, so nothing slips in between).
+                if &f.repository != repo {
+                    self.authorize_blob(up, repo, digest).await?;
                 }
-                Joined::Started(f) => (f, Outcome::Miss),
-                Joined::Following(f) => {
-                    // Joined a fill started for another repository: this one must hold
-                    // the blob too (checked after joining, so nothing slips in between).
-                    if &f.repository != repo {
-                        self.authorize_blob(up, repo, digest).await?;
-                    }
-                    (f, Outcome::Coalesced)
-                }
-            };
+                (f, Outcome::Coalesced)
+            }
+        };
         // Follow before waiting for the start: a follower registered now gets every byte
         // even if the disk fills up and the fill has to pass them through.
         let follower = fill.follow().ok_or_else(|| {

@@ -60,6 +60,9 @@ pub struct Progress {
 pub struct Fill {
     /// The repository the fill was started for (cross-repository checks).
     pub repository: Repository,
+    /// The fill asks another replica: a forwarded request must not wait on it (two
+    /// replicas that disagree on the owner would wait on each other).
+    pub via_peers: bool,
     progress: watch::Receiver<Progress>,
     tails: Arc<Mutex<Tails>>,
 }
@@ -185,6 +188,8 @@ impl Fills {
             senders: Vec::new(),
         }));
         let fill = Arc::new(Fill {
+            via_peers: matches!(&origin.via, Via::Fleet { owners, .. }
+                if owners.first().is_some_and(|o| *o != crate::fleet::Owner::Me)),
             tails: tails.clone(),
             repository: repository.clone(),
             progress: rx,
@@ -362,6 +367,9 @@ impl FillTask {
         let verified = match writer.verify() {
             Ok(v) => v,
             Err(CommitError::Mismatch { actual }) => {
+                if let (Some(Answered::Shared), Some(shared)) = (self.answered(), &self.shared) {
+                    shared.forget_blob(&self.digest).await;
+                }
                 return Err(oci::Error::new(
                     ErrorCode::UpstreamDigestMismatch,
                     format!(
@@ -369,7 +377,7 @@ impl FillTask {
                         self.source_name(),
                         self.digest
                     ),
-                ))
+                ));
             }
             Err(CommitError::Io(e)) => return Err(self.internal("verifying", e)),
         };

@@ -166,16 +166,13 @@ impl Proxy {
             async move {
                 let reference = Reference::Tag(tag.clone());
                 let owned_key = tag_key_prefix(&up, &repo, &tag);
+                // No local tag record from the owner's answer: the owner's record (in the
+                // bucket) carries when it was really validated, which a record made here
+                // now would not.
                 if let Some(answer) = this
                     .ask_owners(&owned_key, &up, &repo, &reference, accept)
                     .await
                 {
-                    if let Ok(a) = &answer {
-                        if a.warning.is_none() {
-                            this.put_local_tag(key, fresh_record(a.digest.clone(), &a.media_type))
-                                .await?;
-                        }
-                    }
                     return answer;
                 }
                 this.refresh_tag(&up, &repo, &tag, accept, key).await

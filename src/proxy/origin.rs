@@ -179,13 +179,21 @@ pub async fn peer_error(peer: &str, resp: reqwest::Response) -> oci::Error {
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    // Error bodies are small; a peer that sends a huge one is cut off.
-    let body = tokio::time::timeout(std::time::Duration::from_secs(5), resp.bytes())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
-    let message = serde_json::from_slice::<serde_json::Value>(&body[..body.len().min(65536)])
+    // Error bodies are small: at most 64 KiB are read, for at most 5 s.
+    let body = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            body.extend_from_slice(&chunk);
+            if body.len() > 65536 {
+                break;
+            }
+        }
+        body
+    })
+    .await
+    .unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_owned))
         .unwrap_or_else(|| format!("berth replica {peer} answered {status}"));

@@ -47,9 +47,13 @@ impl Proxy {
         let Some(shared) = &self.shared else {
             return Ok(());
         };
-        let Ok(Some(record)) = shared.tag(key).await else {
+        let Ok(Some(mut record)) = shared.tag(key).await else {
             return Ok(());
         };
+        // A replica whose clock runs ahead must not make its records fresh for longer.
+        let now = now_secs();
+        record.validated_at = record.validated_at.min(now);
+        record.fetched_at = record.fetched_at.min(now);
         if local.is_some_and(|l| l.validated_at >= record.validated_at) {
             return Ok(());
         }
@@ -255,6 +259,9 @@ pub(super) fn fresh_record(digest: Digest, media_type: &str) -> TagRecord {
     }
 }
 
+/// Uploads to the shared tier in flight at once, per process.
+static UPLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// How many times (5 s apart) a blob is offered to a shared store that is down.
 const WRITE_THROUGH_ATTEMPTS: u32 = 24;
 
@@ -274,6 +281,11 @@ pub(super) async fn write_through_blob(
     };
     let (digest, up, repo) = (digest.clone(), upstream.to_owned(), repo.to_string());
     tokio::spawn(async move {
+        // A few uploads at a time: a herd of distinct layers must not hold hundreds of
+        // MiB of small blobs in memory at once.
+        let Ok(_permit) = UPLOADS.acquire().await else {
+            return;
+        };
         for attempt in 1..=WRITE_THROUGH_ATTEMPTS {
             let last = attempt == WRITE_THROUGH_ATTEMPTS;
             let result = match shared.put_blob(&digest, blob.file.clone(), blob.size).await {

@@ -78,7 +78,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
 async fn shared_trouble(app: &App) -> Option<String> {
     let shared = app.proxy.shared()?;
     if !shared.skipped() {
-        let _ = shared.probe().await;
+        // Bounded well below a probe's timeout: a slow store must not make every replica
+        // unready at once (the Service would have no endpoint left).
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), shared.probe()).await;
     }
     shared.trouble()
 }

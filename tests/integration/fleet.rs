@@ -257,6 +257,16 @@ async fn ninety_pulls_over_three_replicas_fetch_once() {
     );
     let forwarded = w.fleet.metric_sum("berth_fleet_received_total").await;
     assert!(forwarded >= 2.0, "replicas asked owners {forwarded} times");
+    // Every owner answered: none was taken for dead while it filled.
+    for kind in ["blob", "manifest"] {
+        let down = w
+            .fleet
+            .metric_sum(&format!(
+                "berth_fleet_forwarded_total{{kind=\"{kind}\",result=\"down\"}}"
+            ))
+            .await;
+        assert_eq!(down, 0.0, "{kind} owners marked down");
+    }
 }
 
 /// Test 3: the owner is killed mid-fill: the other replicas' clients see aborted streams

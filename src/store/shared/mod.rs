@@ -5,7 +5,8 @@
 //! Layout under the configured prefix:
 //! - `blobs/<algorithm>/<hex>`: blobs and manifests by digest, written only after their
 //!   bytes were verified (a manifest carries its media type as the object's content type);
-//! - `tags/<tag key>`: a [`TagRecord`] as JSON;
+//! - `tags/<upstream>/<repository>:<tag>#<accept set>` (the tag key's `/` as path
+//!   separators; the store encodes `#`): a [`TagRecord`] as JSON;
 //! - `links/<upstream>/<repository>/<algorithm>/<hex>`: empty objects saying the
 //!   repository is known to hold the digest (what lets a replica serve another's fill);
 //! - `uploads/<id>.json`: a marker per multipart upload in progress, removed when it
@@ -17,7 +18,7 @@
 //! and the tier is skipped for a few seconds (callers fall back to their local disk or to
 //! fetching through).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,14 +43,17 @@ use super::{StoredManifest, TagRecord};
 
 mod uploads;
 use crate::config::{SharedConfig, SharedKind};
+use crate::oci::media::MAX_MANIFEST_BYTES;
 use crate::oci::Digest;
 
 /// Blobs up to this size go up in one PUT; bigger ones in parts of this size.
 const PART_SIZE: u64 = 16 * 1024 * 1024;
 /// After a failure the tier is skipped this long before it is tried again.
 const BACKOFF: Duration = Duration::from_secs(5);
-/// Digests known to be in the store (no HEAD per hit in redirect mode); bounded.
+/// Digests known to be in the store (no HEAD per hit in redirect mode); bounded, and
+/// forgotten after `KNOWN_FOR` so that an object an expiry rule removed is noticed.
 const KNOWN_MAX: usize = 100_000;
+const KNOWN_FOR: Duration = Duration::from_secs(60);
 
 /// The tier could not answer (unreachable, slow, refused): the caller falls back.
 #[derive(Debug, Clone)]
@@ -108,7 +112,7 @@ pub struct Shared {
     redirect: Option<Duration>,
     replica: String,
     health: Health,
-    known: Mutex<HashSet<Digest>>,
+    known: Mutex<HashMap<Digest, Instant>>,
     metrics: SharedMetrics,
     description: String,
 }
@@ -223,7 +227,7 @@ impl Shared {
             redirect: config.redirect.then_some(config.redirect_ttl),
             replica: replica.to_owned(),
             health: Health::default(),
-            known: Mutex::new(HashSet::new()),
+            known: Mutex::new(HashMap::new()),
             metrics,
             description: format!(
                 "{:?} bucket {} prefix {:?}",
@@ -292,19 +296,29 @@ impl Shared {
         op: &'static str,
         work: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> Result<Option<T>> {
+        self.op_within(op, self.timeout, work).await
+    }
+
+    /// Like [`Self::op`] with a deadline of its own (uploads of many bytes).
+    async fn op_within<T>(
+        &self,
+        op: &'static str,
+        deadline: Duration,
+        work: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<Option<T>> {
         if self.skipped() {
             return Err(Unavailable(format!(
                 "{} (skipped after a failure)",
                 self.description
             )));
         }
-        let outcome = match tokio::time::timeout(self.timeout, work).await {
+        let outcome = match tokio::time::timeout(deadline, work).await {
             Ok(Ok(v)) => Ok(Some(v)),
             Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
                 "no answer within {}",
-                humantime::format_duration(self.timeout)
+                humantime::format_duration(deadline)
             )),
         };
         let result = match &outcome {
@@ -370,20 +384,33 @@ impl Shared {
         if known.len() >= KNOWN_MAX {
             known.clear();
         }
-        known.insert(d.clone());
+        known.insert(d.clone(), Instant::now() + KNOWN_FOR);
     }
 
     /// Whether the tier is known (or found) to hold a blob.
     pub async fn has_blob(&self, d: &Digest) -> Result<bool> {
-        if self
+        let known = self
             .known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(d)
-        {
+            .get(d)
+            .is_some_and(|until| Instant::now() < *until);
+        if known {
             return Ok(true);
         }
         Ok(self.blob_size(d).await?.is_some())
+    }
+
+    /// Removes a blob whose object turned out not to hash to its name (a corrupt store,
+    /// or a writer that was not berth): the next miss fetches it again.
+    pub async fn forget_blob(&self, d: &Digest) {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(d);
+        let path = self.blob_path(d);
+        tracing::warn!(digest = %d, "the shared store's object for this digest holds other bytes; removing it");
+        let _ = tokio::time::timeout(self.timeout, self.objects.delete(&path)).await;
     }
 
     /// Streams a blob from byte `from`: its full size and the bytes. `None` when not held.
@@ -424,15 +451,22 @@ impl Shared {
         .await
     }
 
+    /// A manifest by digest. An object over the manifest size limit (a layer asked for
+    /// as a manifest), or whose bytes do not hash to its name, is no manifest: `None`,
+    /// without reading it whole.
     pub async fn manifest(&self, d: &Digest) -> Result<Option<StoredManifest>> {
         let path = self.blob_path(d);
         let Some(got) = self.op("get", self.objects.get(&path)).await? else {
             return Ok(None);
         };
-        let media_type = got
+        if got.meta.size > MAX_MANIFEST_BYTES as u64 {
+            return Ok(None);
+        }
+        let stored_type = got
             .attributes
             .get(&Attribute::ContentType)
-            .map(|v| v.to_string());
+            .map(|v| v.to_string())
+            .filter(|mt| crate::oci::AcceptSet::ALL.accepts(mt));
         let Some(bytes) = self.op("get", got.bytes()).await? else {
             return Ok(None);
         };
@@ -440,14 +474,14 @@ impl Shared {
         let mut h = d.hasher();
         h.update(&bytes);
         if &h.finish() != d {
-            return Err(self.failed(
-                "get",
-                format!("the object for {d} holds other bytes; ignoring it"),
-            ));
+            tracing::warn!(digest = %d, "the shared store's object for this digest holds other bytes; ignoring it");
+            return Ok(None);
         }
-        let media_type = media_type
-            .or_else(|| crate::oci::manifest::sniff_media_type(&bytes))
-            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned());
+        let Some(media_type) =
+            stored_type.or_else(|| crate::oci::manifest::sniff_media_type(&bytes))
+        else {
+            return Ok(None);
+        };
         Ok(Some(StoredManifest { bytes, media_type }))
     }
 
@@ -494,6 +528,13 @@ impl Shared {
     /// Forgets tag records (the admin API's delete), by the same key prefix as the index:
     /// `<upstream>/<repository>/<tag>#`.
     pub async fn remove_tags(&self, prefix: &str) -> Result<usize> {
+        match tokio::time::timeout(self.timeout * 6, self.remove_tags_unbounded(prefix)).await {
+            Ok(r) => r,
+            Err(_) => Err(self.failed("list", "removing tag records took too long".into())),
+        }
+    }
+
+    async fn remove_tags_unbounded(&self, prefix: &str) -> Result<usize> {
         let (dir, name) = prefix.rsplit_once('/').unwrap_or(("", prefix));
         let base = self.path(std::iter::once("tags").chain(dir.split('/')));
         let depth = base.parts().count() + 1;

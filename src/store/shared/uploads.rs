@@ -39,8 +39,13 @@ impl Shared {
             let bytes = read_at(file, 0, size)
                 .await
                 .map_err(|e| self.failed("put", e))?;
-            self.op("put", self.objects.put(&path, PutPayload::from(bytes)))
-                .await?;
+            // Up to 16 MiB: the time a slow link needs, not the metadata deadline.
+            self.op_within(
+                "put",
+                self.timeout * 12,
+                self.objects.put(&path, PutPayload::from(bytes)),
+            )
+            .await?;
         } else {
             self.put_parts(&path, file, size).await?;
         }
@@ -98,12 +103,18 @@ impl Shared {
             Ok::<_, Unavailable>(())
         }
         .await;
-        if result.is_err() {
-            let _ = self
-                .op("abort_multipart", self.parts.abort_multipart(path, &id))
-                .await;
+        // Clean-up goes out even while the tier is skipped after the failure that brought
+        // us here; the marker stays (for `berth gc`) unless the abort went through.
+        let clean = match &result {
+            Ok(()) => true,
+            Err(_) => matches!(
+                tokio::time::timeout(self.timeout, self.parts.abort_multipart(path, &id)).await,
+                Ok(Ok(()))
+            ),
+        };
+        if clean {
+            let _ = tokio::time::timeout(self.timeout, self.objects.delete(&marker_path)).await;
         }
-        let _ = self.op("delete", self.objects.delete(&marker_path)).await;
         result
     }
 
@@ -130,7 +141,10 @@ impl Shared {
             if now.saturating_sub(marker.started) < older_than.as_secs() {
                 continue;
             }
-            let key = Path::from(marker.key.as_str());
+            // The marker holds the key as the store spells it (already encoded).
+            let Ok(key) = Path::parse(&marker.key) else {
+                continue;
+            };
             // An upload the store already forgot is as good as aborted.
             let _ = self
                 .op(
