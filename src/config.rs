@@ -210,6 +210,15 @@ pub struct StorageConfig {
     /// The object store every replica shares; the local store is a cache in front of it.
     #[serde(default)]
     pub shared: Option<SharedConfig>,
+    /// Keep blobs on local disk (the cache tier). With `false` and a shared tier, blobs
+    /// are served straight from the object store; `root` then holds only the index,
+    /// manifests and fills in progress.
+    #[serde(default = "default_true")]
+    pub local: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -464,6 +473,9 @@ impl Config {
         }
         if let Some(shared) = &self.storage.shared {
             validate_shared(shared)?;
+        }
+        if !self.storage.local && self.storage.shared.is_none() {
+            return Err("storage.local = false needs a [storage.shared] object store".into());
         }
         if let Some(fleet) = &self.fleet {
             validate_fleet(fleet)?;

@@ -77,7 +77,7 @@ pub fn build(config: &Config) -> Result<App, String> {
         None => None,
     };
     Ok(App {
-        proxy: Proxy::new(store, metrics.clone(), shared, fleet),
+        proxy: Proxy::new(store, metrics.clone(), shared, fleet, config.storage.local),
         upstreams,
         metrics,
         started: std::time::Instant::now(),

@@ -34,7 +34,7 @@ pub const FORWARDED: &str = "x-berth-fleet";
 /// The client a forwarded request is made for (per-client budgets), covered by the signature.
 pub const CLIENT: &str = "x-berth-client";
 /// How far apart two replicas' clocks may be for a signature to count.
-const MAX_SKEW_SECS: u64 = 300;
+const MAX_SKEW_SECS: u64 = 120;
 /// How long a peer that failed to answer is skipped.
 const DOWN_FOR: Duration = Duration::from_secs(10);
 /// How long an owner that accepted a request may take to send its response headers: it
@@ -241,19 +241,22 @@ impl Fleet {
         }
     }
 
-    fn mac(&self, ts: u64, method: &str, target: &str, client: &str) -> Hmac<Sha256> {
+    /// The MAC covers the time, the replica the request is for (a captured request
+    /// cannot be replayed at another), the method, path and query, and the client.
+    fn mac(&self, ts: u64, to: &str, method: &str, target: &str, client: &str) -> Hmac<Sha256> {
         // Any key length is valid for HMAC.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.secret)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(format!("{ts}\n{method}\n{target}\n{client}").as_bytes());
+        mac.update(format!("{ts}\n{to}\n{method}\n{target}\n{client}").as_bytes());
         mac
     }
 
-    /// The headers that mark a request to `target` (path and query) as forwarded.
-    pub fn sign(&self, method: &str, target: &str, client: Option<&str>) -> HeaderMap {
+    /// The headers that mark a request to replica `to` for `target` (path and query) as
+    /// forwarded.
+    pub fn sign(&self, to: &str, method: &str, target: &str, client: Option<&str>) -> HeaderMap {
         let ts = crate::store::now_secs();
         let tag = self
-            .mac(ts, method, target, client.unwrap_or(""))
+            .mac(ts, &normalize(to), method, target, client.unwrap_or(""))
             .finalize();
         let hex: String = tag
             .into_bytes()
@@ -310,7 +313,7 @@ impl Fleet {
         let tag = decode_hex(hex).ok_or(BadSignature("malformed signature"))?;
         let client = headers.get(CLIENT).and_then(|v| v.to_str().ok());
         // verify_slice compares in constant time.
-        self.mac(ts, method, target, client.unwrap_or(""))
+        self.mac(ts, &self.me, method, target, client.unwrap_or(""))
             .verify_slice(&tag)
             .map_err(|_| BadSignature("wrong signature"))?;
         Ok(Forwarded {
@@ -331,7 +334,7 @@ impl Fleet {
         extra: HeaderMap,
         client: Option<&str>,
     ) -> Result<reqwest::Response, String> {
-        let mut headers = self.sign(method.as_str(), target, client);
+        let mut headers = self.sign(peer, method.as_str(), target, client);
         headers.extend(extra);
         let send = self
             .http
@@ -516,7 +519,22 @@ mod tests {
     #[test]
     fn signatures_verify_and_forgeries_do_not() {
         let f = fleet(PEERS[0], &PEERS);
-        let h = f.sign("GET", "/v2/a/blobs/x?ns=docker.io", Some("10.0.0.9"));
+        let h = f.sign(
+            PEERS[0],
+            "GET",
+            "/v2/a/blobs/x?ns=docker.io",
+            Some("10.0.0.9"),
+        );
+        // Meant for another replica: refused here.
+        let elsewhere = f.sign(
+            PEERS[1],
+            "GET",
+            "/v2/a/blobs/x?ns=docker.io",
+            Some("10.0.0.9"),
+        );
+        assert!(f
+            .verify(&elsewhere, "GET", "/v2/a/blobs/x?ns=docker.io")
+            .is_err());
         let ok = f.verify(&h, "GET", "/v2/a/blobs/x?ns=docker.io").unwrap();
         assert_eq!(ok.unwrap().client.as_deref(), Some("10.0.0.9"));
         assert!(f.verify(&h, "GET", "/v2/a/blobs/y?ns=docker.io").is_err());

@@ -39,6 +39,19 @@ impl Proxy {
         if let Some(answer) = self.stored_blob(up, repo, digest).await? {
             return Ok(answer);
         }
+        if !self.local_blobs && !head {
+            // No local tier: a blob the bucket holds streams straight from it.
+            if let (Some(size), Some(shared)) =
+                (self.shared_blob(up, repo, digest).await?, &self.shared)
+            {
+                return Ok(BlobAnswer {
+                    size: Some(size),
+                    source: Some(BlobSource::Shared(shared.clone(), digest.clone())),
+                    outcome: Outcome::Hit,
+                    redirect: None,
+                });
+            }
+        }
         if head {
             if let Some(fill) = self.fills.in_progress(digest) {
                 if &fill.repository != repo {

@@ -16,8 +16,12 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
+use futures_util::StreamExt;
+
 use super::fill::{Follower, Progress, Status, FOLLOWER_PATIENCE};
 use crate::metrics::{Metrics, Source, SourceLabels};
+use crate::oci::Digest;
+use crate::store::shared::Shared;
 
 /// Read size for stored blobs: large enough to match nginx's sendfile on one stream.
 const STORED_CHUNK: u64 = 256 * 1024;
@@ -28,6 +32,8 @@ const FILL_CHUNK: u64 = 128 * 1024;
 pub enum BlobSource {
     Stored(Arc<File>),
     Filling(Follower),
+    /// Straight from the shared tier (a replica without a local tier).
+    Shared(Arc<Shared>, Digest),
 }
 
 pub struct BlobBody {
@@ -40,7 +46,14 @@ impl BlobBody {
     /// size is done).
     pub fn new(source: BlobSource, start: u64, end: Option<u64>, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(pump(source, start, end, tx, metrics));
+        match source {
+            BlobSource::Shared(shared, digest) => {
+                tokio::spawn(pump_shared(shared, digest, start, end, tx, metrics));
+            }
+            source => {
+                tokio::spawn(pump(source, start, end, tx, metrics));
+            }
+        }
         BlobBody {
             rx,
             len: end.map(|e| e - start),
@@ -67,7 +80,7 @@ async fn pump(
 ) {
     let label = SourceLabels {
         source: match source {
-            BlobSource::Stored(_) => Source::Cache,
+            BlobSource::Stored(_) | BlobSource::Shared(..) => Source::Cache,
             BlobSource::Filling(_) => Source::Upstream,
         },
     };
@@ -101,6 +114,10 @@ async fn pump(
         };
         let (file, avail) = match &mut source {
             BlobSource::Stored(f) => (f.clone(), end.unwrap_or(pos)),
+            // Served by `pump_shared`.
+            BlobSource::Shared(..) => {
+                return fail(slot, "internal: a shared-tier source in the file pump")
+            }
             BlobSource::Filling(f) => {
                 let waited = tokio::time::timeout(
                     FOLLOWER_PATIENCE,
@@ -173,6 +190,55 @@ async fn pump(
         slot.send(Ok(chunk));
     }
 }
+
+/// Streams bytes `start..end` of a blob from the shared tier. The object store checked
+/// nothing: a body that ends short, stalls for 30 s, or fails is an aborted transfer.
+async fn pump_shared(
+    shared: Arc<Shared>,
+    digest: Digest,
+    start: u64,
+    end: Option<u64>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    metrics: Arc<Metrics>,
+) {
+    let served = metrics
+        .served_bytes
+        .get_or_create(&SourceLabels {
+            source: Source::Cache,
+        })
+        .clone();
+    let mut stream = match shared.blob_stream(&digest, start).await {
+        Ok(Some((_, stream))) => stream,
+        Ok(None) | Err(_) => {
+            if let Ok(slot) = tx.reserve().await {
+                fail(slot, "the shared store no longer answers for this blob");
+            }
+            return;
+        }
+    };
+    let mut pos = start;
+    while end.is_none_or(|e| pos < e) {
+        let Ok(slot) = tx.reserve().await else {
+            return; // the client went away
+        };
+        let mut chunk = match tokio::time::timeout(SHARED_STALL, stream.next()).await {
+            Ok(Some(Ok(c))) => c,
+            Ok(Some(Err(e))) => return fail(slot, &format!("the shared store: {e}")),
+            Ok(None) if end.is_none() => return,
+            Ok(None) => return fail(slot, "the shared store's body ended early"),
+            Err(_) => return fail(slot, "the shared store stalled"),
+        };
+        if let Some(e) = end {
+            chunk.truncate((e - pos).min(chunk.len() as u64) as usize);
+        }
+        pos += chunk.len() as u64;
+        served.inc_by(chunk.len() as u64);
+        slot.send(Ok(chunk));
+    }
+}
+
+/// A shared-tier body that sends nothing for this long is given up on.
+const SHARED_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 enum Flow {
     Continue,

@@ -139,13 +139,16 @@ pub struct Fills {
     map: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
     /// Where fills from the upstream are written through, in a fleet.
     shared: Option<Arc<Shared>>,
+    /// Whether verified blobs stay on local disk (false: only in the shared tier).
+    keep_local: bool,
 }
 
 impl Fills {
-    pub fn new(shared: Option<Arc<Shared>>) -> Self {
+    pub fn new(shared: Option<Arc<Shared>>, keep_local: bool) -> Self {
         Fills {
             map: Arc::default(),
             shared,
+            keep_local,
         }
     }
 
@@ -205,6 +208,7 @@ impl Fills {
             metrics: metrics.clone(),
             origin,
             shared: self.shared.clone(),
+            keep_local: self.keep_local,
             answered: Mutex::new(None),
         };
         let map_handle = self.map.clone();
@@ -230,6 +234,7 @@ struct FillTask {
     metrics: Arc<Metrics>,
     origin: Origin,
     shared: Option<Arc<Shared>>,
+    keep_local: bool,
     /// Which source answered (named in errors; only upstream bytes are written through to
     /// the shared tier, the others are there already or will be by their owner).
     answered: Mutex<Option<Answered>>,
@@ -401,11 +406,33 @@ impl FillTask {
             self.upstream.host().to_owned(),
             self.repository.as_str().to_owned(),
         );
-        verified
-            .persist_linked(&self.store, None, Some(link))
-            .await
-            .map_err(|e| self.internal("committing", e))?;
-        self.write_through().await;
+        match &self.shared {
+            Some(shared) if !self.keep_local => {
+                // No local tier: the bucket is the store. The temp file goes with
+                // `verified`, after the upload (or its failure).
+                let (file, size) = verified.file();
+                if self.answered() != Some(Answered::Shared) {
+                    shared
+                        .put_blob(&self.digest, file, size)
+                        .await
+                        .map_err(|e| self.internal("uploading to the shared store", e))?;
+                    let _ = shared
+                        .link(&link.0, &link.1, std::slice::from_ref(&self.digest))
+                        .await;
+                }
+                self.store
+                    .link(&link.0, &link.1, vec![self.digest.clone()])
+                    .await
+                    .map_err(|e| self.internal("writing the index", e))?;
+            }
+            _ => {
+                verified
+                    .persist_linked(&self.store, None, Some(link))
+                    .await
+                    .map_err(|e| self.internal("committing", e))?;
+                self.write_through().await;
+            }
+        }
         Ok(())
     }
 

@@ -143,7 +143,13 @@ mod tests {
     async fn a_follower_is_not_refused_for_its_leaders_budget() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
-        let proxy = Arc::new(Proxy::new(store, Arc::new(Metrics::new()), None, None));
+        let proxy = Arc::new(Proxy::new(
+            store,
+            Arc::new(Metrics::new()),
+            None,
+            None,
+            true,
+        ));
         let work = |parts: Parts| async move {
             // Long enough for the second caller to join this flight.
             tokio::time::sleep(Duration::from_millis(200)).await;

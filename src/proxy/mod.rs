@@ -37,6 +37,8 @@ pub struct Proxy {
     shared: Option<Arc<Shared>>,
     /// The other replicas, and who owns which key.
     fleet: Option<Arc<Fleet>>,
+    /// Whether blobs are kept on local disk (the cache tier) or served from `shared`.
+    local_blobs: bool,
     metrics: Arc<Metrics>,
     fills: fill::Fills,
     /// Manifest fetches by key, each with the client that paid for it.
@@ -58,10 +60,14 @@ impl Proxy {
         metrics: Arc<Metrics>,
         shared: Option<Arc<Shared>>,
         fleet: Option<Arc<Fleet>>,
+        local_blobs: bool,
     ) -> Self {
+        // Without a shared tier, local disk is the only store whatever the setting.
+        let local_blobs = local_blobs || shared.is_none();
         Proxy {
             store,
-            fills: fill::Fills::new(shared.clone()),
+            local_blobs,
+            fills: fill::Fills::new(shared.clone(), local_blobs),
             shared,
             fleet,
             metrics,

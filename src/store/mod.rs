@@ -500,6 +500,12 @@ pub struct VerifiedBlob {
 }
 
 impl VerifiedBlob {
+    /// A read handle on the verified bytes (for an upload that keeps no local copy; the
+    /// temp file goes when this value is dropped).
+    pub fn file(&self) -> (Arc<File>, u64) {
+        (self.file.clone(), self.size)
+    }
+
     /// fsyncs, renames into place and records the blob in the index. `media_type` marks
     /// the blob as a manifest.
     pub async fn persist(self, store: &Store, media_type: Option<&str>) -> io::Result<()> {

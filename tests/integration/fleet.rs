@@ -214,6 +214,32 @@ async fn a_pull_through_one_replica_serves_the_others() {
     }
     // No multipart upload is left open once the fills are in.
     assert!(w.garage.multipart_uploads().await.is_empty());
+    // An outside client cannot pass for a replica.
+    let forged = http()
+        .get(format!(
+            "{}/v2/library/app/manifests/v1?ns=docker.io",
+            w.url(0)
+        ))
+        .header(
+            "x-berth-fleet",
+            format!("v1 {} {}", now_unix(), "ab".repeat(32)),
+        )
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(forged.status(), 401);
+    assert_eq!(
+        w.fleet.replicas[0]
+            .metric("berth_fleet_refused_total")
+            .await,
+        1.0
+    );
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Test 2: 90 concurrent cold pulls spread over three replicas: one upstream GET per
@@ -668,4 +694,92 @@ async fn the_fleet_stays_under_the_upstream_limit() {
         hub.counted()
     );
     assert!(ok >= 3, "only {ok} pulls succeeded");
+}
+
+/// A replica without a local tier (`storage.local = false`) keeps no blob on its disk:
+/// a miss is filled, verified and uploaded, and every later read (ranges included) streams
+/// straight from the bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_without_local_disk_serves_from_the_bucket() {
+    let registry = Registry::start(RegistryOptions::default()).await;
+    let front = Front::start(&registry.url()).await;
+    let garage = Garage::start().await;
+    let berth = crate::support::berth::Berth::start_opts(
+        &[UpstreamSpec::docker_hub(&front.url())],
+        &crate::support::berth::Extra {
+            top: garage.shared_toml(PREFIX),
+            storage: "local = false".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let built = build_image(
+        dir.path(),
+        &ImageSpec {
+            layer_sizes: vec![20 * MIB, 100 * KIB],
+            seed: 31,
+        },
+        Platform::LINUX_AMD64,
+    );
+    push(
+        &built.layout,
+        LAYOUT_REF,
+        &format!("{}/library/nolocal:v1", registry.host()),
+        None,
+    )
+    .await;
+    let base = berth.url();
+    assert_eq!(
+        pull(&base, "library/nolocal", "v1").await.as_deref(),
+        Ok(built.manifest_digest.as_str())
+    );
+    // Clients have every byte once it is verified; the upload follows (bounded wait).
+    let digests = blob_digests(&built);
+    let mut uploaded = false;
+    for _ in 0..300 {
+        let keys = garage.object_keys(&format!("{PREFIX}blobs/")).await;
+        if digests
+            .iter()
+            .all(|d| keys.iter().any(|k| k.ends_with(&d[7..])))
+        {
+            uploaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(uploaded, "the blobs never reached the bucket");
+    for d in &digests {
+        assert!(!is_stored(berth.data_dir(), d), "{d} kept on local disk");
+    }
+    front.clear();
+    assert_eq!(
+        pull(&base, "library/nolocal", "v1").await.as_deref(),
+        Ok(built.manifest_digest.as_str())
+    );
+    assert!(
+        front.content_requests().is_empty(),
+        "{:?}",
+        front.content_requests()
+    );
+    let (layer, size) = built.layers[0].clone();
+    let part = http()
+        .get(format!(
+            "{base}/v2/library/nolocal/blobs/{layer}?ns=docker.io"
+        ))
+        .header("range", "bytes=1000-1999")
+        .send()
+        .await
+        .expect("range GET");
+    assert_eq!(part.status(), 206);
+    assert_eq!(
+        header(&part, "content-range"),
+        format!("bytes 1000-1999/{size}")
+    );
+    let body = part.bytes().await.expect("body");
+    assert_eq!(&body[..], &built.read_blob(&layer)[1000..2000]);
+    let from_bucket = berth
+        .metric("berth_shared_requests_total{op=\"get\",result=\"ok\"}")
+        .await;
+    assert!(from_bucket >= 3.0, "{from_bucket} reads from the bucket");
 }

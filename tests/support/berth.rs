@@ -69,6 +69,8 @@ pub struct Extra {
     pub max_size: Option<String>,
     /// `storage.root` (a temp dir when unset), e.g. on a small tmpfs.
     pub data_dir: Option<PathBuf>,
+    /// Lines in `[storage]` (e.g. `local = false`).
+    pub storage: String,
     /// The pull API's address (a free port when unset): a fleet's replicas must know
     /// each other's before they start.
     pub listen: Option<SocketAddr>,
@@ -132,8 +134,9 @@ impl Berth {
         let mut toml = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nshutdown_grace = \"5s\"\n\
              header_read_timeout = \"2s\"\n{server_extra}\n\
-             [storage]\nroot = \"{}\"\nmax_size = \"{max_size}\"\n[routing]\ndefault_upstream = \"{}\"\n",
+             [storage]\nroot = \"{}\"\nmax_size = \"{max_size}\"\n{}\n[routing]\ndefault_upstream = \"{}\"\n",
             data_dir.display(),
+            extra.storage,
             upstreams[0].host
         );
         toml.push_str(&extra.top);
