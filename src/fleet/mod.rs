@@ -13,6 +13,8 @@
 //!
 //! This module owns the membership and the signing; `proxy` decides when to ask a peer.
 
+pub mod client;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Mutex, RwLock};

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::flying::Parts;
 use super::tiers::{fresh_record, write_through};
-use super::{internal, referenced_digests, Caller, Proxy};
+use super::{internal, manifest_links, Caller, Proxy};
 use crate::metrics::Outcome;
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository, Tag};
 use crate::quota::{Payer, Purpose};
@@ -284,8 +284,7 @@ impl Parts {
             Err(CommitError::Mismatch { actual }) => return Err(mismatch(up, digest, &actual)),
             Err(CommitError::Io(e)) => return Err(internal("storing a manifest", e)),
         }
-        let mut links = referenced_digests(&m.bytes);
-        links.push(digest.clone());
+        let links = manifest_links(&m.bytes, digest);
         self.store
             .link(up.host(), repo.as_str(), links)
             .await
@@ -356,8 +355,7 @@ impl Parts {
                             if accept.accepts(&m.media_type) {
                                 self.put_tag(key, fresh_record(new.clone(), &m.media_type))
                                     .await?;
-                                let mut links = referenced_digests(&m.bytes);
-                                links.push(new.clone());
+                                let links = manifest_links(&m.bytes, new);
                                 self.store
                                     .link(up.host(), repo.as_str(), links)
                                     .await

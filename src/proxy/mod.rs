@@ -169,10 +169,12 @@ fn internal(what: &str, e: impl std::fmt::Display) -> oci::Error {
     oci::Error::new(ErrorCode::Internal, format!("{what}: {e}"))
 }
 
-/// The digests a manifest refers to (config, layers, child manifests), for repository
-/// links. A manifest berth cannot read links nothing but itself.
-fn referenced_digests(bytes: &Bytes) -> Vec<Digest> {
-    oci::manifest::Manifest::parse(bytes)
+/// What a manifest links a repository to: itself and everything it refers to (config,
+/// layers, child manifests). A manifest berth cannot read links nothing but itself.
+fn manifest_links(bytes: &Bytes, digest: &Digest) -> Vec<Digest> {
+    let mut links: Vec<Digest> = oci::manifest::Manifest::parse(bytes)
         .map(|m| m.references().cloned().collect())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    links.push(digest.clone());
+    links
 }

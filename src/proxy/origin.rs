@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
-use futures_util::{StreamExt, TryStreamExt};
-use http::{header, HeaderMap, HeaderValue};
+use futures_util::StreamExt;
 
+use crate::fleet::client::{Answer, Ask};
 use crate::fleet::{Fleet, Owner};
-use crate::oci::{self, Digest, ErrorCode, Repository};
+use crate::oci::{self, Digest, Repository};
 use crate::quota::{Payer, Purpose};
 use crate::store::shared::Shared;
 use crate::upstream::{self, BlobResponse, Upstream};
@@ -134,79 +134,19 @@ async fn open_peer(
     client: Option<&str>,
     r: &Request<'_>,
 ) -> Option<Result<Opened, OpenError>> {
-    let target = format!("/v2/{}/blobs/{}?ns={}", r.repo, r.digest, r.up.host());
-    let mut extra = HeaderMap::new();
-    if r.from > 0 {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes={}-", r.from)) {
-            extra.insert(header::RANGE, v);
-        }
-    }
-    let resp = fleet
-        .ask(peer, "blob", reqwest::Method::GET, &target, extra, client)
-        .await
-        .ok()?;
-    let status = resp.status();
-    if status == reqwest::StatusCode::NOT_FOUND {
-        return Some(Err(OpenError::Unknown));
-    }
-    if !(status.is_success()) || (r.from > 0 && status != reqwest::StatusCode::PARTIAL_CONTENT) {
-        fleet.forward_failed("blob");
-        return Some(Err(OpenError::Oci(peer_error(peer, resp).await)));
-    }
-    let total = if r.from > 0 {
-        resp.headers()
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit_once('/'))
-            .and_then(|(_, t)| t.parse().ok())
-    } else {
-        resp.content_length()
+    let ask = Ask {
+        upstream: r.up.host(),
+        repo: r.repo,
+        client,
     };
-    let stream = resp.bytes_stream().map_err(|e| e.to_string()).boxed();
-    Some(Ok(Opened {
-        total,
-        body: Body::Stream(stream),
-        answered: Answered::Peer(peer.to_owned()),
-    }))
-}
-
-/// A replica's error answer, in OCI terms: its code and message when it sent the usual
-/// JSON, else its status.
-pub async fn peer_error(peer: &str, resp: reqwest::Response) -> oci::Error {
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    // Error bodies are small: at most 64 KiB are read, for at most 5 s.
-    let body = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        let mut resp = resp;
-        let mut body = Vec::new();
-        while let Ok(Some(chunk)) = resp.chunk().await {
-            body.extend_from_slice(&chunk);
-            if body.len() > 65536 {
-                break;
-            }
-        }
-        body
-    })
-    .await
-    .unwrap_or_default();
-    let message = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("berth replica {peer} answered {status}"));
-    let code = match status.as_u16() {
-        404 => ErrorCode::ManifestUnknown,
-        401 | 403 => ErrorCode::Denied,
-        429 => ErrorCode::TooManyRequests,
-        503 => ErrorCode::Unavailable,
-        _ => ErrorCode::UpstreamInvalid,
-    };
-    let e = oci::Error::new(code, message);
-    match retry_after {
-        Some(s) => e.retry_after(std::time::Duration::from_secs(s)),
-        None => e,
+    match fleet.blob(peer, &ask, r.digest, r.from).await {
+        Answer::Down => None,
+        Answer::Unknown => Some(Err(OpenError::Unknown)),
+        Answer::Failed(e) => Some(Err(OpenError::Oci(e))),
+        Answer::Got(b) => Some(Ok(Opened {
+            total: b.total,
+            body: Body::Stream(b.body),
+            answered: Answered::Peer(peer.to_owned()),
+        })),
     }
 }

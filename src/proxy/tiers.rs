@@ -3,14 +3,11 @@
 //! for all), what this replica fetched is written there, and a miss goes to the key's
 //! owner, which alone spends the upstream's quota on it.
 
-use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue};
-
 use super::manifests::ManifestAnswer;
-use super::{internal, referenced_digests, Proxy};
+use super::{internal, manifest_links, Proxy};
+use crate::fleet::client::{self, Answer};
 use crate::fleet::Fleet;
 use crate::metrics::Outcome;
-use crate::oci::media::MAX_MANIFEST_BYTES;
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository};
 use crate::store::shared::Shared;
 use crate::store::{now_secs, Store, StoredManifest, TagRecord};
@@ -88,8 +85,7 @@ async fn keep_local(
         .put_manifest(digest, &m.media_type, m.bytes.clone())
         .await
         .map_err(|e| internal("storing a manifest", e))?;
-    let mut links = referenced_digests(&m.bytes);
-    links.push(digest.clone());
+    let links = manifest_links(&m.bytes, digest);
     store
         .link(up.host(), repo.as_str(), links)
         .await
@@ -106,8 +102,7 @@ pub(super) async fn write_through(
     m: &StoredManifest,
     tag: Option<(&str, &TagRecord)>,
 ) {
-    let mut links = referenced_digests(&m.bytes);
-    links.push(digest.clone());
+    let links = manifest_links(&m.bytes, digest);
     let result = async {
         shared
             .put_manifest(digest, &m.media_type, m.bytes.clone())
@@ -134,118 +129,53 @@ pub(super) struct Ask<'a> {
     pub client: Option<&'a str>,
 }
 
-/// Asks a peer (the key's owner) for a manifest. `None` when the peer did not answer:
-/// the caller tries the next owner.
+/// Asks a peer (the key's owner) for a manifest, and keeps what it sends. `None` when
+/// the peer did not answer: the caller tries the next owner.
 pub(super) async fn ask_owner(
     fleet: &Fleet,
     peer: &str,
     store: &Store,
     ask: &Ask<'_>,
 ) -> Option<Result<ManifestAnswer, oci::Error>> {
-    let Ask {
-        up,
-        repo,
-        reference,
-        accept,
-        client,
-    } = *ask;
-    let target = format!("/v2/{repo}/manifests/{reference}?ns={}", up.host());
-    let mut extra = HeaderMap::new();
-    for mt in accept.media_types() {
-        extra.append(header::ACCEPT, HeaderValue::from_static(mt));
-    }
-    let resp = fleet
-        .ask(
-            peer,
-            "manifest",
-            reqwest::Method::GET,
-            &target,
-            extra,
-            client,
-        )
-        .await
-        .ok()?;
-    if !resp.status().is_success() {
-        fleet.forward_failed("manifest");
-        let mut e = super::origin::peer_error(peer, resp).await;
-        if e.code == ErrorCode::ManifestUnknown {
-            e.message = format!(
-                "manifest {reference} is not in {repo} on upstream {}",
-                up.host()
-            );
+    let to = client::Ask {
+        upstream: ask.up.host(),
+        repo: ask.repo,
+        client: ask.client,
+    };
+    let m = match fleet.manifest(peer, &to, ask.reference, ask.accept).await {
+        Answer::Down => return None,
+        Answer::Unknown => {
+            return Some(Err(oci::Error::new(
+                ErrorCode::ManifestUnknown,
+                format!(
+                    "manifest {} is not in {} on upstream {}",
+                    ask.reference,
+                    ask.repo,
+                    ask.up.host()
+                ),
+            )))
         }
+        Answer::Failed(e) => return Some(Err(e)),
+        Answer::Got(m) => m,
+    };
+    let stored = StoredManifest {
+        bytes: m.bytes.clone(),
+        media_type: m.media_type.clone(),
+    };
+    if let Err(e) = keep_local(store, ask.up, ask.repo, &m.digest, &stored).await {
         return Some(Err(e));
     }
-    Some(receive(fleet, peer, store, up, repo, reference, resp).await)
-}
-
-async fn receive(
-    fleet: &Fleet,
-    peer: &str,
-    store: &Store,
-    up: &Upstream,
-    repo: &Repository,
-    reference: &Reference,
-    resp: reqwest::Response,
-) -> Result<ManifestAnswer, oci::Error> {
-    let text =
-        |h: &HeaderMap, name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let media_type = text(resp.headers(), "content-type").unwrap_or_default();
-    let claimed =
-        text(resp.headers(), "docker-content-digest").and_then(|d| Digest::parse(&d).ok());
-    let warning = text(resp.headers(), "warning");
-    let bad = |why: String| {
-        fleet.forward_failed("manifest");
-        oci::Error::new(
-            ErrorCode::UpstreamInvalid,
-            format!("berth replica {peer}: {why}"),
-        )
-    };
-    let bytes = read_limited(resp).await.map_err(bad)?;
-    let digest = match (reference, &claimed) {
-        (Reference::Digest(d), _) => d.clone(),
-        (Reference::Tag(_), Some(d)) => d.clone(),
-        (Reference::Tag(_), None) => return Err(bad("no Docker-Content-Digest".into())),
-    };
-    let mut h = digest.hasher();
-    h.update(&bytes);
-    if h.finish() != digest || claimed.is_some_and(|c| c != digest) {
-        return Err(bad(format!(
-            "sent a manifest that does not hash to {digest}"
-        )));
-    }
-    let m = StoredManifest {
-        bytes: bytes.clone(),
-        media_type: media_type.clone(),
-    };
-    keep_local(store, up, repo, &digest, &m).await?;
-    Ok(ManifestAnswer {
-        digest,
-        media_type,
-        bytes,
-        outcome: if warning.is_some() {
+    Some(Ok(ManifestAnswer {
+        digest: m.digest,
+        media_type: m.media_type,
+        bytes: m.bytes,
+        outcome: if m.warning.is_some() {
             Outcome::Stale
         } else {
             Outcome::Miss
         },
-        // The owner's warning already names why; keep its text without the wrapper.
-        warning: warning.map(|w| {
-            w.trim_start_matches("299 - \"berth: ")
-                .trim_end_matches('"')
-                .to_owned()
-        }),
-    })
-}
-
-async fn read_limited(mut resp: reqwest::Response) -> Result<Bytes, String> {
-    let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-        if out.len() + chunk.len() > MAX_MANIFEST_BYTES {
-            return Err("sent a manifest over the size limit".into());
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(out))
+        warning: m.warning,
+    }))
 }
 
 /// A tag record for a manifest fetched now.
