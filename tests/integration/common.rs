@@ -56,20 +56,7 @@ impl World {
         layers: &[usize],
         seed: u64,
     ) -> BuiltImage {
-        let dir = self.dir.path().join(format!("img-{seed}"));
-        let spec = ImageSpec {
-            layer_sizes: layers.to_vec(),
-            seed,
-        };
-        let built = build_image(&dir, &spec, Platform::LINUX_AMD64);
-        push(
-            &built.layout,
-            LAYOUT_REF,
-            &format!("{}/{repo}:{tag}", self.registry.host()),
-            None,
-        )
-        .await;
-        built
+        push_single(&self.registry, self.dir.path(), repo, tag, layers, seed).await
     }
 
     /// Builds a linux/amd64 + linux/arm64 index and pushes it as `repo:tag`.
@@ -102,6 +89,43 @@ impl World {
         )
         .await;
         built
+    }
+}
+
+/// Builds a single-platform image under `dir` and pushes it to `registry` as `repo:tag`.
+pub async fn push_single(
+    registry: &Registry,
+    dir: &std::path::Path,
+    repo: &str,
+    tag: &str,
+    layers: &[usize],
+    seed: u64,
+) -> BuiltImage {
+    let dir = dir.join(format!("img-{seed}"));
+    let spec = ImageSpec {
+        layer_sizes: layers.to_vec(),
+        seed,
+    };
+    let built = build_image(&dir, &spec, Platform::LINUX_AMD64);
+    push(
+        &built.layout,
+        LAYOUT_REF,
+        &format!("{}/{repo}:{tag}", registry.host()),
+        None,
+    )
+    .await;
+    built
+}
+
+/// The digest of a response's body as it streams, or why it was aborted.
+pub async fn hash_body(mut resp: reqwest::Response) -> Result<String, String> {
+    let mut hasher = crate::support::image::Sha256Stream::default();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => hasher.update(&c),
+            Ok(None) => return Ok(hasher.digest()),
+            Err(e) => return Err(format!("aborted: {e}")),
+        }
     }
 }
 

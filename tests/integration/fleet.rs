@@ -44,20 +44,7 @@ impl FleetWorld {
     }
 
     async fn push_image(&self, repo: &str, tag: &str, layers: &[usize], seed: u64) -> BuiltImage {
-        let dir = self.dir.path().join(format!("img-{seed}"));
-        let spec = ImageSpec {
-            layer_sizes: layers.to_vec(),
-            seed,
-        };
-        let built = build_image(&dir, &spec, Platform::LINUX_AMD64);
-        push(
-            &built.layout,
-            LAYOUT_REF,
-            &format!("{}/{repo}:{tag}", self.registry.host()),
-            None,
-        )
-        .await;
-        built
+        push_single(&self.registry, self.dir.path(), repo, tag, layers, seed).await
     }
 
     /// Waits (bounded) until the bucket holds every one of `digests`.
@@ -143,18 +130,11 @@ async fn pull(base: &str, repo: &str, tag: &str) -> Result<String, String> {
 }
 
 async fn fetch_digest(client: &reqwest::Client, url: &str) -> Result<String, String> {
-    let mut resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
     if resp.status() != 200 {
         return Err(format!("status {}", resp.status()));
     }
-    let mut hasher = crate::support::image::Sha256Stream::default();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(c)) => hasher.update(&c),
-            Ok(None) => return Ok(hasher.digest()),
-            Err(e) => return Err(format!("aborted: {e}")),
-        }
-    }
+    hash_body(resp).await
 }
 
 fn blob_digests(img: &BuiltImage) -> Vec<String> {

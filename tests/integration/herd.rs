@@ -8,18 +8,11 @@ use crate::support::http;
 
 /// GETs `url` and returns the body's digest, or the error that aborted it.
 async fn fetch_digest(url: String) -> Result<String, String> {
-    let mut resp = http().get(&url).send().await.map_err(|e| e.to_string())?;
+    let resp = http().get(&url).send().await.map_err(|e| e.to_string())?;
     if resp.status() != 200 {
         return Err(format!("status {}", resp.status()));
     }
-    let mut hasher = crate::support::image::Sha256Stream::default();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(c)) => hasher.update(&c),
-            Ok(None) => return Ok(hasher.digest()),
-            Err(e) => return Err(format!("aborted: {e}")),
-        }
-    }
+    hash_body(resp).await
 }
 
 async fn fetch_many(url: &str, n: usize) -> Vec<Result<String, String>> {

@@ -27,7 +27,7 @@ fn kill_9(berth: &Berth) {
 /// GETs `url` and returns the body's digest; on a non-200 answer, the status and body;
 /// on a transfer that breaks, why.
 async fn fetch_digest(url: String) -> Result<String, String> {
-    let mut resp = http().get(&url).send().await.map_err(|e| e.to_string())?;
+    let resp = http().get(&url).send().await.map_err(|e| e.to_string())?;
     if resp.status() != 200 {
         let status = resp.status();
         return Err(format!(
@@ -35,14 +35,7 @@ async fn fetch_digest(url: String) -> Result<String, String> {
             resp.text().await.unwrap_or_default()
         ));
     }
-    let mut hasher = crate::support::image::Sha256Stream::default();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(c)) => hasher.update(&c),
-            Ok(None) => return Ok(hasher.digest()),
-            Err(e) => return Err(format!("aborted: {e}")),
-        }
-    }
+    hash_body(resp).await
 }
 
 /// Names of the files in `<data>/tmp` (none when the directory is missing).
