@@ -73,7 +73,24 @@ pub fn render(s: &Status) -> String {
         s.store.blobs,
         s.store.root
     );
-    let _ = writeln!(out, "fills      {} in flight\n", s.fills_in_flight);
+    let _ = writeln!(out, "fills      {} in flight", s.fills_in_flight);
+    if let Some(f) = &s.fleet {
+        let _ = writeln!(
+            out,
+            "fleet      {} of {} replicas: {}",
+            f.me,
+            f.peers.len(),
+            f.peers.join(", ")
+        );
+    }
+    if let Some(sh) = &s.shared {
+        let state = match &sh.error {
+            None => "available".to_owned(),
+            Some(e) => format!("UNAVAILABLE: {e}"),
+        };
+        let _ = writeln!(out, "shared     {} ({state})", sh.store);
+    }
+    out.push('\n');
     let _ = writeln!(
         out,
         "{:<20} {:<24} {:>9} {:>9} {:>9}  last error",

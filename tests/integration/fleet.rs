@@ -526,6 +526,23 @@ async fn a_missing_bucket_degrades_but_does_not_stop_pulls() {
         w.fleet.replicas[0].metric("berth_shared_available").await,
         0.0
     );
+    // The operator's view says so too, and names the fleet.
+    let out = crate::support::run_with_timeout_async(
+        {
+            let mut c = std::process::Command::new(crate::support::berth::binary());
+            c.args(["status", "--admin", &w.fleet.replicas[0].admin_url()]);
+            c
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect_success("berth status");
+    assert!(
+        out.stdout.contains("shared") && out.stdout.contains("UNAVAILABLE"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("of 3 replicas"), "{}", out.stdout);
     w.garage.start_again().await;
     // Ready again once the store answers (bounded; each replica retries the tier a few
     // seconds after a failure, and `/readyz` probes it).
