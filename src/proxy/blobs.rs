@@ -86,15 +86,16 @@ impl Proxy {
                 Err(e) => Err(e.to_oci(up.host())),
             };
         }
-        let origin = self.origin(up, repo, digest, caller).await?;
-        let (fill, outcome) = match self.fills.join_or_start(
-            &self.store,
-            up,
-            repo,
-            digest,
-            &self.metrics,
-            origin,
-        ) {
+        // A herd joins the fill in progress without a look at the bucket each.
+        let joined = match self.fills.in_progress(digest) {
+            Some(f) => Joined::Following(f),
+            None => {
+                let origin = self.origin(up, repo, digest, caller).await?;
+                self.fills
+                    .join_or_start(&self.store, up, repo, digest, &self.metrics, origin)
+            }
+        };
+        let (fill, outcome) = match joined {
             Joined::Stored => {
                 // Finished between our look and the join: it is a hit after all.
                 return match self.stored_blob(up, repo, digest).await? {

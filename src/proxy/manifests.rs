@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::flying::Parts;
-use super::tiers::{fresh_record, write_through};
+use super::tiers::{adopt_shared_tag, fresh_record, write_through};
 use super::{internal, manifest_links, Caller, Proxy};
 use crate::metrics::Outcome;
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository, Tag};
@@ -78,6 +78,28 @@ fn find_tag(
         })
         .map(|(_, r)| r)
         .max_by_key(|r| r.validated_at))
+}
+
+/// The stored answer for a tag validated within its TTL, if there is one.
+async fn fresh_tag(
+    store: &crate::store::Store,
+    up: &Upstream,
+    repo: &Repository,
+    tag: &Tag,
+    accept: AcceptSet,
+) -> Result<Option<ManifestAnswer>, oci::Error> {
+    let Some(r) = find_tag(store, up, repo, tag, accept)? else {
+        return Ok(None);
+    };
+    let age = now_secs().saturating_sub(r.validated_at);
+    if Duration::from_secs(age) >= up.tag_ttl {
+        return Ok(None);
+    }
+    Ok(store
+        .manifest(&r.digest)
+        .await
+        .map_err(|e| internal("reading a stored manifest", e))?
+        .map(|m| ManifestAnswer::stored(r.digest, m, Outcome::Hit)))
 }
 
 fn unknown(up: &Upstream, repo: &Repository, reference: &Reference) -> oci::Error {
@@ -149,21 +171,20 @@ impl Proxy {
     ) -> Result<ManifestAnswer, oci::Error> {
         let key = tag_key(up, repo, tag, accept);
         let flight_key = key.clone();
-        if let Some(hit) = self.fresh_tag(up, repo, tag, accept).await? {
+        if let Some(hit) = fresh_tag(&self.store, up, repo, tag, accept).await? {
             return Ok(hit);
-        }
-        if self.shared.is_some() {
-            // Another replica may have validated it: its record is as good as ours.
-            let record = find_tag(&self.store, up, repo, tag, accept)?;
-            self.adopt_shared_tag(up, repo, &key, record.as_ref())
-                .await?;
-            if let Some(hit) = self.fresh_tag(up, repo, tag, accept).await? {
-                return Ok(hit);
-            }
         }
         let work = |this: Parts| {
             let (up, repo, tag, key) = (up.clone(), repo.clone(), tag.clone(), key.clone());
             async move {
+                if let Some(shared) = &this.shared {
+                    // Another replica may have validated it: its record is as good as ours.
+                    let local = find_tag(&this.store, &up, &repo, &tag, accept)?;
+                    adopt_shared_tag(shared, &this.store, &up, &repo, &key, local.as_ref()).await?;
+                    if let Some(hit) = fresh_tag(&this.store, &up, &repo, &tag, accept).await? {
+                        return Ok(hit);
+                    }
+                }
                 let reference = Reference::Tag(tag.clone());
                 let owned_key = tag_key_prefix(&up, &repo, &tag);
                 // No local tag record from the owner's answer: the owner's record (in the
@@ -179,27 +200,6 @@ impl Proxy {
             }
         };
         self.fly(flight_key, caller, work).await
-    }
-
-    /// The stored answer for a tag validated within its TTL, if there is one.
-    async fn fresh_tag(
-        &self,
-        up: &Upstream,
-        repo: &Repository,
-        tag: &Tag,
-        accept: AcceptSet,
-    ) -> Result<Option<ManifestAnswer>, oci::Error> {
-        let Some(r) = find_tag(&self.store, up, repo, tag, accept)? else {
-            return Ok(None);
-        };
-        let age = now_secs().saturating_sub(r.validated_at);
-        if Duration::from_secs(age) >= up.tag_ttl {
-            return Ok(None);
-        }
-        Ok(self
-            .stored_manifest(&r.digest)
-            .await?
-            .map(|m| ManifestAnswer::stored(r.digest, m, Outcome::Hit)))
     }
 
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, oci::Error> {

@@ -31,46 +31,44 @@ impl Proxy {
         keep_local(&self.store, up, repo, digest, &m).await?;
         Ok(Some(m))
     }
+}
 
-    /// A tag record another replica wrote that is newer than this replica's: copied to
-    /// the local index (with its manifest), so the usual freshness rule applies to it.
-    pub(super) async fn adopt_shared_tag(
-        &self,
-        up: &Upstream,
-        repo: &Repository,
-        key: &str,
-        local: Option<&TagRecord>,
-    ) -> Result<(), oci::Error> {
-        let Some(shared) = &self.shared else {
-            return Ok(());
-        };
-        let Ok(Some(mut record)) = shared.tag(key).await else {
-            return Ok(());
-        };
-        // A replica whose clock runs ahead must not make its records fresh for longer.
-        let now = now_secs();
-        record.validated_at = record.validated_at.min(now);
-        record.fetched_at = record.fetched_at.min(now);
-        if local.is_some_and(|l| l.validated_at >= record.validated_at) {
-            return Ok(());
-        }
-        let have = self
-            .store
-            .manifest(&record.digest)
-            .await
-            .map_err(|e| internal("reading a stored manifest", e))?
-            .is_some();
-        if !have {
-            let Ok(Some(m)) = shared.manifest(&record.digest).await else {
-                return Ok(());
-            };
-            keep_local(&self.store, up, repo, &record.digest, &m).await?;
-        }
-        self.store
-            .put_tag(key.to_owned(), record)
-            .await
-            .map_err(|e| internal("writing the index", e))
+/// A tag record another replica wrote that is newer than this replica's: copied to the
+/// local index (with its manifest), so the usual freshness rule applies to it. Runs in
+/// the tag's flight, so a herd costs one read of the bucket, not one per client.
+pub(super) async fn adopt_shared_tag(
+    shared: &Shared,
+    store: &Store,
+    up: &Upstream,
+    repo: &Repository,
+    key: &str,
+    local: Option<&TagRecord>,
+) -> Result<(), oci::Error> {
+    let Ok(Some(mut record)) = shared.tag(key).await else {
+        return Ok(());
+    };
+    // A replica whose clock runs ahead must not make its records fresh for longer.
+    let now = now_secs();
+    record.validated_at = record.validated_at.min(now);
+    record.fetched_at = record.fetched_at.min(now);
+    if local.is_some_and(|l| l.validated_at >= record.validated_at) {
+        return Ok(());
     }
+    let have = store
+        .manifest(&record.digest)
+        .await
+        .map_err(|e| internal("reading a stored manifest", e))?
+        .is_some();
+    if !have {
+        let Ok(Some(m)) = shared.manifest(&record.digest).await else {
+            return Ok(());
+        };
+        keep_local(store, up, repo, &record.digest, &m).await?;
+    }
+    store
+        .put_tag(key.to_owned(), record)
+        .await
+        .map_err(|e| internal("writing the index", e))
 }
 
 /// Stores a verified manifest locally and links what it refers to.

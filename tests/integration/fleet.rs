@@ -263,6 +263,18 @@ async fn ninety_pulls_over_three_replicas_fetch_once() {
     );
     let forwarded = w.fleet.metric_sum("berth_fleet_received_total").await;
     assert!(forwarded >= 2.0, "replicas asked owners {forwarded} times");
+    // The herd reads tag records from the bucket per flight, not per client (90 pulls
+    // used to cost 90 reads of the record).
+    let mut gets = 0.0;
+    for result in ["ok", "missing"] {
+        gets += w
+            .fleet
+            .metric_sum(&format!(
+                "berth_shared_requests_total{{op=\"get\",result=\"{result}\"}}"
+            ))
+            .await;
+    }
+    assert!(gets <= 6.0, "90 pulls read the bucket {gets} times");
     // Every owner answered: none was taken for dead while it filled.
     for kind in ["blob", "manifest"] {
         let down = w
