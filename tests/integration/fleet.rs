@@ -194,6 +194,24 @@ async fn a_pull_through_one_replica_serves_the_others() {
     }
     // No multipart upload is left open once the fills are in.
     assert!(w.garage.multipart_uploads().await.is_empty());
+    // The fleet's and the bucket's metrics lint clean.
+    for r in &w.fleet.replicas {
+        let path = w.dir.path().join("metrics.txt");
+        std::fs::write(&path, r.metrics().await).expect("metrics file");
+        let mut cmd = std::process::Command::new(crate::support::require_tool("bash"));
+        cmd.arg("-c").arg(format!(
+            "{} check metrics < {}",
+            crate::support::require_tool("promtool").display(),
+            path.display()
+        ));
+        let out = crate::support::run_with_timeout_async(cmd, Duration::from_secs(30)).await;
+        assert!(
+            out.status.success() && out.stdout.trim().is_empty() && out.stderr.trim().is_empty(),
+            "promtool: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
     // An outside client cannot pass for a replica.
     let forged = http()
         .get(format!(
