@@ -810,3 +810,60 @@ async fn a_replica_without_local_disk_serves_from_the_bucket() {
         .await;
     assert!(from_bucket >= 3.0, "{from_bucket} reads from the bucket");
 }
+
+/// `peers_dns`: the replicas are what a name resolves to, looked up before berth serves,
+/// and the upstream's quota is split across them. `localhost` resolves to 127.0.0.1; this
+/// replica advertises 127.0.0.2, so the fleet it sees has two members.
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_dns_makes_the_fleet_and_splits_the_quota() {
+    let registry = Registry::start(RegistryOptions::default()).await;
+    let port = crate::support::free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a-fleet-secret-for-tests-0123456789").expect("secret");
+    let berth = crate::support::berth::Berth::start_opts(
+        &[UpstreamSpec::docker_hub(&registry.url())
+            .extra("quota = { requests = 10, per = \"1h\" }")],
+        &crate::support::berth::Extra {
+            top: format!(
+                "[fleet]\nadvertise = \"http://127.0.0.2:{port}\"\n\
+                 peers_dns = \"localhost:{port}\"\nsecret_file = \"{}\"\n",
+                secret.display()
+            ),
+            listen: Some(format!("127.0.0.1:{port}").parse().expect("addr")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let status: serde_json::Value = http()
+        .get(format!("{}/admin/status", berth.admin_url()))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("status JSON");
+    let peers: Vec<&str> = status["fleet"]["peers"]
+        .as_array()
+        .expect("fleet peers")
+        .iter()
+        .filter_map(|p| p.as_str())
+        .collect();
+    assert!(
+        peers.contains(&format!("http://127.0.0.1:{port}").as_str()),
+        "{peers:?}"
+    );
+    assert!(
+        peers.contains(&format!("http://127.0.0.2:{port}").as_str()),
+        "{peers:?}"
+    );
+    let n = peers.len() as f64;
+    assert_eq!(berth.metric("berth_fleet_peers").await, n);
+    // Each replica's share of the 10-request cap.
+    assert_eq!(
+        berth
+            .metric("berth_quota_capacity{upstream=\"docker.io\"}")
+            .await,
+        (10.0 / n).floor()
+    );
+}
