@@ -121,6 +121,7 @@ pub struct Fleet {
     resolve_interval: Duration,
     http: reqwest::Client,
     metrics: FleetMetrics,
+    unlisted_warned: std::sync::atomic::AtomicBool,
 }
 
 /// `http://10.0.0.7:5000/` and `http://10.0.0.7:5000` are one replica.
@@ -179,6 +180,7 @@ impl Fleet {
             resolve_interval: config.resolve_interval,
             http,
             metrics,
+            unlisted_warned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -424,7 +426,16 @@ impl Fleet {
         if !peers.contains(&self.me) {
             // Not ready yet (a headless Service lists ready pods only), or `advertise`
             // is spelt otherwise than the records: count this replica once all the same.
-            tracing::debug!(me = %self.me, "this replica is not among fleet.peers_dns's records");
+            // Requests to it are signed for the address the others resolve; if that is
+            // not `advertise`, they are refused: say so, once.
+            if !self
+                .unlisted_warned
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(me = %self.me, name,
+                    "this replica's advertised address is not among fleet.peers_dns's records \
+                     (normal until it is ready); if it stays so, set advertise to http://<pod IP>:<port>");
+            }
             peers.push(self.me.clone());
         }
         peers.sort();

@@ -54,7 +54,7 @@ impl Proxy {
         }
         if head {
             if let Some(fill) = self.fills.in_progress(digest) {
-                if &fill.repository != repo {
+                if !fill.is_for(up.host(), repo) {
                     self.authorize_blob(up, repo, digest).await?;
                 }
                 if let Some(total) = fill.started().await?.total {
@@ -113,7 +113,7 @@ impl Proxy {
             Joined::Following(f) => {
                 // Joined a fill started for another repository: this one must hold
                 // the blob too (checked after joining, so nothing slips in between).
-                if &f.repository != repo {
+                if !f.is_for(up.host(), repo) {
                     self.authorize_blob(up, repo, digest).await?;
                 }
                 (f, Outcome::Coalesced)

@@ -207,8 +207,8 @@ async fn pump_shared(
             source: Source::Cache,
         })
         .clone();
-    let mut stream = match shared.blob_stream(&digest, start).await {
-        Ok(Some((_, stream))) => stream,
+    let (size, mut stream) = match shared.blob_stream(&digest, start).await {
+        Ok(Some(found)) => found,
         Ok(None) | Err(_) => {
             if let Ok(slot) = tx.reserve().await {
                 fail(slot, "the shared store no longer answers for this blob");
@@ -216,6 +216,10 @@ async fn pump_shared(
             return;
         }
     };
+    // A whole blob is checked against its digest as it goes, and its last chunk held
+    // until it matches: the bucket is trusted no more than an upstream. (A range cannot
+    // be checked; it is served as the bucket has it.)
+    let mut hasher = (start == 0 && end == Some(size)).then(|| digest.hasher());
     let mut pos = start;
     while end.is_none_or(|e| pos < e) {
         let Ok(slot) = tx.reserve().await else {
@@ -232,6 +236,17 @@ async fn pump_shared(
             chunk.truncate((e - pos).min(chunk.len() as u64) as usize);
         }
         pos += chunk.len() as u64;
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk);
+        }
+        if end == Some(pos) {
+            if let Some(h) = hasher.take() {
+                if h.finish() != digest {
+                    shared.forget_blob(&digest).await;
+                    return fail(slot, "the shared store's object does not match its digest");
+                }
+            }
+        }
         served.inc_by(chunk.len() as u64);
         slot.send(Ok(chunk));
     }

@@ -58,7 +58,9 @@ pub struct Progress {
 }
 
 pub struct Fill {
-    /// The repository the fill was started for (cross-repository checks).
+    /// The upstream and repository the fill was started for: a client of any other
+    /// (the same path on another upstream included) must be authorised before it follows.
+    pub upstream: String,
     pub repository: Repository,
     /// The fill asks another replica: a forwarded request must not wait on it (two
     /// replicas that disagree on the owner would wait on each other).
@@ -96,6 +98,11 @@ impl Status {
 }
 
 impl Fill {
+    /// Whether the fill was started for this upstream's repository.
+    pub fn is_for(&self, upstream: &str, repository: &Repository) -> bool {
+        self.upstream == upstream && &self.repository == repository
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
     }
@@ -191,6 +198,7 @@ impl Fills {
             senders: Vec::new(),
         }));
         let fill = Arc::new(Fill {
+            upstream: upstream.host().to_owned(),
             via_peers: matches!(&origin.via, Via::Fleet { owners, .. }
                 if owners.first().is_some_and(|o| *o != crate::fleet::Owner::Me)),
             tails: tails.clone(),
@@ -408,18 +416,16 @@ impl FillTask {
         );
         match &self.shared {
             Some(shared) if !self.keep_local => {
-                // No local tier: the bucket is the store. The temp file goes with
-                // `verified`, after the upload (or its failure).
-                let (file, size) = verified.file();
-                if self.answered() != Some(Answered::Shared) {
-                    shared
-                        .put_blob(&self.digest, file, size)
-                        .await
-                        .map_err(|e| self.internal("uploading to the shared store", e))?;
-                    let _ = shared
-                        .link(&link.0, &link.1, std::slice::from_ref(&self.digest))
+                // No local tier: the bucket is the store. Clients have every byte already
+                // and the fill stays joinable (its temp file readable) until the upload
+                // ends; a failed upload costs a log line, never the clients' transfers.
+                // Bytes from a peer or the bucket are its owner's to upload, or there.
+                if self.answered() == Some(Answered::Upstream) {
+                    let (file, size) = verified.file();
+                    super::tiers::upload_blob(shared, &self.digest, file, size, &link.0, &link.1)
                         .await;
                 }
+                drop(verified);
                 self.store
                     .link(&link.0, &link.1, vec![self.digest.clone()])
                     .await

@@ -209,18 +209,9 @@ pub(super) async fn write_through_blob(
     };
     let (digest, up, repo) = (digest.clone(), upstream.to_owned(), repo.to_string());
     tokio::spawn(async move {
-        // A few uploads at a time: a herd of distinct layers must not hold hundreds of
-        // MiB of small blobs in memory at once.
-        let Ok(_permit) = UPLOADS.acquire().await else {
-            return;
-        };
         for attempt in 1..=WRITE_THROUGH_ATTEMPTS {
             let last = attempt == WRITE_THROUGH_ATTEMPTS;
-            let result = match shared.put_blob(&digest, blob.file.clone(), blob.size).await {
-                Ok(()) => shared.link(&up, &repo, std::slice::from_ref(&digest)).await,
-                Err(e) => Err(e),
-            };
-            match result {
+            match try_upload(&shared, &digest, blob.file.clone(), blob.size, &up, &repo).await {
                 Ok(()) => return,
                 Err(e) if last => {
                     tracing::warn!(%digest, error = %e, "blob not written to the shared store")
@@ -229,4 +220,38 @@ pub(super) async fn write_through_blob(
             }
         }
     });
+}
+
+/// Uploads a verified blob (and its repository link) now, once; a failure is logged, not
+/// returned: the blob's clients are served whatever the bucket does.
+pub(super) async fn upload_blob(
+    shared: &Shared,
+    digest: &Digest,
+    file: std::sync::Arc<std::fs::File>,
+    size: u64,
+    upstream: &str,
+    repo: &str,
+) {
+    if let Err(e) = try_upload(shared, digest, file, size, upstream, repo).await {
+        tracing::warn!(%digest, error = %e, "blob not written to the shared store");
+    }
+}
+
+/// One upload, a few at a time per process: a herd of distinct layers must not hold
+/// hundreds of MiB of parts in memory at once.
+async fn try_upload(
+    shared: &Shared,
+    digest: &Digest,
+    file: std::sync::Arc<std::fs::File>,
+    size: u64,
+    upstream: &str,
+    repo: &str,
+) -> Result<(), crate::store::shared::Unavailable> {
+    let Ok(_permit) = UPLOADS.acquire().await else {
+        return Ok(());
+    };
+    shared.put_blob(digest, file, size).await?;
+    shared
+        .link(upstream, repo, std::slice::from_ref(digest))
+        .await
 }

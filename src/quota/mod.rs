@@ -57,6 +57,7 @@ pub struct Ledger {
 pub struct Charge<'a> {
     quota: &'a Quota,
     budget: Option<(&'a Budgets, String)>,
+    settled: bool,
 }
 
 impl Ledger {
@@ -102,14 +103,19 @@ impl Ledger {
             }
             return Err(denied);
         }
-        Ok(Some(Charge { quota, budget }))
+        Ok(Some(Charge {
+            quota,
+            budget,
+            settled: false,
+        }))
     }
 }
 
 impl Charge<'_> {
     /// The request was sent: a token is spent if it reached the upstream, and given back
     /// to both buckets if it did not (no connection, refused before sending).
-    pub fn settle(self, reached_upstream: bool) {
+    pub fn settle(mut self, reached_upstream: bool) {
+        self.settled = true;
         if reached_upstream {
             self.quota.spent();
         } else {
@@ -117,6 +123,16 @@ impl Charge<'_> {
             if let Some((b, client)) = &self.budget {
                 b.refund(client);
             }
+        }
+    }
+}
+
+impl Drop for Charge<'_> {
+    /// A request abandoned before it was settled (its client went away mid-request) may
+    /// have reached the upstream: counted as spent, never silently lost.
+    fn drop(&mut self) {
+        if !self.settled {
+            self.quota.spent();
         }
     }
 }

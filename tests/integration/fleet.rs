@@ -809,6 +809,27 @@ async fn a_replica_without_local_disk_serves_from_the_bucket() {
         .metric("berth_shared_requests_total{op=\"get\",result=\"ok\"}")
         .await;
     assert!(from_bucket >= 3.0, "{from_bucket} reads from the bucket");
+    // A corrupt object is not served as the blob: the transfer aborts and the object
+    // goes, so the next request fetches the blob again.
+    let (small, _) = built.layers[1].clone();
+    let key = format!("{PREFIX}blobs/sha256/{}", &small[7..]);
+    garage.put_object(&key, b"not the layer at all").await;
+    let got = fetch_digest(
+        &http(),
+        &format!("{base}/v2/library/nolocal/blobs/{small}?ns=docker.io"),
+    )
+    .await;
+    assert!(got.is_err(), "a corrupt object was served: {got:?}");
+    assert!(
+        garage.get_object(&key).await.is_none(),
+        "the corrupt object stayed"
+    );
+    let again = fetch_digest(
+        &http(),
+        &format!("{base}/v2/library/nolocal/blobs/{small}?ns=docker.io"),
+    )
+    .await;
+    assert_eq!(again.as_deref(), Ok(small.as_str()));
 }
 
 /// `peers_dns`: the replicas are what a name resolves to, looked up before berth serves,
