@@ -65,6 +65,8 @@ struct State {
     size: Option<Size>,
     /// The configured cap before a fleet split it.
     configured: Option<Size>,
+    /// The window the upstream's `ratelimit-limit` named, if it did.
+    header_per: Option<Duration>,
     /// This replica's part of the upstream's quota (1 alone; 1/n in a fleet of n).
     share: f64,
     tokens: f64,
@@ -109,6 +111,7 @@ impl Quota {
                 cap: size,
                 size,
                 configured: size,
+                header_per: None,
                 share: 1.0,
                 header_limit: None,
                 header_remaining: None,
@@ -212,18 +215,9 @@ impl Quota {
             let mut s = self.lock();
             refill(&mut s, Instant::now());
             if let Some((limit, window)) = limit {
-                let per = window
-                    .or(s.size.map(|z| z.per))
-                    .unwrap_or(Duration::from_secs(6 * 3600));
                 s.header_limit = Some(limit);
-                let upstream = Size {
-                    capacity: (limit.max(1) as f64 * s.share).max(1.0),
-                    per,
-                };
-                s.size = Some(match s.cap {
-                    Some(cap) if cap.capacity <= upstream.capacity => cap,
-                    _ => upstream,
-                });
+                s.header_per = window.or(s.header_per);
+                resize(&mut s);
                 self.metrics
                     .ratelimit_limit
                     .get_or_create(&self.labels())
@@ -232,10 +226,10 @@ impl Quota {
             if let Some((remaining, _)) = remaining {
                 s.header_remaining = Some(remaining);
                 // The upstream counts for the whole fleet (one account or address).
-                let remaining = remaining as f64 * s.share;
+                let mine = remaining as f64 * s.share;
                 s.tokens = match s.cap {
-                    Some(_) => s.tokens.min(remaining),
-                    None => remaining,
+                    Some(_) => s.tokens.min(mine),
+                    None => mine,
                 };
                 if let Some(size) = s.size {
                     s.tokens = s.tokens.min(size.capacity);
@@ -243,7 +237,7 @@ impl Quota {
                 self.metrics
                     .ratelimit_remaining
                     .get_or_create(&self.labels())
-                    .set(remaining as i64);
+                    .set(i64::try_from(remaining).unwrap_or(i64::MAX));
             }
         }
         self.publish();
@@ -257,27 +251,8 @@ impl Quota {
         {
             let mut s = self.lock();
             refill(&mut s, Instant::now());
-            let share = 1.0 / replicas.max(1) as f64;
-            let old = s.share;
-            s.share = share;
-            s.cap = s.configured.map(|c| Size {
-                capacity: (c.capacity * share).max(1.0),
-                per: c.per,
-            });
-            s.size = match (s.size, s.cap) {
-                (Some(size), Some(cap)) if s.header_limit.is_some() => Some(Size {
-                    capacity: (size.capacity * share / old).max(1.0).min(cap.capacity),
-                    per: size.per,
-                }),
-                (_, Some(cap)) => Some(cap),
-                (size, None) => size.map(|z| Size {
-                    capacity: (z.capacity * share / old).max(1.0),
-                    per: z.per,
-                }),
-            };
-            if let Some(size) = s.size {
-                s.tokens = s.tokens.min(size.capacity);
-            }
+            s.share = 1.0 / replicas.max(1) as f64;
+            resize(&mut s);
         }
         self.publish();
     }
@@ -353,6 +328,31 @@ impl Quota {
 /// Seconds as a Duration, at least one, never panicking on odd floats.
 pub fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s.ceil().max(1.0)).unwrap_or(Duration::from_secs(24 * 3600))
+}
+
+/// Derives the bucket in force from what it depends on: the configured cap and the
+/// upstream's limit (from its headers), each cut to this replica's share of the fleet;
+/// the smaller wins. The one place `cap` and `size` are computed.
+fn resize(s: &mut State) {
+    s.cap = s.configured.map(|c| Size {
+        capacity: (c.capacity * s.share).max(1.0),
+        per: c.per,
+    });
+    let upstream = s.header_limit.map(|limit| Size {
+        capacity: (limit.max(1) as f64 * s.share).max(1.0),
+        per: s
+            .header_per
+            .or(s.cap.map(|c| c.per))
+            .unwrap_or(Duration::from_secs(6 * 3600)),
+    });
+    s.size = match (s.cap, upstream) {
+        (Some(cap), Some(up)) if cap.capacity <= up.capacity => Some(cap),
+        (_, Some(up)) => Some(up),
+        (cap, None) => cap,
+    };
+    if let Some(size) = s.size {
+        s.tokens = s.tokens.min(size.capacity);
+    }
 }
 
 /// Continuous refill: `capacity` tokens per window, never above capacity. When an
