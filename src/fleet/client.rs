@@ -47,6 +47,35 @@ pub struct Ask<'a> {
 }
 
 impl Fleet {
+    /// Sends a forwarded GET for `/v2/<repo>/<resource>`; the answer to give instead when
+    /// the peer is down, does not hold it, or answers anything `usable` refuses.
+    async fn forward<T>(
+        &self,
+        peer: &str,
+        kind: &'static str,
+        resource: &str,
+        ask: &Ask<'_>,
+        extra: HeaderMap,
+        usable: impl Fn(reqwest::StatusCode) -> bool,
+    ) -> Result<reqwest::Response, Answer<T>> {
+        let target = format!("/v2/{}/{resource}?ns={}", ask.repo, ask.upstream);
+        let method = reqwest::Method::GET;
+        let Ok(resp) = self
+            .ask(peer, kind, method, &target, extra, ask.client)
+            .await
+        else {
+            return Err(Answer::Down);
+        };
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err(Answer::Unknown);
+        }
+        if !usable(resp.status()) {
+            self.forward_failed(kind);
+            return Err(Answer::Failed(peer_error(peer, resp).await));
+        }
+        Ok(resp)
+    }
+
     /// GETs a blob from byte `from` from `peer`.
     pub async fn blob(
         &self,
@@ -55,34 +84,22 @@ impl Fleet {
         digest: &Digest,
         from: u64,
     ) -> Answer<PeerBlob> {
-        let target = format!("/v2/{}/blobs/{digest}?ns={}", ask.repo, ask.upstream);
         let mut extra = HeaderMap::new();
         if from > 0 {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes={from}-")) {
                 extra.insert(header::RANGE, v);
             }
         }
-        let Ok(resp) = self
-            .ask(
-                peer,
-                "blob",
-                reqwest::Method::GET,
-                &target,
-                extra,
-                ask.client,
-            )
-            .await
-        else {
-            return Answer::Down;
+        let usable = |s: reqwest::StatusCode| {
+            s.is_success() && (from == 0 || s == reqwest::StatusCode::PARTIAL_CONTENT)
         };
-        let status = resp.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Answer::Unknown;
-        }
-        if !status.is_success() || (from > 0 && status != reqwest::StatusCode::PARTIAL_CONTENT) {
-            self.forward_failed("blob");
-            return Answer::Failed(peer_error(peer, resp).await);
-        }
+        let resp = match self
+            .forward(peer, "blob", &format!("blobs/{digest}"), ask, extra, usable)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(answer) => return answer,
+        };
         let total = if from > 0 {
             resp.headers()
                 .get(header::CONTENT_RANGE)
@@ -106,31 +123,19 @@ impl Fleet {
         reference: &Reference,
         accept: AcceptSet,
     ) -> Answer<PeerManifest> {
-        let target = format!("/v2/{}/manifests/{reference}?ns={}", ask.repo, ask.upstream);
         let mut extra = HeaderMap::new();
         for mt in accept.media_types() {
             extra.append(header::ACCEPT, HeaderValue::from_static(mt));
         }
-        let Ok(resp) = self
-            .ask(
-                peer,
-                "manifest",
-                reqwest::Method::GET,
-                &target,
-                extra,
-                ask.client,
-            )
+        let resource = format!("manifests/{reference}");
+        let usable = |s: reqwest::StatusCode| s.is_success();
+        let resp = match self
+            .forward(peer, "manifest", &resource, ask, extra, usable)
             .await
-        else {
-            return Answer::Down;
+        {
+            Ok(resp) => resp,
+            Err(answer) => return answer,
         };
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Answer::Unknown;
-        }
-        if !resp.status().is_success() {
-            self.forward_failed("manifest");
-            return Answer::Failed(peer_error(peer, resp).await);
-        }
         match receive_manifest(resp, reference).await {
             Ok(m) => Answer::Got(m),
             Err(why) => {

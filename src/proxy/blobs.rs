@@ -39,7 +39,7 @@ impl Proxy {
         if let Some(answer) = self.stored_blob(up, repo, digest).await? {
             return Ok(answer);
         }
-        if !self.local_blobs && !head {
+        if !self.fills.keep_local() && !head {
             // No local tier: a blob the bucket holds streams straight from it.
             if let (Some(size), Some(shared)) =
                 (self.shared_blob(up, repo, digest).await?, &self.shared)

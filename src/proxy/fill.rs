@@ -151,6 +151,11 @@ pub struct Fills {
 }
 
 impl Fills {
+    /// Whether blobs are kept on local disk (the cache tier) or only in `shared`.
+    pub fn keep_local(&self) -> bool {
+        self.keep_local
+    }
+
     pub fn new(shared: Option<Arc<Shared>>, keep_local: bool) -> Self {
         Fills {
             map: Arc::default(),

@@ -37,8 +37,6 @@ pub struct Proxy {
     shared: Option<Arc<Shared>>,
     /// The other replicas, and who owns which key.
     fleet: Option<Arc<Fleet>>,
-    /// Whether blobs are kept on local disk (the cache tier) or served from `shared`.
-    local_blobs: bool,
     metrics: Arc<Metrics>,
     fills: fill::Fills,
     /// Manifest fetches by key, each with the client that paid for it.
@@ -66,7 +64,6 @@ impl Proxy {
         let local_blobs = local_blobs || shared.is_none();
         Proxy {
             store,
-            local_blobs,
             fills: fill::Fills::new(shared.clone(), local_blobs),
             shared,
             fleet,
