@@ -366,21 +366,13 @@ async fn herd_once(img: &BuiltImage, n: usize, rate_mib: u64) -> HerdRun {
     let spent0 = Spent::now(&all_pids);
     let started = Instant::now();
     let clients = tokio::task::spawn_blocking(move || run_all(cmds));
-    // Meanwhile: when does the bucket hold the blob (the owner's upload completed)?
-    let mut bucket_at = None;
-    let mut finished_at = None;
-    loop {
-        if bucket_at.is_none() && in_bucket(&garage, &digest).await {
-            bucket_at = Some(started.elapsed().as_secs_f64());
-        }
-        if clients.is_finished() {
-            let f = *finished_at.get_or_insert_with(Instant::now);
-            if bucket_at.is_some() || f.elapsed() > Duration::from_secs(120) {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    // Meanwhile: when does the bucket hold the blob (the owner's upload completed)? Up to
+    // 2 minutes after the clients are done.
+    let bucket_at = {
+        let limit = Duration::from_secs(900 + 120); // CURL_MAX_SECS, then 2 minutes
+        let there = support::wait_until(limit, || in_bucket(&garage, &digest)).await;
+        there.then(|| started.elapsed().as_secs_f64())
+    };
     let (outputs, wall) = clients.await.expect("clients");
     // CPU up to the moment the last client finished would be tighter; the bucket wait adds
     // only the tail of the owner's upload, which belongs to the cost of the fill anyway.
@@ -540,14 +532,8 @@ async fn bench_shared(img: &BuiltImage) {
         get_manifest(&seed.url()).await;
         let got = run_one(get_cmd(&blob_url(&seed.url(), &digest), false)).await;
         assert_eq!((got.code, got.bytes), (200, size), "{got:?}");
-        let mut there = false;
-        for _ in 0..600 {
-            if in_bucket(&garage, &digest).await {
-                there = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let there =
+            support::wait_until(Duration::from_secs(60), || in_bucket(&garage, &digest)).await;
         assert!(there, "the blob never reached the bucket");
     }
     let redirecting = start("redirect = true\nredirect_ttl = \"1h\"\n", "").await;

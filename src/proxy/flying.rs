@@ -138,8 +138,9 @@ mod tests {
     use std::time::Duration;
 
     /// Regression: a coalesced follower inherited its leader's refusal when the leader's
-    /// own client budget was spent.
-    #[tokio::test]
+    /// own client budget was spent. The clock is paused: the "sleeps" below only order
+    /// the leader and the follower, they take no real time.
+    #[tokio::test(start_paused = true)]
     async fn a_follower_is_not_refused_for_its_leaders_budget() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();

@@ -7,9 +7,9 @@ use crate::support::berth::UpstreamSpec;
 use crate::support::fleet::Fleet;
 use crate::support::front::{Faults, Front};
 use crate::support::garage::Garage;
-use crate::support::http;
 use crate::support::image::{build_image, push, BuiltImage, ImageSpec, Platform, LAYOUT_REF};
 use crate::support::registry::{Registry, RegistryOptions};
+use crate::support::{http, wait_until};
 
 const PREFIX: &str = "fleet/";
 
@@ -24,12 +24,17 @@ struct FleetWorld {
 
 impl FleetWorld {
     async fn start(shared_extra: &str, upstream_extra: &str) -> FleetWorld {
+        Self::start_with(shared_extra, upstream_extra, "").await
+    }
+
+    /// With extra top-level TOML for every replica (e.g. `[client_budgets]`).
+    async fn start_with(shared_extra: &str, upstream_extra: &str, top: &str) -> FleetWorld {
         let registry = Registry::start(RegistryOptions::default()).await;
         let front = Front::start(&registry.url()).await;
         let garage = Garage::start().await;
         let shared = format!("{}{shared_extra}\n", garage.shared_toml(PREFIX));
         let upstream = UpstreamSpec::docker_hub(&front.url()).extra(upstream_extra);
-        let fleet = Fleet::start(3, &upstream, &shared, "").await;
+        let fleet = Fleet::start(3, &upstream, &shared, top).await;
         FleetWorld {
             registry,
             front,
@@ -49,15 +54,8 @@ impl FleetWorld {
 
     /// Waits (bounded) until the bucket holds every one of `digests`.
     async fn wait_in_bucket(&self, digests: &[String]) {
-        for _ in 0..300 {
-            let keys = self.garage.object_keys(&format!("{PREFIX}blobs/")).await;
-            if digests
-                .iter()
-                .all(|d| keys.iter().any(|k| k.ends_with(&d[7..])))
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if in_bucket_soon(&self.garage, digests).await {
+            return;
         }
         let logs: Vec<String> = self
             .fleet
@@ -81,6 +79,17 @@ impl FleetWorld {
             .iter()
             .any(|k| k.ends_with(&digest[7..]))
     }
+}
+
+/// Whether the bucket holds every one of `digests` within 30 s.
+async fn in_bucket_soon(garage: &Garage, digests: &[String]) -> bool {
+    wait_until(Duration::from_secs(30), || async {
+        let keys = garage.object_keys(&format!("{PREFIX}blobs/")).await;
+        digests
+            .iter()
+            .all(|d| keys.iter().any(|k| k.ends_with(&d[7..])))
+    })
+    .await
 }
 
 /// A containerd-style pull: HEAD the tag, GET the manifest by digest, GET config and
@@ -337,14 +346,10 @@ async fn killing_the_owner_mid_fill_aborts_then_the_retry_succeeds() {
             tokio::spawn(async move { fetch_digest(&http(), &url).await })
         })
         .collect();
-    let mut moved = false;
-    for _ in 0..600 {
-        if w.front.bytes("GET", &layer) > 32 * MIB as u64 {
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let moved = wait_until(Duration::from_secs(12), || async {
+        w.front.bytes("GET", &layer) > 32 * MIB as u64
+    })
+    .await;
     assert!(moved, "the owner's fill never got going");
     w.fleet.replicas[owner].kill();
     for t in tasks {
@@ -488,13 +493,11 @@ async fn a_rolling_restart_fails_no_pull() {
     // and one after it is back.
     let wait_cycle = |cycles: Arc<AtomicUsize>| async move {
         let start = cycles.load(Ordering::SeqCst);
-        for _ in 0..1200 {
-            if cycles.load(Ordering::SeqCst) > start {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the pull loop made no progress");
+        let moved = wait_until(Duration::from_secs(120), || async {
+            cycles.load(Ordering::SeqCst) > start
+        })
+        .await;
+        assert!(moved, "the pull loop made no progress");
     };
     for i in 0..3 {
         let r = &mut w.fleet.replicas[i];
@@ -577,8 +580,7 @@ async fn a_missing_bucket_degrades_but_does_not_stop_pulls() {
     // Ready again once the store answers (bounded; each replica retries the tier a few
     // seconds after a failure, and `/readyz` probes it).
     for r in &w.fleet.replicas {
-        let mut back = false;
-        for _ in 0..100 {
+        let back = wait_until(Duration::from_secs(20), || async {
             let t = http()
                 .get(format!("{}/readyz", r.admin_url()))
                 .send()
@@ -587,12 +589,9 @@ async fn a_missing_bucket_degrades_but_does_not_stop_pulls() {
                 .text()
                 .await
                 .unwrap_or_default();
-            if t == "ready\n" {
-                back = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            t == "ready\n"
+        })
+        .await;
         assert!(back, "a replica never saw the bucket come back");
     }
     pull(&w.url(0), "library/later", "v1").await.expect("after");
@@ -763,18 +762,7 @@ async fn a_replica_without_local_disk_serves_from_the_bucket() {
     );
     // Clients have every byte once it is verified; the upload follows (bounded wait).
     let digests = blob_digests(&built);
-    let mut uploaded = false;
-    for _ in 0..300 {
-        let keys = garage.object_keys(&format!("{PREFIX}blobs/")).await;
-        if digests
-            .iter()
-            .all(|d| keys.iter().any(|k| k.ends_with(&d[7..])))
-        {
-            uploaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let uploaded = in_bucket_soon(&garage, &digests).await;
     assert!(uploaded, "the blobs never reached the bucket");
     for d in &digests {
         assert!(!is_stored(berth.data_dir(), d), "{d} kept on local disk");
@@ -886,5 +874,62 @@ async fn peers_dns_makes_the_fleet_and_splits_the_quota() {
             .metric("berth_quota_capacity{upstream=\"docker.io\"}")
             .await,
         (10.0 / n).floor()
+    );
+}
+
+/// A forwarded request names the client it is made for, under the signature: the owner
+/// charges that client's budget, not the asking replica's nor nobody's.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_owner_charges_the_client_a_replica_forwards_for() {
+    let w = FleetWorld::start_with(
+        "",
+        "",
+        "[client_budgets]\nkey = \"header:x-team\"\nrequests = 1\nper = \"1h\"\n",
+    )
+    .await;
+    // Two tags with the same owner, asked for through the other replicas.
+    let key = |n: usize| format!("docker.io/library/bud{n}:v1#");
+    let first = 0;
+    let owner = w.fleet.owner_of(&key(first));
+    let second = (1..64)
+        .find(|n| w.fleet.owner_of(&key(*n)) == owner)
+        .expect("a second tag with the same owner");
+    for n in [first, second] {
+        w.push_image(
+            &format!("library/bud{n}"),
+            "v1",
+            &[64 * KIB],
+            200 + n as u64,
+        )
+        .await;
+    }
+    let askers: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    let get_tag = |replica: usize, n: usize, team: &'static str| {
+        let url = format!(
+            "{}/v2/library/bud{n}/manifests/v1?ns=docker.io",
+            w.url(replica)
+        );
+        async move {
+            http()
+                .get(url)
+                .header("accept", ACCEPT_ALL)
+                .header("x-team", team)
+                .send()
+                .await
+                .expect("GET")
+        }
+    };
+    assert_eq!(get_tag(askers[0], first, "ci").await.status(), 200);
+    // The same client through another replica: its one request is spent at the owner.
+    let refused = get_tag(askers[1], second, "ci").await;
+    let (status, code, _) = error_code(refused).await;
+    assert_eq!((status, code.as_str()), (429, "TOOMANYREQUESTS"));
+    // Another client is not held to it.
+    assert_eq!(get_tag(askers[1], second, "other").await.status(), 200);
+    assert_eq!(
+        w.fleet.replicas[owner]
+            .metric("berth_quota_refusals_total{upstream=\"docker.io\",reason=\"client\"}")
+            .await,
+        1.0
     );
 }

@@ -225,18 +225,8 @@ impl Berth {
 
     /// SIGTERM, wait up to 10 s, then SIGKILL.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            for _ in 0..200 {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            super::terminate(child, Duration::from_secs(10));
         }
     }
 

@@ -76,6 +76,43 @@ pub async fn wait_for_http(url: &str, timeout: Duration) -> reqwest::StatusCode 
     }
 }
 
+/// Stops a peer the way Kubernetes does: SIGTERM, up to `grace` to exit, then SIGKILL.
+/// Blocking (a peer takes a moment to drain).
+pub fn terminate(mut child: std::process::Child, grace: Duration) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(POLL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Polls `check` every few milliseconds until it holds, or `timeout` passes; says which.
+/// The one place tests wait for something observable (an object in a bucket, a replica
+/// ready again) instead of sleeping for a guessed time.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// A plain-HTTP client for talking to peers and to berth.
 ///
 /// A fresh client per call, on purpose: each `#[tokio::test]` has its own runtime, and a
