@@ -933,3 +933,46 @@ async fn the_owner_charges_the_client_a_replica_forwards_for() {
         1.0
     );
 }
+
+/// A bucket that stops answering (the process frozen, its sockets open) is bounded by
+/// `storage.shared.timeout`: pulls go on from local disk and through, and `/readyz` says
+/// why, without waiting on the frozen store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_bucket_is_bounded_by_its_timeout() {
+    let w = FleetWorld::start("timeout = \"1s\"\n", "").await;
+    let cached = w.push_image("library/frozen-a", "v1", &[MIB], 41).await;
+    let fresh = w.push_image("library/frozen-b", "v1", &[MIB], 42).await;
+    for i in 0..3 {
+        pull(&w.url(i), "library/frozen-a", "v1")
+            .await
+            .expect("warm");
+    }
+    w.wait_in_bucket(&blob_digests(&cached)).await;
+    let pid = w.garage.pid().expect("garage runs").to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+    };
+    assert!(signal("-STOP").success());
+    let started = std::time::Instant::now();
+    let a = pull(&w.url(0), "library/frozen-a", "v1").await;
+    let b = pull(&w.url(0), "library/frozen-b", "v1").await;
+    let took = started.elapsed();
+    let ready = http()
+        .get(format!("{}/readyz", w.fleet.replicas[0].admin_url()))
+        .send()
+        .await
+        .expect("readyz");
+    let ready_status = ready.status();
+    let ready_text = ready.text().await.unwrap_or_default();
+    assert!(signal("-CONT").success());
+    assert_eq!(a.as_deref(), Ok(cached.manifest_digest.as_str()));
+    assert_eq!(b.as_deref(), Ok(fresh.manifest_digest.as_str()));
+    // A handful of 1 s deadlines at most, then the bucket is skipped: far from the
+    // minutes an unbounded wait would take.
+    assert!(took < Duration::from_secs(30), "two pulls took {took:?}");
+    assert_eq!(ready_status, 200);
+    assert!(ready_text.contains("degraded"), "{ready_text}");
+}
