@@ -427,8 +427,17 @@ impl FillTask {
                 // Bytes from a peer or the bucket are its owner's to upload, or there.
                 if self.answered() == Some(Answered::Upstream) {
                     let (file, size) = verified.file();
-                    super::tiers::upload_blob(shared, &self.digest, file, size, &link.0, &link.1)
-                        .await;
+                    let up = super::tiers::upload_blob(
+                        shared,
+                        &self.digest,
+                        file,
+                        size,
+                        &link.0,
+                        &link.1,
+                    );
+                    if let Err(e) = up.await {
+                        tracing::warn!(digest = %self.digest, error = %e, "blob not written to the shared store");
+                    }
                 }
                 drop(verified);
                 self.store

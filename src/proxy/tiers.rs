@@ -211,7 +211,7 @@ pub(super) async fn write_through_blob(
     tokio::spawn(async move {
         for attempt in 1..=WRITE_THROUGH_ATTEMPTS {
             let last = attempt == WRITE_THROUGH_ATTEMPTS;
-            match try_upload(&shared, &digest, blob.file.clone(), blob.size, &up, &repo).await {
+            match upload_blob(&shared, &digest, blob.file.clone(), blob.size, &up, &repo).await {
                 Ok(()) => return,
                 Err(e) if last => {
                     tracing::warn!(%digest, error = %e, "blob not written to the shared store")
@@ -222,24 +222,9 @@ pub(super) async fn write_through_blob(
     });
 }
 
-/// Uploads a verified blob (and its repository link) now, once; a failure is logged, not
-/// returned: the blob's clients are served whatever the bucket does.
+/// Uploads a verified blob and its repository link, once; a few at a time per process:
+/// a herd of distinct layers must not hold hundreds of MiB of parts in memory at once.
 pub(super) async fn upload_blob(
-    shared: &Shared,
-    digest: &Digest,
-    file: std::sync::Arc<std::fs::File>,
-    size: u64,
-    upstream: &str,
-    repo: &str,
-) {
-    if let Err(e) = try_upload(shared, digest, file, size, upstream, repo).await {
-        tracing::warn!(%digest, error = %e, "blob not written to the shared store");
-    }
-}
-
-/// One upload, a few at a time per process: a herd of distinct layers must not hold
-/// hundreds of MiB of parts in memory at once.
-async fn try_upload(
     shared: &Shared,
     digest: &Digest,
     file: std::sync::Arc<std::fs::File>,
