@@ -444,14 +444,10 @@ async fn demo_ratelimit() {
 
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without
-    // it, and must not start minutes of benchmarks. Other arguments name what to run.
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
+    let Some(which) = support::bench_selection() else {
         println!("e2e benchmarks run under `cargo bench --bench e2e` (scripts/bench*.sh)");
         return;
-    }
-    let which: Vec<String> = args.into_iter().filter(|a| !a.starts_with("--")).collect();
+    };
     let all = which.is_empty();
     if all || which.iter().any(|w| w == "pull") {
         bench_pull().await;

@@ -685,14 +685,10 @@ fn describe_machine() {
 
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without
-    // it, and must not start minutes of benchmarks. Other arguments name what to run.
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
+    let Some(which) = support::bench_selection() else {
         println!("fleet benchmarks run under `cargo bench --bench fleet` (scripts/bench-fleet.sh)");
         return;
-    }
-    let which: Vec<String> = args.into_iter().filter(|a| !a.starts_with("--")).collect();
+    };
     let all = which.is_empty();
     let blob_mib = env_u64("BENCH_BLOB_MIB", 256);
     let dir = tempfile::tempdir().expect("tempdir");

@@ -93,6 +93,17 @@ pub fn terminate(mut child: std::process::Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// The parts a benchmark binary was asked to run, or `None` when it was not started by
+/// `cargo bench` (which passes `--bench`): `cargo test --all-targets` runs bench binaries
+/// too, and must not start minutes of benchmarks. Empty means all.
+pub fn bench_selection() -> Option<Vec<String>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        return None;
+    }
+    Some(args.into_iter().filter(|a| !a.starts_with("--")).collect())
+}
+
 /// Polls `check` every few milliseconds until it holds, or `timeout` passes; says which.
 /// The one place tests wait for something observable (an object in a bucket, a replica
 /// ready again) instead of sleeping for a guessed time.
