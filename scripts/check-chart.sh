@@ -10,7 +10,10 @@
 #   1. lint the chart strictly (`helm lint --strict` when a helm binary is on PATH, and
 #      always helm-python-sdk's lint with strict=true: Helm's own Go code, no binary);
 #   2. render it (helm-python-sdk, offline) and check what the chart promises: probes,
-#      ports, security context, store volume, config checksum; for a fleet (sharedStorage)
+#      ports, security context, store volume, config checksum; the admin token (always:
+#      berth refuses admin mutations without one): its Secret (generated, from
+#      adminToken.value, or none with adminToken.existingSecret), its mount, and
+#      server.admin_token_file in berth.toml pointing at it; for a fleet (sharedStorage)
 #      also the replica count, the headless peers Service, BERTH_FLEET_ADVERTISE from the
 #      pod IP, the bucket credentials, the fleet secret and its mount, [storage.shared] and
 #      [fleet] (peers_dns naming the headless Service) in berth.toml, anti-affinity, the
@@ -238,6 +241,34 @@ def check(docs, notes, values, chart_dir, problems):
     if cms:
         toml_text = cms[0]["data"]["berth.toml"]
     toml = parse_toml(toml_text, problems) if toml_text else None
+
+    # --- the admin token: always configured (berth refuses admin mutations without one) --
+    at = v["adminToken"]
+    at_secret = at["existingSecret"] or f"{FULLNAME}-admin-token"
+    at_file = f"/etc/berth/admin-token/{at['key']}"
+    if wl:
+        atv = volumes.get("admin-token", {}).get("secret", {})
+        need(atv.get("secretName") == at_secret and atv.get("items") == [{"key": at["key"], "path": at["key"]}],
+             f"admin-token volume: {atv}, expected the Secret {at_secret} key {at['key']}")
+        need(mounts.get("/etc/berth/admin-token") == "admin-token", "admin token not mounted at /etc/berth/admin-token")
+    if toml_text:
+        need(re.search(r'^\s*admin_token_file = "' + re.escape(at_file) + '"', toml_text, re.M) is not None,
+             f"berth.toml: server.admin_token_file is not {at_file}")
+    if toml:
+        need(toml.get("server", {}).get("admin_token_file") == at_file,
+             f"[server] admin_token_file: {toml.get('server', {}).get('admin_token_file')!r}, expected {at_file}")
+    at_rendered = next((x for x in kinds.get("Secret", []) if x["metadata"]["name"] == f"{FULLNAME}-admin-token"), None)
+    if at["existingSecret"]:
+        need(at_rendered is None, "admin token Secret rendered although adminToken.existingSecret is set")
+    else:
+        need(at_rendered is not None, f"no Secret {FULLNAME}-admin-token (adminToken.existingSecret is empty)")
+        if at_rendered:
+            raw = base64.b64decode((at_rendered.get("data") or {}).get(at["key"], "")).decode()
+            if at["value"]:
+                need(raw == at["value"], "admin token Secret does not hold adminToken.value")
+            else:
+                need(re.fullmatch(r"[A-Za-z0-9]{32}", raw) is not None, "generated admin token is not 32 alphanumerics")
+    need(at_secret in notes, f"NOTES.txt does not say the admin token is in the Secret {at_secret}")
 
     # --- the node DaemonSet keeps pointing at the pull Service ---------------------------
     for ds in kinds.get("DaemonSet", []):
@@ -580,6 +611,8 @@ expect_failure azure-without-account 'needs sharedStorage.account' \
     "$(printf 'sharedStorage:\n  enabled: true\n  kind: azure\n  bucket: b')"
 expect_failure fleet-config-by-hand 'set sharedStorage.enabled=true' \
     "$(printf 'config:\n  fleet:\n    peers_dns: "x:5000"\n    secret_file: /s')"
+expect_failure admin-token-twice 'adminToken: set existingSecret or value, not both' \
+    "$(printf 'adminToken:\n  existingSecret: berth-admin\n  value: inline')"
 expect_failure fleet-static-peers 'leave peers and advertise out' \
     "$(printf 'sharedStorage:\n  enabled: true\n  bucket: b\nconfig:\n  fleet:\n    peers: ["http://10.0.0.7:5000"]')"
 

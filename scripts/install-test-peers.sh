@@ -7,6 +7,8 @@
 # by Debian: it is built with `cargo install` into $BERTH_PEERS_DIR (default
 # ~/.cache/berth/peers), as the invoking user, no root needed. tests/support/garage.rs
 # looks for it in PATH, then $BERTH_PEERS_DIR/bin, then ~/.cache/berth/peers/bin.
+# cargo-fuzz (scripts/fuzz.sh, the fuzz targets in fuzz/) is installed the same way and
+# found by scripts/fuzz.sh in the same places.
 #
 # Services are not started by the install (a policy-rc.d is in place while apt runs):
 # docker-registry would otherwise take :5000, berth's own port. The tests start every
@@ -35,6 +37,8 @@ peers=(
 # The Garage release the tests are written against (its CLI output and config keys are
 # parsed by tests/support/garage.rs); bump both together.
 GARAGE_VERSION=2.5.0
+# The cargo-fuzz scripts/fuzz.sh drives (its build flags and `list` output).
+CARGO_FUZZ_VERSION=0.13.2
 peers_dir="${BERTH_PEERS_DIR:-$HOME/.cache/berth/peers}"
 
 die() {
@@ -52,6 +56,10 @@ missing_packages() {
 
 garage_present() {
     command -v garage >/dev/null 2>&1 || [ -x "$peers_dir/bin/garage" ]
+}
+
+cargo_fuzz_present() {
+    command -v cargo-fuzz >/dev/null 2>&1 || [ -x "$peers_dir/bin/cargo-fuzz" ]
 }
 
 install_packages() {
@@ -105,10 +113,23 @@ install_garage() {
     echo "install-test-peers: installed garage $GARAGE_VERSION at $peers_dir/bin/garage"
 }
 
+install_cargo_fuzz() {
+    command -v cargo >/dev/null 2>&1 ||
+        die "missing cargo-fuzz, and cargo is not available to build it (install Rust first)"
+    echo "install-test-peers: building cargo-fuzz $CARGO_FUZZ_VERSION into $peers_dir"
+    cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --root "$peers_dir" ||
+        die "cargo install cargo-fuzz $CARGO_FUZZ_VERSION failed"
+    [ -x "$peers_dir/bin/cargo-fuzz" ] ||
+        die "cargo-fuzz not found at $peers_dir/bin/cargo-fuzz after install"
+    echo "install-test-peers: installed cargo-fuzz $CARGO_FUZZ_VERSION at $peers_dir/bin/cargo-fuzz"
+}
+
 mapfile -t packages < <(missing_packages)
 need_garage=false
 garage_present || need_garage=true
-if [ "${#packages[@]}" -eq 0 ] && [ "$need_garage" = false ]; then
+need_cargo_fuzz=false
+cargo_fuzz_present || need_cargo_fuzz=true
+if [ "${#packages[@]}" -eq 0 ] && [ "$need_garage" = false ] && [ "$need_cargo_fuzz" = false ]; then
     echo "install-test-peers: all test peers present"
     exit 0
 fi
@@ -118,4 +139,7 @@ if [ "${#packages[@]}" -gt 0 ]; then
 fi
 if [ "$need_garage" = true ]; then
     install_garage
+fi
+if [ "$need_cargo_fuzz" = true ]; then
+    install_cargo_fuzz
 fi

@@ -197,6 +197,26 @@ pub struct ServerConfig {
     /// A file holding the bearer token that `POST`/`DELETE /admin/*` require.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    /// Connections one client address may hold at once, per listener (unset: only
+    /// `max_connections` applies; behind a NAT or node proxy many clients share one).
+    #[serde(default)]
+    pub max_connections_per_client: Option<usize>,
+    /// Blob fills running at once; more wait their turn (each fill holds a blocking
+    /// thread and a temp file).
+    #[serde(default = "default_max_concurrent_fills")]
+    pub max_concurrent_fills: usize,
+    /// Uncached upstream relays (tags lists, referrers) running at once; more are
+    /// answered 503 with `Retry-After`.
+    #[serde(default = "default_max_concurrent_passthroughs")]
+    pub max_concurrent_passthroughs: usize,
+}
+
+fn default_max_concurrent_fills() -> usize {
+    64
+}
+
+fn default_max_concurrent_passthroughs() -> usize {
+    32
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -247,6 +267,9 @@ pub struct UpstreamConfig {
     pub url: String,
     #[serde(default = "default_tag_ttl", with = "duration")]
     pub tag_ttl: Duration,
+    /// How long the upstream's "no such tag" (404) is remembered; zero turns it off.
+    #[serde(default = "default_negative_ttl", with = "duration")]
+    pub negative_ttl: Duration,
     #[serde(default)]
     pub quota: Option<QuotaConfig>,
     #[serde(default)]
@@ -273,6 +296,19 @@ pub struct UpstreamConfig {
     /// No blob fill runs longer than this.
     #[serde(default = "default_fill_deadline", with = "duration")]
     pub fill_deadline: Duration,
+    /// The whole of a body berth buffers (manifest, token, tags list, referrers) must
+    /// arrive within this time: one byte a minute would otherwise hold a coalesced fetch
+    /// and every client waiting on it.
+    #[serde(default = "default_body_timeout", with = "duration")]
+    pub body_timeout: Duration,
+    /// Where else redirects and token realms may lead besides the upstream's own origin
+    /// and public addresses: CIDRs (`10.0.0.0/8`) or host names (`minio.internal`).
+    #[serde(default)]
+    pub redirect_allow: Vec<String>,
+}
+
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -314,6 +350,9 @@ fn default_upstream() -> String {
 }
 fn default_tag_ttl() -> Duration {
     Duration::from_secs(600)
+}
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
@@ -389,6 +428,16 @@ impl Config {
                     return Err(format!("warm.platforms: {p:?} is not os/arch[/variant]"));
                 }
             }
+        }
+        if self.server.max_connections_per_client == Some(0) {
+            return Err("server.max_connections_per_client must be greater than zero".into());
+        }
+        if self.server.max_concurrent_fills == 0 || self.server.max_concurrent_passthroughs == 0 {
+            return Err(
+                "server.max_concurrent_fills and max_concurrent_passthroughs must be greater \
+                 than zero"
+                    .into(),
+            );
         }
         if self.server.max_connections == 0 {
             return Err("server.max_connections must be greater than zero".into());
@@ -633,6 +682,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("client_budgets.key"), "{e}");
+    }
+
+    #[test]
+    fn negative_ttl_defaults_to_30s_and_0s_turns_it_off() {
+        let c = Config::parse(&with_upstream(""), "t").unwrap();
+        assert_eq!(c.upstreams[0].negative_ttl, Duration::from_secs(30));
+        let c = Config::parse(&with_upstream("negative_ttl = \"0s\""), "t").unwrap();
+        assert!(c.upstreams[0].negative_ttl.is_zero());
+        let e = Config::parse(&with_upstream("negative_ttl = \"soon\""), "t").unwrap_err();
+        assert!(e.0.contains("negative_ttl"), "{e}");
     }
 
     #[test]

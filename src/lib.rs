@@ -8,6 +8,8 @@
 pub mod cli;
 pub mod config;
 pub mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;
@@ -57,29 +59,44 @@ pub fn build(config: &Config) -> Result<App, String> {
         }
         None => None,
     };
+    let egress = upstream::egress::EgressMetrics::register(metrics.registry_mut());
+    let server_metrics = server::ServerMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     metrics
         .store_max_bytes
         .set(config.storage.max_size.as_u64() as i64);
-    let upstreams = Upstreams::from_config(config, metrics.clone()).map_err(|e| e.to_string())?;
+    let upstreams =
+        Upstreams::from_config(config, metrics.clone(), egress).map_err(|e| e.to_string())?;
     if let Some(f) = &fleet {
         upstreams.share_quota(f.size());
     }
     let store = open_store(config)?;
     let admin_token = match &config.server.admin_token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
                 .map_err(|e| format!("server.admin_token_file {}: {e}", path.display()))?
                 .trim()
-                .to_owned(),
-        )
-        .filter(|t| !t.is_empty()),
+                .to_owned();
+            // An empty file would leave the admin API shut with a message saying to set
+            // the very key that is set: say what is wrong instead.
+            if token.is_empty() {
+                return Err(format!(
+                    "server.admin_token_file {}: the file is empty",
+                    path.display()
+                ));
+            }
+            Some(token)
+        }
         None => None,
     };
     Ok(App {
-        proxy: Proxy::new(store, metrics.clone(), shared, fleet, config.storage.local),
+        proxy: Proxy::new(store, metrics.clone(), shared, fleet, config.storage.local).with_limits(
+            config.server.max_concurrent_fills,
+            config.server.max_concurrent_passthroughs,
+        ),
         upstreams,
         metrics,
+        server_metrics,
         started: std::time::Instant::now(),
         history: server::status::History::default(),
         admin_token,
@@ -135,10 +152,12 @@ pub async fn serve(config: Config) -> Result<(), String> {
         idle_timeout: config.server.idle_timeout,
         shutdown_grace: config.server.shutdown_grace,
         max_connections: config.server.max_connections,
+        max_connections_per_client: config.server.max_connections_per_client,
     };
     if app.admin_token.is_none() {
-        tracing::warn!(admin = %config.server.admin_listen,
-            "no server.admin_token_file: POST/DELETE /admin/* are open to anyone who reaches the admin port");
+        tracing::info!(admin = %config.server.admin_listen,
+            "no server.admin_token_file: POST/DELETE /admin/* (warm, tag deletion) are refused; \
+             /metrics, /healthz, /readyz and the status reads stay open");
     }
     tokio::spawn(sample_history(app.clone()));
     if let Some(fleet) = app.proxy.fleet() {

@@ -277,7 +277,7 @@ fn main() -> ExitCode {
                 .and_then(|c| {
                     berth::install_crypto_provider();
                     let metrics = std::sync::Arc::new(berth::metrics::Metrics::new());
-                    berth::upstream::Upstreams::from_config(&c, metrics)
+                    berth::upstream::Upstreams::from_config(&c, metrics, Default::default())
                         .map(|_| c)
                         .map_err(|e| e.to_string())
                 });

@@ -125,10 +125,13 @@ pub struct Metrics {
     pub upstream_bytes: Family<UpstreamLabels, Counter>,
     pub upstream_requests: Family<UpstreamRequestLabels, Counter>,
     pub fills_in_flight: Gauge,
+    pub fills_queued: Gauge,
+    pub fills_max: Gauge,
     pub fill_failures: Family<UpstreamLabels, Counter>,
     pub quota_counted: Family<UpstreamLabels, Counter>,
     pub quota_refusals: Family<RefusalLabels, Counter>,
     pub quota_stale: Family<UpstreamLabels, Counter>,
+    pub negative_cache_hits: Family<UpstreamLabels, Counter>,
     pub quota_tokens: Family<UpstreamLabels, Gauge>,
     pub quota_capacity: Family<UpstreamLabels, Gauge>,
     pub quota_refill_seconds: Family<UpstreamLabels, Gauge>,
@@ -201,6 +204,18 @@ impl Metrics {
             "Blob fills currently streaming from upstream",
             fills_in_flight.clone(),
         );
+        let fills_queued = Gauge::default();
+        registry.register(
+            "fills_queued",
+            "Blob fills waiting for a place (server.max_concurrent_fills); their clients wait too",
+            fills_queued.clone(),
+        );
+        let fills_max = Gauge::default();
+        registry.register(
+            "fills_max",
+            "Blob fills allowed to run at once (server.max_concurrent_fills)",
+            fills_max.clone(),
+        );
         let fill_failures = Family::<UpstreamLabels, Counter>::default();
         registry.register(
             "fill_failures",
@@ -224,6 +239,12 @@ impl Metrics {
             "quota_stale_answers",
             "Cached manifests served stale because the quota (or an upstream 429) stopped a refresh",
             quota_stale.clone(),
+        );
+        let negative_cache_hits = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "negative_cache_hits",
+            "Manifest requests for a tag answered 404 from memory: the upstream said it has no such tag less than negative_ttl ago",
+            negative_cache_hits.clone(),
         );
         let quota_tokens = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
@@ -296,10 +317,13 @@ impl Metrics {
             upstream_bytes,
             upstream_requests,
             fills_in_flight,
+            fills_queued,
+            fills_max,
             fill_failures,
             quota_counted,
             quota_refusals,
             quota_stale,
+            negative_cache_hits,
             quota_tokens,
             quota_capacity,
             quota_refill_seconds,

@@ -19,8 +19,10 @@ pub enum ErrorCode {
     NameUnknown,
     /// The repository name breaks the grammar.
     NameInvalid,
-    /// The tag or reference breaks the grammar.
-    TagInvalid,
+    /// A manifest reference that is neither a valid tag nor a valid digest. It names
+    /// nothing that can exist, so the answer is "not found", as registries give it, not
+    /// a bad request.
+    ReferenceInvalid,
     /// A digest breaks the grammar.
     DigestInvalid,
     /// The requested `Range` cannot be satisfied.
@@ -54,7 +56,7 @@ impl ErrorCode {
             ManifestUnknown => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND),
             NameUnknown => ("NAME_UNKNOWN", StatusCode::NOT_FOUND),
             NameInvalid => ("NAME_INVALID", StatusCode::BAD_REQUEST),
-            TagInvalid => ("TAG_INVALID", StatusCode::BAD_REQUEST),
+            ReferenceInvalid => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND),
             DigestInvalid => ("DIGEST_INVALID", StatusCode::BAD_REQUEST),
             RangeInvalid => ("RANGE_INVALID", StatusCode::RANGE_NOT_SATISFIABLE),
             Unsupported => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),

@@ -35,6 +35,9 @@ pub struct Manifest {
 impl Manifest {
     /// `None` when the bytes are not a manifest berth can read (digests are validated).
     pub fn parse(bytes: &[u8]) -> Option<Manifest> {
+        if !is_json_object(bytes) {
+            return None;
+        }
         serde_json::from_slice(bytes).ok()
     }
 
@@ -58,9 +61,22 @@ pub fn sniff_media_type(bytes: &[u8]) -> Option<String> {
         #[serde(rename = "schemaVersion")]
         schema_version: Option<u32>,
     }
+    if !is_json_object(bytes) {
+        return None;
+    }
     let s: Sniff = serde_json::from_slice(bytes).ok()?;
     s.schema_version?;
     s.media_type
+}
+
+/// Whether the document is a JSON object. serde reads a struct from an array as well
+/// (`[null, [{"digest": ...}]]` fills `config` and `layers` by position); a manifest is
+/// always an object.
+fn is_json_object(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|b| *b == b'{')
 }
 
 #[cfg(test)]
@@ -77,5 +93,25 @@ mod tests {
         assert_eq!(parsed.references().count(), 2);
         assert_eq!(sniff_media_type(m.as_bytes()).as_deref(), Some("x"));
         assert!(Manifest::parse(br#"{"layers":[{"digest":"sha256:nope"}]}"#).is_none());
+    }
+
+    /// Issue 11 (the `manifest` fuzz target's invariant): serde's derived readers take a
+    /// JSON array for a struct, field by position, so an array passed for a manifest with
+    /// references, and for an index by its "media type".
+    #[test]
+    fn a_json_array_is_not_a_manifest() {
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let array = format!(r#"[null, [{{"digest": "{d}"}}], []]"#);
+        assert!(Manifest::parse(array.as_bytes()).is_none());
+        let array = br#"["application/vnd.oci.image.index.v1+json", 2]"#;
+        assert_eq!(sniff_media_type(array), None);
+        // An object is still read, whatever whitespace comes first.
+        let object = format!(
+            "\r\n\t {}",
+            r#"{"schemaVersion":2,"mediaType":"x","layers":[{"digest":"D"}]}"#.replace('D', d)
+        );
+        let parsed = Manifest::parse(object.as_bytes()).unwrap();
+        assert_eq!(parsed.references().count(), 1);
+        assert_eq!(sniff_media_type(object.as_bytes()).as_deref(), Some("x"));
     }
 }

@@ -129,9 +129,13 @@ impl<'a> Route<'a> {
                 },
             )
         } else if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
-            let reference = Reference::parse(reference).map_err(|e| match e {
-                super::InvalidName::Digest(d) => Error::new(ErrorCode::DigestInvalid, d.0),
-                other => Error::new(ErrorCode::TagInvalid, other.to_string()),
+            // Neither a tag nor a digest: it names nothing that can exist, and "not
+            // found" is how registries answer that (404 MANIFEST_UNKNOWN, not 400).
+            let reference = Reference::parse(reference).map_err(|e| {
+                Error::new(
+                    ErrorCode::ReferenceInvalid,
+                    format!("no manifest can have this reference: {e}"),
+                )
             })?;
             (name, Endpoint::Manifest(reference))
         } else if rest.contains("/blobs/uploads") {
@@ -206,11 +210,47 @@ mod tests {
         assert_eq!(e.code, ErrorCode::Unsupported);
         let e = Route::parse(&Method::GET, "/v2/a/blobs/sha256:xyz", None).unwrap_err();
         assert_eq!(e.code, ErrorCode::DigestInvalid);
-        let e = Route::parse(&Method::GET, "/v2/a/manifests/bad%tag", None).unwrap_err();
-        assert_eq!(e.code, ErrorCode::TagInvalid);
+        let e = Route::parse(&Method::GET, "/v2/a/referrers/sha256:xyz", None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::DigestInvalid);
         assert!(Route::parse(&Method::GET, "/etc/passwd", None).is_err());
         assert_eq!(percent_decode("a%2Fb"), "a/b");
         assert_eq!(percent_decode("%"), "%");
         assert_eq!(percent_decode("%4"), "%4");
+    }
+
+    /// Issue 11: a manifest reference that is neither a tag nor a digest names nothing
+    /// that can exist: 404 MANIFEST_UNKNOWN as registries answer, not 400, GET and HEAD.
+    #[test]
+    fn a_reference_that_is_neither_tag_nor_digest_is_not_found() {
+        let long = format!("/v2/library/alpine/manifests/{}", "a".repeat(129));
+        let refs = [
+            "/v2/library/alpine/manifests/.INVALID_NAME",
+            "/v2/library/alpine/manifests/-v1",
+            "/v2/library/alpine/manifests/bad%tag",
+            "/v2/library/alpine/manifests/bad$tag",
+            "/v2/library/alpine/manifests/",
+            "/v2/library/alpine/manifests/sha256:xyz",
+            "/v2/library/alpine/manifests/sha256:../../../etc/passwd",
+            "/v2/library/alpine/manifests/md5:d41d8cd98f00b204e9800998ecf8427e",
+            long.as_str(),
+        ];
+        for path in refs {
+            for method in [Method::GET, Method::HEAD] {
+                let e = Route::parse(&method, path, None).unwrap_err();
+                assert_eq!(e.code, ErrorCode::ReferenceInvalid, "{method} {path}");
+                assert_eq!(
+                    e.code.describe(),
+                    ("MANIFEST_UNKNOWN", http::StatusCode::NOT_FOUND)
+                );
+                assert!(e.message.contains("no manifest"), "{}", e.message);
+            }
+        }
+        // The edges of the grammar still parse: 128 characters, a leading underscore.
+        let max = format!("/v2/a/manifests/{}", "a".repeat(128));
+        assert!(Route::parse(&Method::GET, &max, None).is_ok());
+        assert!(Route::parse(&Method::GET, "/v2/a/manifests/_v1.2-rc", None).is_ok());
+        // Blob and referrers digests keep their own answer (DIGEST_INVALID).
+        let e = Route::parse(&Method::GET, "/v2/a/blobs/.INVALID_NAME", None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::DigestInvalid);
     }
 }

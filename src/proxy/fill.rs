@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::Instrument;
 
 use super::origin::{Answered, OpenError, Origin, Request, Via};
 use crate::metrics::{Metrics, UpstreamLabels};
@@ -148,7 +149,13 @@ pub struct Fills {
     shared: Option<Arc<Shared>>,
     /// Whether verified blobs stay on local disk (false: only in the shared tier).
     keep_local: bool,
+    /// Places for fills running at once; a fill past the cap waits (as `Connecting`) for
+    /// one before it asks anyone for bytes.
+    places: Arc<Semaphore>,
 }
+
+/// `server.max_concurrent_fills` by default.
+const DEFAULT_FILLS: usize = 64;
 
 impl Fills {
     /// Whether blobs are kept on local disk (the cache tier) or only in `shared`.
@@ -161,7 +168,14 @@ impl Fills {
             map: Arc::default(),
             shared,
             keep_local,
+            places: Arc::new(Semaphore::new(DEFAULT_FILLS)),
         }
+    }
+
+    /// Sets the number of fills that run at once.
+    pub fn limit(&mut self, fills: usize, metrics: Arc<Metrics>) {
+        metrics.fills_max.set(fills as i64);
+        self.places = Arc::new(Semaphore::new(fills));
     }
 
     pub fn in_progress(&self, digest: &Digest) -> Option<Arc<Fill>> {
@@ -225,7 +239,9 @@ impl Fills {
             answered: Mutex::new(None),
         };
         let map_handle = self.map.clone();
-        tokio::spawn(task.run(map_handle));
+        // The fill's log lines carry the request that started it (its span's parent).
+        let span = tracing::info_span!("fill", %digest);
+        tokio::spawn(task.run(map_handle, self.places.clone()).instrument(span));
         Joined::Started(fill)
     }
 }
@@ -272,7 +288,13 @@ impl Drop for InFlight {
 }
 
 impl FillTask {
-    async fn run(self, map: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>) {
+    async fn run(self, map: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>, places: Arc<Semaphore>) {
+        // Clients of a queued fill wait for its first byte like any other; a queued fill
+        // counts in `fills_queued`, not yet in `fills_in_flight`. (The semaphore is never
+        // closed; were it, the fill would run without a place rather than hang.)
+        self.metrics.fills_queued.inc();
+        let _place = places.acquire_owned().await.ok();
+        self.metrics.fills_queued.dec();
         self.metrics.fills_in_flight.inc();
         let in_flight = InFlight {
             map,

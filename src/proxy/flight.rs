@@ -67,8 +67,10 @@ where
                         inflight: self.inflight.clone(),
                         key,
                     };
+                    // The flight's log lines carry the leader's request span.
+                    let span = tracing::Span::current();
                     tokio::spawn(async move {
-                        let value = work.await;
+                        let value = tracing::Instrument::instrument(work, span).await;
                         // Leave the map before publishing: a caller arriving after this
                         // finds the stored result instead of a finished flight. (If `work`
                         // panics, the guard still leaves, and followers see the sender go.)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::flight::Role;
 use super::manifests::ManifestAnswer;
+use super::negative::NegativeCache;
 use super::tiers::{ask_owner, Ask};
 use super::{internal, Caller, Proxy};
 use crate::fleet::{Fleet, Owner};
@@ -72,6 +73,7 @@ pub(super) struct Parts {
     /// The fleet, unless the request was forwarded (then it is answered here).
     pub(super) fleet: Option<Arc<Fleet>>,
     pub(super) metrics: Arc<Metrics>,
+    pub(super) negative: Arc<NegativeCache>,
     pub(super) client: Option<String>,
 }
 
@@ -82,6 +84,7 @@ impl Proxy {
             shared: self.shared.clone(),
             fleet: self.fleet.clone().filter(|_| !caller.forwarded),
             metrics: self.metrics.clone(),
+            negative: self.negative.clone(),
             client: caller.client.clone(),
         }
     }

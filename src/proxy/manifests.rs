@@ -9,9 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::flying::Parts;
+use super::negative::NegativeCache;
 use super::tiers::{adopt_shared_tag, fresh_record, write_through};
 use super::{internal, manifest_links, Caller, Proxy};
-use crate::metrics::Outcome;
+use crate::metrics::{Metrics, Outcome, UpstreamLabels};
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository, Tag};
 use crate::quota::{Payer, Purpose};
 use crate::store::{now_secs, CommitError, StoredManifest, TagRecord};
@@ -54,7 +55,7 @@ pub fn tag_key_prefix(up: &Upstream, repo: &Repository, tag: &Tag) -> String {
 /// client, or the warm list) whose media type this client accepts. A variant fetched for
 /// a narrower set is never reused: the upstream may have answered it with one platform's
 /// manifest where this client would get the index.
-fn find_tag(
+async fn find_tag(
     store: &crate::store::Store,
     up: &Upstream,
     repo: &Repository,
@@ -62,11 +63,16 @@ fn find_tag(
     accept: AcceptSet,
 ) -> Result<Option<TagRecord>, oci::Error> {
     let read = |e: std::io::Error| internal("reading the index", e);
-    if let Some(r) = store.tag(&tag_key(up, repo, tag, accept)).map_err(read)? {
+    if let Some(r) = store
+        .tag(&tag_key(up, repo, tag, accept))
+        .await
+        .map_err(read)?
+    {
         return Ok(Some(r));
     }
     Ok(store
         .tags_with_prefix(&tag_key_prefix(up, repo, tag))
+        .await
         .map_err(read)?
         .into_iter()
         .filter(|(key, r)| {
@@ -88,7 +94,7 @@ async fn fresh_tag(
     tag: &Tag,
     accept: AcceptSet,
 ) -> Result<Option<ManifestAnswer>, oci::Error> {
-    let Some(r) = find_tag(store, up, repo, tag, accept)? else {
+    let Some(r) = find_tag(store, up, repo, tag, accept).await? else {
         return Ok(None);
     };
     let age = now_secs().saturating_sub(r.validated_at);
@@ -100,6 +106,36 @@ async fn fresh_tag(
         .await
         .map_err(|e| internal("reading a stored manifest", e))?
         .map(|m| ManifestAnswer::stored(r.digest, m, Outcome::Hit)))
+}
+
+/// The answer for a tag the upstream said it does not have, while berth remembers that
+/// (the upstream's `negative_ttl`): no upstream request, and counted. Checked after the
+/// stored copy, as an upstream 404 already outranks a stale one (see `refresh_tag`).
+fn remembered_unknown(
+    negative: &NegativeCache,
+    metrics: &Metrics,
+    up: &Upstream,
+    repo: &Repository,
+    tag: &Tag,
+    key: &str,
+) -> Option<oci::Error> {
+    let remembered = negative.lookup(key)?;
+    metrics
+        .negative_cache_hits
+        .get_or_create(&UpstreamLabels {
+            upstream: up.host().to_owned(),
+        })
+        .inc();
+    Some(oci::Error::new(
+        ErrorCode::ManifestUnknown,
+        format!(
+            "manifest {tag} is not in {repo} on upstream {} (it said so {}s ago; berth asks \
+             again in {}s, see negative_ttl)",
+            up.host(),
+            remembered.age.as_secs(),
+            remembered.left.as_secs().max(1)
+        ),
+    ))
 }
 
 fn unknown(up: &Upstream, repo: &Repository, reference: &Reference) -> oci::Error {
@@ -174,12 +210,21 @@ impl Proxy {
         if let Some(hit) = fresh_tag(&self.store, up, repo, tag, accept).await? {
             return Ok(hit);
         }
+        if let Some(e) = remembered_unknown(&self.negative, &self.metrics, up, repo, tag, &key) {
+            return Err(e);
+        }
         let work = |this: Parts| {
             let (up, repo, tag, key) = (up.clone(), repo.clone(), tag.clone(), key.clone());
             async move {
+                // A flight that ended since the check above may have just learnt it.
+                if let Some(e) =
+                    remembered_unknown(&this.negative, &this.metrics, &up, &repo, &tag, &key)
+                {
+                    return Err(e);
+                }
                 if let Some(shared) = &this.shared {
                     // Another replica may have validated it: its record is as good as ours.
-                    let local = find_tag(&this.store, &up, &repo, &tag, accept)?;
+                    let local = find_tag(&this.store, &up, &repo, &tag, accept).await?;
                     adopt_shared_tag(shared, &this.store, &up, &repo, &key, local.as_ref()).await?;
                     if let Some(hit) = fresh_tag(&this.store, &up, &repo, &tag, accept).await? {
                         return Ok(hit);
@@ -310,7 +355,7 @@ impl Parts {
         key: String,
     ) -> Result<ManifestAnswer, oci::Error> {
         let reference = Reference::Tag(tag.clone());
-        let record = find_tag(&self.store, up, repo, tag, accept)?;
+        let record = find_tag(&self.store, up, repo, tag, accept).await?;
         let stored = match &record {
             Some(r) => self
                 .store
@@ -369,7 +414,8 @@ impl Parts {
                         }
                     }
                 }
-                Ok(None) => return Err(unknown(up, repo, &reference)),
+                // The stored copy does not outrank the upstream's "no such tag".
+                Ok(None) => return Err(self.unknown_tag(up, repo, tag, &key)),
                 Err(e) if e.allows_stale() => return Ok(self.stale(up, record, manifest, &e)),
                 Err(e) => return Err(e.to_oci(up.host())),
             }
@@ -429,7 +475,7 @@ impl Parts {
             .await
         {
             Ok(Some(m)) => m,
-            Ok(None) => return Err(FetchError::Oci(unknown(up, repo, &reference))),
+            Ok(None) => return Err(FetchError::Oci(self.unknown_tag(up, repo, tag, &key))),
             Err(e) => return Err(FetchError::Upstream(e)),
         };
         // The digest of a tag is the hash of the exact bytes, in the algorithm the
@@ -456,8 +502,17 @@ impl Parts {
         })
     }
 
+    /// The upstream answered 404 for this tag: remembered for its `negative_ttl`. Only
+    /// a 404 gets here; auth failures, 429s, timeouts and 5xx are `upstream::Error`s,
+    /// which say nothing about whether the tag exists.
+    fn unknown_tag(&self, up: &Upstream, repo: &Repository, tag: &Tag, key: &str) -> oci::Error {
+        self.negative.remember(key, up.negative_ttl);
+        unknown(up, repo, &Reference::Tag(tag.clone()))
+    }
+
     /// Records a tag here and in the shared tier, where every replica sees it.
     async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), oci::Error> {
+        self.negative.forget(&key);
         if let Some(shared) = &self.shared {
             if let Err(e) = shared.put_tag(&key, &record).await {
                 tracing::debug!(key, error = %e, "tag record not written to the shared store");

@@ -11,6 +11,7 @@ mod fill;
 mod flight;
 mod flying;
 mod manifests;
+mod negative;
 mod origin;
 mod tiers;
 mod warm;
@@ -41,7 +42,14 @@ pub struct Proxy {
     fills: fill::Fills,
     /// Manifest fetches by key, each with the client that paid for it.
     manifest_flights: flight::Flights<String, (Result<ManifestAnswer, oci::Error>, Option<String>)>,
+    /// Tags upstreams said they do not have, for their `negative_ttl`.
+    negative: Arc<negative::NegativeCache>,
+    /// Places for uncached relays (tags lists, referrers): beyond them, 503.
+    passthroughs: Arc<tokio::sync::Semaphore>,
 }
+
+/// Default caps, as in the configuration's defaults.
+const DEFAULT_PASSTHROUGHS: usize = 32;
 
 /// Who is asking, as far as policy cares.
 #[derive(Clone, Debug, Default)]
@@ -69,7 +77,17 @@ impl Proxy {
             fleet,
             metrics,
             manifest_flights: flight::Flights::default(),
+            negative: Arc::new(negative::NegativeCache::new(negative::CAPACITY)),
+            passthroughs: Arc::new(tokio::sync::Semaphore::new(DEFAULT_PASSTHROUGHS)),
         }
+    }
+
+    /// Caps concurrent blob fills (more wait their turn) and uncached relays (more are
+    /// refused with 503): `server.max_concurrent_fills`, `max_concurrent_passthroughs`.
+    pub fn with_limits(mut self, fills: usize, passthroughs: usize) -> Self {
+        self.fills.limit(fills, self.metrics.clone());
+        self.passthroughs = Arc::new(tokio::sync::Semaphore::new(passthroughs));
+        self
     }
 
     pub fn shared(&self) -> Option<&Arc<Shared>> {
@@ -81,8 +99,10 @@ impl Proxy {
     }
 
     /// Forgets every tag record whose key starts with `prefix`, here and in the shared
-    /// tier (other replicas keep their local copy until its TTL runs out).
+    /// tier (other replicas keep their local copy until its TTL runs out), and any "no
+    /// such tag" remembered for it here: a tag just pushed is seen on the next pull.
     pub async fn forget_tags(&self, prefix: String) -> std::io::Result<usize> {
+        let unknown = self.negative.forget_prefix(&prefix);
         let shared = match &self.shared {
             Some(s) => s.remove_tags(&prefix).await.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "tag records not removed from the shared store");
@@ -91,7 +111,7 @@ impl Proxy {
             None => 0,
         };
         let local = self.store.remove_tags(prefix).await?;
-        Ok(local.max(shared))
+        Ok(local.max(shared) + unknown)
     }
 
     pub fn store(&self) -> &Store {
@@ -108,6 +128,16 @@ impl Proxy {
         query: Option<&str>,
         kind: Kind,
     ) -> Result<Passthrough, oci::Error> {
+        // Relays hold an upstream connection and up to 16 MiB each; a flood of them must
+        // not crowd out pulls. Refused rather than queued: they are retried cheaply.
+        let Ok(_place) = self.passthroughs.try_acquire() else {
+            return Err(oci::Error::new(
+                ErrorCode::Unavailable,
+                "too many uncached requests (tags lists, referrers) in flight to upstreams \
+                 (server.max_concurrent_passthroughs); retry shortly",
+            )
+            .retry_after(std::time::Duration::from_secs(1)));
+        };
         upstream
             .passthrough(repo, path, query, kind)
             .await
@@ -129,6 +159,7 @@ impl Proxy {
         let linked = self
             .store
             .is_linked(up.host(), repo.as_str(), digest)
+            .await
             .map_err(|e| internal("reading the index", e))?;
         if linked {
             return Ok(());

@@ -1,14 +1,18 @@
 //! The admin listener: `/` (the status page), `/metrics`, `/healthz`, `/readyz`,
 //! `GET /admin/status`, `POST /admin/warm`, `DELETE /admin/tags/<image>`. Never on the
-//! pull port. Reads are open; `POST` and `DELETE` need the admin token when one is
-//! configured.
+//! pull port. Reads are open (probes, Prometheus, the status page). Anything else under
+//! `/admin/` changes state and needs the bearer token of `server.admin_token_file`; with no
+//! token configured it is refused (403), never open: the admin port is often reachable from
+//! the whole cluster network, whose clients are untrusted.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
 
 use super::response::{self, Body};
 use super::{status, App};
@@ -20,6 +24,14 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    // Every mutation, known endpoint or not, passes the token check first: an
+    // unauthenticated caller learns nothing about which ones exist.
+    let mutation = !matches!(*req.method(), Method::GET | Method::HEAD);
+    if mutation && path.starts_with("/admin/") {
+        if let Err(refusal) = check_token(app.admin_token.as_deref(), req.headers()) {
+            return refusal.response();
+        }
+    }
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/") => {
             let mut resp = Response::new(Body::bytes(Bytes::from_static(STATUS_PAGE.as_bytes())));
@@ -57,16 +69,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             }
         },
         (Method::GET, "/admin/status") => json(StatusCode::OK, &status::status(&app)),
-        (Method::POST, "/admin/warm") => {
-            if !authorized(&app, &req) {
-                return unauthorized();
-            }
-            warm(&app, req).await
-        }
+        (Method::POST, "/admin/warm") => warm(&app, req).await,
         (Method::DELETE, p) if p.starts_with("/admin/tags/") => {
-            if !authorized(&app, &req) {
-                return unauthorized();
-            }
             delete_tag(&app, &p["/admin/tags/".len()..]).await
         }
         _ => response::status(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
@@ -100,30 +104,55 @@ fn admin_error(status: StatusCode, message: &str) -> Response<Body> {
     json(status, &serde_json::json!({ "error": message }))
 }
 
-fn unauthorized() -> Response<Body> {
-    let mut resp = admin_error(StatusCode::UNAUTHORIZED, "admin token required");
-    resp.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    resp
+/// Why a mutation of the admin API was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `server.admin_token_file` is not set: mutations are off.
+    NoTokenConfigured,
+    /// A token is configured and the request did not carry it.
+    BadToken,
 }
 
-/// Compares the bearer token without an early exit on the first differing byte.
-fn authorized<B>(app: &App, req: &Request<B>) -> bool {
-    let Some(expected) = &app.admin_token else {
-        return true;
+impl Refusal {
+    fn response(self) -> Response<Body> {
+        match self {
+            Refusal::NoTokenConfigured => admin_error(
+                StatusCode::FORBIDDEN,
+                "admin API mutations are disabled: set server.admin_token_file on the berth \
+                 server, then send the token as Authorization: Bearer <token> \
+                 (berth warm --token-file FILE)",
+            ),
+            Refusal::BadToken => {
+                let mut resp = admin_error(StatusCode::UNAUTHORIZED, "admin token required");
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                resp
+            }
+        }
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` against the configured token. Both sides are
+/// hashed first, so the constant-time comparison runs over equal lengths and reveals
+/// neither the token's bytes nor its length.
+fn check_token(expected: Option<&str>, headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(expected) = expected else {
+        return Err(Refusal::NoTokenConfigured);
     };
-    let given = req
-        .headers()
+    let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
+    let same: bool = Sha256::digest(given.as_bytes())
+        .ct_eq(&Sha256::digest(expected.as_bytes()))
+        .into();
+    if same && !given.is_empty() {
+        Ok(())
+    } else {
+        Err(Refusal::BadToken)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -206,4 +235,72 @@ fn metrics<B>(app: &App, req: &Request<B>) -> Response<Body> {
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn mutations_are_refused_without_a_configured_token() {
+        assert_eq!(
+            check_token(None, &HeaderMap::new()),
+            Err(Refusal::NoTokenConfigured)
+        );
+        // Whatever the client sends: there is nothing to match it against.
+        assert_eq!(
+            check_token(None, &bearer("Bearer anything")),
+            Err(Refusal::NoTokenConfigured)
+        );
+        assert_eq!(
+            Refusal::NoTokenConfigured.response().status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[test]
+    fn the_configured_token_is_required() {
+        let t = Some("s3cret-admin");
+        assert_eq!(check_token(t, &HeaderMap::new()), Err(Refusal::BadToken));
+        assert_eq!(
+            check_token(t, &bearer("Bearer wrong")),
+            Err(Refusal::BadToken)
+        );
+        assert_eq!(
+            check_token(t, &bearer("Bearer s3cret")),
+            Err(Refusal::BadToken)
+        );
+        assert_eq!(
+            check_token(t, &bearer("Bearer s3cret-admin-and-more")),
+            Err(Refusal::BadToken)
+        );
+        assert_eq!(
+            check_token(t, &bearer("Basic s3cret-admin")),
+            Err(Refusal::BadToken)
+        );
+        assert_eq!(
+            check_token(t, &bearer("s3cret-admin")),
+            Err(Refusal::BadToken)
+        );
+        assert_eq!(check_token(t, &bearer("Bearer s3cret-admin")), Ok(()));
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        assert_eq!(check_token(t, &bearer("bearer s3cret-admin")), Ok(()));
+        let resp = Refusal::BadToken.response();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(resp.headers()[header::WWW_AUTHENTICATE], "Bearer");
+    }
+
+    #[test]
+    fn an_empty_bearer_never_matches() {
+        assert_eq!(
+            check_token(Some(""), &bearer("Bearer ")),
+            Err(Refusal::BadToken)
+        );
+    }
 }

@@ -73,8 +73,8 @@ fn ns_param(query: &str) -> Option<&str> {
 fn outcome_of_error(e: &oci::Error) -> Outcome {
     use ErrorCode::*;
     match e.code {
-        NameInvalid | TagInvalid | DigestInvalid | RangeInvalid | Unsupported | Unauthorized
-        | NameUnknown => Outcome::Rejected,
+        NameInvalid | ReferenceInvalid | DigestInvalid | RangeInvalid | Unsupported
+        | Unauthorized | NameUnknown => Outcome::Rejected,
         BlobUnknown | ManifestUnknown => Outcome::Miss,
         _ => Outcome::Error,
     }

@@ -1,89 +1,209 @@
-//! An idle timeout for connections: a connection on which no byte moves in either
-//! direction for the configured time is closed. hyper's header-read timeout covers slow
-//! request headers; this covers parked keep-alive connections and dead peers.
+//! Connection deadlines, enforced on the socket itself so no protocol stage escapes them:
+//!
+//! - **Head**: from accept until the first request's head is parsed, `header_read_timeout`.
+//!   This covers the TLS handshake and hyper's HTTP/1-or-2 sniffing, which run before
+//!   hyper's own header timer starts: a silent or trickling client is closed on time.
+//! - **Idle**: a connection with no request in flight for `idle_timeout` is closed. Idle is
+//!   counted in requests, not bytes, so HTTP/2 keep-alive pings (which answer whether a
+//!   peer is alive) do not keep an unused connection open.
+//! - **Stuck writes**: with a request in flight, a response that cannot be written for
+//!   `idle_timeout` (a peer that stopped reading) closes the connection. Waiting for an
+//!   upstream is not the client's fault and is bounded elsewhere.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-pub struct Idle<T> {
+/// What the requests on one connection tell its socket: whether the first head has been
+/// parsed, how many requests are in flight, and since when none has been.
+#[derive(Default)]
+pub struct Activity {
+    served: AtomicBool,
+    active: AtomicUsize,
+    idle_since: Mutex<Option<Instant>>,
+    /// The connection's task, woken when the last request ends so the idle timer starts.
+    waker: AtomicWaker,
+}
+
+impl Activity {
+    /// A request head was parsed: the head deadline is met, a request is in flight.
+    pub fn begin(self: &Arc<Self>) -> RequestGuard {
+        self.served.store(true, Ordering::Release);
+        self.active.fetch_add(1, Ordering::AcqRel);
+        RequestGuard(self.clone())
+    }
+}
+
+/// Held by a request until its response body is finished or dropped.
+pub struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            self.0.waker.wake();
+        }
+    }
+}
+
+/// A response body that holds its request's place in [`Activity`] until it is finished
+/// or dropped.
+pub struct Tracked<B> {
+    inner: B,
+    _guard: RequestGuard,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, guard: RequestGuard) -> Self {
+        Tracked {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Deadlines {
+    pub head: Duration,
+    pub idle: Duration,
+}
+
+pub struct Guarded<T> {
     inner: T,
-    timeout: Duration,
+    deadlines: Deadlines,
+    activity: Arc<Activity>,
+    accepted: Instant,
+    write_blocked_since: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
 }
 
-impl<T> Idle<T> {
-    pub fn new(inner: T, timeout: Duration) -> Self {
-        Idle {
+impl<T> Guarded<T> {
+    pub fn new(inner: T, deadlines: Deadlines, activity: Arc<Activity>) -> Self {
+        let accepted = Instant::now();
+        Guarded {
             inner,
-            timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            deadlines,
+            activity,
+            accepted,
+            write_blocked_since: None,
+            sleep: Box::pin(tokio::time::sleep_until(accepted + deadlines.head)),
         }
     }
 
-    fn touch(&mut self) {
-        self.sleep.as_mut().reset(Instant::now() + self.timeout);
+    /// The moment this connection must close if nothing changes, and why.
+    fn deadline(&self) -> Option<(Instant, &'static str)> {
+        let a = &self.activity;
+        if !a.served.load(Ordering::Acquire) {
+            return Some((
+                self.accepted + self.deadlines.head,
+                "no request head in time",
+            ));
+        }
+        if a.active.load(Ordering::Acquire) > 0 {
+            return self
+                .write_blocked_since
+                .map(|t| (t + self.deadlines.idle, "peer stopped reading"));
+        }
+        let since = a
+            .idle_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(self.accepted);
+        Some((since + self.deadlines.idle, "connection idle"))
     }
 
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.sleep.as_mut().poll(cx).is_ready()
+    /// Called when the socket has nothing to offer: fails once the deadline has passed,
+    /// otherwise arms the timer (and the activity waker) to be polled again.
+    fn check(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.activity.waker.register(cx.waker());
+        let Some((at, why)) = self.deadline() else {
+            return Poll::Pending;
+        };
+        if Instant::now() >= at {
+            return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why));
+        }
+        if self.sleep.deadline() != at {
+            self.sleep.as_mut().reset(at);
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
-use std::future::Future;
-
-impl<T: AsyncRead + Unpin> AsyncRead for Idle<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    this.touch();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending if this.expired(cx) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "connection idle",
-            ))),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => this.check(cx).map(Err),
+            ready => ready,
         }
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
+impl<T: AsyncWrite + Unpin> Guarded<T> {
+    fn wrote<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match r {
+            Poll::Pending => {
+                self.write_blocked_since.get_or_insert_with(Instant::now);
+                self.check(cx).map(Err)
+            }
+            ready => {
+                self.write_blocked_since = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.touch();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if this.expired(cx) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "connection idle",
-            ))),
-            other => other,
-        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(cx, r)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.wrote(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -96,22 +216,94 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.touch();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if this.expired(cx) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "connection idle",
-            ))),
-            other => other,
-        }
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const DEADLINES: Deadlines = Deadlines {
+        head: Duration::from_secs(2),
+        idle: Duration::from_secs(10),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_at_the_head_deadline() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut conn = Guarded::new(server, DEADLINES, Arc::new(Activity::default()));
+        let started = Instant::now();
+        let mut buf = [0u8; 8];
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), DEADLINES.head);
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trickled_bytes_do_not_extend_the_head_deadline() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut conn = Guarded::new(server, DEADLINES, Arc::new(Activity::default()));
+        let started = Instant::now();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..100 {
+                if client.write_all(b"G").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let mut buf = [0u8; 8];
+        let err = loop {
+            match conn.read(&mut buf).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), DEADLINES.head);
+        trickle.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_end_of_the_last_request_whatever_bytes_move() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::default());
+        let mut conn = Guarded::new(server, DEADLINES, activity.clone());
+        let guard = activity.begin();
+        // A request in flight: no deadline while the server waits (on an upstream).
+        let mut buf = [0u8; 8];
+        let waited = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut buf)).await;
+        assert!(waited.is_err(), "closed while a request was in flight");
+        let ended = Instant::now();
+        drop(guard);
+        // Pings and their acks move bytes; the connection still closes on time.
+        let pinger = tokio::spawn(async move {
+            for _ in 0..100 {
+                if client.write_all(b"p").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let err = loop {
+            if let Err(e) = conn.read(&mut buf).await {
+                break e;
+            }
+        };
+        pinger.abort();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let idle = ended.elapsed();
+        assert!(
+            idle >= DEADLINES.idle && idle <= DEADLINES.idle + Duration::from_secs(2),
+            "{idle:?}"
+        );
     }
 }

@@ -5,22 +5,24 @@
 
 mod admin;
 mod api;
+mod gate;
 mod idle;
-mod range;
+pub(crate) mod range;
 mod response;
+mod stack;
 pub mod status;
 
+pub use stack::ServerMetrics;
+
 use std::convert::Infallible;
-use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -35,9 +37,10 @@ pub struct App {
     pub proxy: Proxy,
     pub upstreams: Upstreams,
     pub metrics: Arc<Metrics>,
+    pub server_metrics: ServerMetrics,
     pub started: std::time::Instant,
     pub history: status::History,
-    /// The bearer token `POST`/`DELETE /admin/*` require, when configured.
+    /// The bearer token `POST`/`DELETE /admin/*` require; without one they are refused.
     pub admin_token: Option<String>,
     /// Platforms the warm list and `POST /admin/warm` fetch (empty: all).
     pub warm_platforms: Vec<String>,
@@ -50,6 +53,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    /// Connections one client address may hold at once (`None`: no cap of its own).
+    pub max_connections_per_client: Option<usize>,
 }
 
 /// Which handler a listener serves.
@@ -57,6 +62,29 @@ pub struct Limits {
 pub enum Role {
     Api,
     Admin,
+}
+
+/// The HTTP/1 and HTTP/2 settings every connection gets, limits set explicitly.
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // A request head over 64 KiB is not a registry client's.
+        .max_buf_size(64 * 1024)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        // Pings find dead peers; they do not keep idle ones open (see `idle`).
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(64)
+        .max_local_error_reset_streams(Some(256));
+    builder
 }
 
 /// Serves one listener until `shutdown` fires, then lets in-flight requests finish for
@@ -70,18 +98,12 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .max_concurrent_streams(256);
+    let gate = gate::Gate::new(&limits, app.server_metrics.clone(), role);
+    let builder = http_builder(&limits);
+    let deadlines = idle::Deadlines {
+        head: limits.header_read_timeout,
+        idle: limits.idle_timeout,
+    };
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -95,53 +117,59 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = limits.max_connections, "connection limit reached; refusing");
+        let Some(pass) = gate.admit(peer.ip()) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let svc = service_fn(move |req| {
+        let activity = Arc::new(idle::Activity::default());
+        let handler = {
             let app = app.clone();
-            async move {
-                Ok::<_, Infallible>(match role {
-                    Role::Api => api::handle(app, req, peer).await,
-                    Role::Admin => admin::handle(app, req).await,
-                })
-            }
-        });
-        let stream = idle::Idle::new(stream, limits.idle_timeout);
+            let activity = activity.clone();
+            tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let guard = activity.begin();
+                let app = app.clone();
+                async move {
+                    let resp = match role {
+                        Role::Api => api::handle(app, req, peer).await,
+                        Role::Admin => admin::handle(app, req).await,
+                    };
+                    Ok::<_, Infallible>(resp.map(|body| idle::Tracked::new(body, guard)))
+                }
+            })
+        };
+        let svc = TowerToHyperService::new(stack::layered(handler, app.server_metrics.clone()));
+        let stream = idle::Guarded::new(stream, deadlines, activity);
         let builder = builder.clone();
-        match &tls {
-            None => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .into_owned();
-                spawn_conn(graceful.watch(conn), permit, peer);
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let timeout = limits.header_read_timeout;
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    // The handshake is under the head deadline of `stream` too.
+                    let tls = match acceptor.accept(stream).await {
+                        Ok(s) => s,
+                        Err(e) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
                             return;
                         }
-                        Err(_) => return,
                     };
                     let conn = builder
                         .serve_connection(TokioIo::new(tls), svc)
                         .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                    drop(permit);
-                });
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-        }
+            drop(pass);
+        });
     }
     drop(listener);
     if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
@@ -151,19 +179,6 @@ pub async fn serve(
         tracing::warn!(role = ?role, "shutdown grace period over; closing remaining connections");
     }
     Ok(())
-}
-
-fn spawn_conn<F, E>(conn: F, permit: tokio::sync::OwnedSemaphorePermit, peer: SocketAddr)
-where
-    F: Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
-{
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
-        }
-        drop(permit);
-    });
 }
 
 /// Loads a TLS acceptor (HTTP/2 and HTTP/1.1 by ALPN) from PEM files.

@@ -298,27 +298,25 @@ impl Store {
 
     /// A stored manifest by digest; `None` when not stored.
     pub async fn manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
-        let Some(media_type) = self.inner.index.manifest_media_type(digest)? else {
-            return Ok(None);
-        };
-        let path = self.blob_path(digest);
-        let bytes = blocking(move || match std::fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        })
-        .await?;
-        match bytes {
-            Some(b) => Ok(Some(StoredManifest {
-                bytes: Bytes::from(b),
-                media_type,
-            })),
-            None => {
-                // The file went (removed by hand): forget it, fetch it again.
-                self.inner.index.remove_blob(&digest.to_string())?;
-                Ok(None)
+        let (s, digest) = (self.clone(), digest.clone());
+        blocking(move || {
+            let Some(media_type) = s.inner.index.manifest_media_type(&digest)? else {
+                return Ok(None);
+            };
+            match std::fs::read(s.blob_path(&digest)) {
+                Ok(b) => Ok(Some(StoredManifest {
+                    bytes: Bytes::from(b),
+                    media_type,
+                })),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // The file went (removed by hand): forget it, fetch it again.
+                    s.inner.index.remove_blob(&digest.to_string())?;
+                    Ok(None)
+                }
+                Err(e) => Err(e),
             }
-        }
+        })
+        .await
     }
 
     /// Stores a manifest's exact bytes after checking they hash to `digest`.
@@ -338,13 +336,15 @@ impl Store {
             .map_err(CommitError::Io)
     }
 
-    pub fn tag(&self, key: &str) -> io::Result<Option<TagRecord>> {
-        self.inner.index.tag(key)
+    pub async fn tag(&self, key: &str) -> io::Result<Option<TagRecord>> {
+        let (s, key) = (self.clone(), key.to_owned());
+        blocking(move || s.inner.index.tag(&key)).await
     }
 
     /// Every accept-set variant of a tag: `(key, record)` for keys starting with `prefix`.
-    pub fn tags_with_prefix(&self, prefix: &str) -> io::Result<Vec<(String, TagRecord)>> {
-        self.inner.index.tags_with_prefix(prefix)
+    pub async fn tags_with_prefix(&self, prefix: &str) -> io::Result<Vec<(String, TagRecord)>> {
+        let (s, prefix) = (self.clone(), prefix.to_owned());
+        blocking(move || s.inner.index.tags_with_prefix(&prefix)).await
     }
 
     pub async fn put_tag(&self, key: String, record: TagRecord) -> io::Result<()> {
@@ -362,8 +362,19 @@ impl Store {
         blocking(move || s.inner.index.link(&u, &r, &digests)).await
     }
 
-    pub fn is_linked(&self, upstream: &str, repository: &str, digest: &Digest) -> io::Result<bool> {
-        self.inner.index.is_linked(upstream, repository, digest)
+    pub async fn is_linked(
+        &self,
+        upstream: &str,
+        repository: &str,
+        digest: &Digest,
+    ) -> io::Result<bool> {
+        let (s, u, r, d) = (
+            self.clone(),
+            upstream.to_owned(),
+            repository.to_owned(),
+            digest.clone(),
+        );
+        blocking(move || s.inner.index.is_linked(&u, &r, &d)).await
     }
 
     /// Forgets every tag record whose key starts with `prefix` (the admin API's delete).

@@ -51,11 +51,23 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
 }
 
 /// The token endpoint's answer (Docker Hub sends both `token` and `access_token`).
-#[derive(Debug, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 pub struct TokenResponse {
     pub token: Option<String>,
     pub access_token: Option<String>,
     pub expires_in: Option<u64>,
+}
+
+/// A bearer token is a credential: `Debug` says only whether one is there.
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |t: &Option<String>| t.as_ref().map(|_| "<redacted>");
+        f.debug_struct("TokenResponse")
+            .field("token", &redacted(&self.token))
+            .field("access_token", &redacted(&self.access_token))
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
 }
 
 /// Tokens by scope. A token is dropped a little before it expires so a request never
@@ -140,5 +152,16 @@ mod tests {
         assert_eq!(c.get("s").as_deref(), Some("t"), "a newer token is kept");
         c.forget_if("s", "t");
         assert_eq!(c.get("s"), None);
+    }
+
+    #[test]
+    fn token_response_debug_hides_the_token() {
+        let r: TokenResponse = serde_json::from_str(
+            r#"{"token":"eyJsecret","access_token":"eyJsecret","expires_in":300}"#,
+        )
+        .unwrap();
+        let debug = format!("{r:?}");
+        assert!(!debug.contains("eyJsecret"), "{debug}");
+        assert!(debug.contains("300"), "{debug}");
     }
 }

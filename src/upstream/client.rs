@@ -11,16 +11,26 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, Response, StatusCode, Url};
+use tracing::Instrument;
 
 use super::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
 use super::credentials::Credentials;
-use super::error::{describe, Error};
+use super::egress::{self, Egress};
+use super::error::{describe, from_reqwest, Error};
 use super::wire::{header_digest, header_str, parse_content_range, read_limited, retry_after};
 use crate::config::{ConfigError, CountedRequest, QuotaConfig, UpstreamConfig};
 use crate::metrics::{Kind, Metrics, UpstreamLabels};
 use crate::oci::media::MAX_MANIFEST_BYTES;
 use crate::oci::{AcceptSet, Digest, Reference, Repository};
 use crate::quota::{Ledger, Payer, Purpose, Quota};
+
+/// What every upstream client shares: berth's own listeners (never a redirect target) and
+/// the egress metrics.
+#[derive(Clone, Default)]
+pub struct Outbound {
+    pub listeners: Vec<std::net::SocketAddr>,
+    pub metrics: egress::EgressMetrics,
+}
 
 /// A manifest as fetched: the exact bytes and what the upstream said about them.
 #[derive(Debug, Clone)]
@@ -68,14 +78,18 @@ pub struct Upstream {
     docker_hub: bool,
     base: Url,
     http: reqwest::Client,
+    egress: Arc<Egress>,
     credentials: Option<Credentials>,
     tokens: TokenCache,
     /// The upstream asked for Basic auth: send credentials up front from now on.
     basic: AtomicBool,
     pub tag_ttl: Duration,
+    pub negative_ttl: Duration,
     pub response_timeout: Duration,
     pub stall_timeout: Duration,
     pub fill_deadline: Duration,
+    /// No buffered body (manifest, token, relay) takes longer than this in all.
+    body_timeout: Duration,
     quota: Quota,
     /// Decides, with `quota`, whether a counted request may go (shared by all upstreams:
     /// per-client budgets span them).
@@ -93,15 +107,25 @@ impl Upstream {
         config: &UpstreamConfig,
         metrics: Arc<Metrics>,
         ledger: Arc<Ledger>,
+        outbound: &Outbound,
     ) -> Result<Self, ConfigError> {
         let at = format!("upstreams ({})", config.host);
         let base = Url::parse(config.url.trim_end_matches('/'))
             .map_err(|e| ConfigError(format!("{at}.url: {e}")))?;
+        let egress = Egress::new(
+            &config.host,
+            &base,
+            &config.redirect_allow,
+            outbound.listeners.clone(),
+            outbound.metrics.clone(),
+        )?;
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
-            .redirect(reqwest::redirect::Policy::limited(10));
+            // Every hop and every name resolved goes through the egress policy.
+            .redirect(egress::redirect_policy(egress.clone()))
+            .dns_resolver(Arc::new(egress::Resolver(egress.clone())));
         if let Some(ca) = &config.ca_file {
             let pem = std::fs::read(ca).map_err(|e| {
                 ConfigError(format!("{at}.ca_file: cannot read {}: {e}", ca.display()))
@@ -145,6 +169,7 @@ impl Upstream {
             docker_hub,
             base,
             http,
+            egress,
             credentials,
             quota,
             ledger,
@@ -152,9 +177,11 @@ impl Upstream {
             tokens: TokenCache::default(),
             basic: AtomicBool::new(false),
             tag_ttl: config.tag_ttl,
+            negative_ttl: config.negative_ttl,
             response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
             fill_deadline: config.fill_deadline,
+            body_timeout: config.body_timeout,
             metrics,
         })
     }
@@ -222,8 +249,11 @@ impl Upstream {
                 .map_err(Error::Quota)?,
             None => None,
         };
+        // Log lines of the call name the upstream, inside the request's span.
+        let span = tracing::info_span!("upstream", host = %self.host);
         let result = self
             .send_authenticated(method, url, headers, repo, kind)
+            .instrument(span)
             .await;
         match &result {
             Err(e) => self.remember(e.to_string()),
@@ -276,7 +306,7 @@ impl Upstream {
                     return Err(if e.is_timeout() {
                         Error::Timeout("connecting")
                     } else {
-                        Error::Connect(describe(&e))
+                        from_reqwest(&e, Error::Connect)
                     });
                 }
                 Ok(Ok(resp)) => resp,
@@ -333,15 +363,9 @@ impl Upstream {
     /// Registries (Docker Hub among them) answer 401 both for a repository that needs
     /// credentials and for one that does not exist; the message says so.
     fn unauthorized(&self) -> Error {
-        Error::Unauthorized(match &self.credentials {
-            Some(c) => format!(
-                "access denied for user {:?} (the repository may not exist)",
-                c.username
-            ),
-            None => "the repository does not exist or needs credentials; configure them for \
-                     this upstream if it is private"
-                .into(),
-        })
+        Error::Unauthorized(super::credentials::denied_message(
+            self.credentials.as_ref(),
+        ))
     }
 
     async fn fetch_token(
@@ -355,6 +379,8 @@ impl Upstream {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::Protocol("token realm is not http(s)".into()));
         }
+        // A realm is a hop like a redirect: the same policy decides where it may lead.
+        self.egress.check_url(&url).map_err(Error::Refused)?;
         // Credentials never go in clear text to a realm of an upstream reached over TLS.
         if self.credentials.is_some() && self.base.scheme() == "https" && url.scheme() != "https" {
             return Err(Error::Protocol(
@@ -376,7 +402,7 @@ impl Upstream {
         let resp = tokio::time::timeout(self.response_timeout, req.send())
             .await
             .map_err(|_| Error::Timeout("waiting for the token endpoint"))?
-            .map_err(|e| Error::Connect(format!("token endpoint: {}", describe(&e))))?;
+            .map_err(|e| from_reqwest(&e, |m| Error::Connect(format!("token endpoint: {m}"))))?;
         self.metrics
             .upstream_request(&self.host, "GET", Kind::Other, Some(resp.status().as_u16()));
         match resp.status() {
@@ -389,7 +415,7 @@ impl Upstream {
             }
             s => return Err(Error::Status { status: s.as_u16() }),
         }
-        let body = read_limited(resp, 64 * 1024, self.stall_timeout).await?;
+        let body = read_limited(resp, 64 * 1024, self.stall_timeout, self.body_timeout).await?;
         let token: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| Error::Protocol(format!("token endpoint answered invalid JSON: {e}")))?;
         let value = token
@@ -444,7 +470,13 @@ impl Upstream {
         }
         let digest = header_digest(resp.headers())?;
         let media_type = header_str(resp.headers(), header::CONTENT_TYPE);
-        let bytes = read_limited(resp, MAX_MANIFEST_BYTES, self.stall_timeout).await?;
+        let bytes = read_limited(
+            resp,
+            MAX_MANIFEST_BYTES,
+            self.stall_timeout,
+            self.body_timeout,
+        )
+        .await?;
         let media_type = match media_type {
             Some(mt) if mt != "application/json" && mt != "text/plain" => mt,
             // Some registries send a generic type; the manifest itself says what it is.
@@ -602,7 +634,13 @@ impl Upstream {
         if let Some(v) = resp.headers().get("oci-filters-applied") {
             headers.insert("oci-filters-applied", v.clone());
         }
-        let body = read_limited(resp, MAX_PASSTHROUGH_BYTES, self.stall_timeout).await?;
+        let body = read_limited(
+            resp,
+            MAX_PASSTHROUGH_BYTES,
+            self.stall_timeout,
+            self.body_timeout,
+        )
+        .await?;
         Ok(Passthrough {
             status,
             headers,

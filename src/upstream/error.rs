@@ -25,6 +25,8 @@ pub enum Error {
     TooLarge(String),
     /// A response berth cannot use: bad digest header, cut short, malformed.
     Protocol(String),
+    /// A redirect or token realm led where the egress policy forbids.
+    Refused(super::egress::Refused),
 }
 
 impl Error {
@@ -108,6 +110,15 @@ impl Error {
                 ErrorCode::UpstreamInvalid,
                 format!("upstream {upstream}: {msg}"),
             ),
+            Error::Refused(r) => oci::Error::new(
+                ErrorCode::UpstreamInvalid,
+                format!(
+                    "upstream {upstream} sent berth to {}, which is {}; berth follows \
+                     redirects and token realms only to the upstream's origin, public \
+                     addresses and upstreams.redirect_allow",
+                    r.target, r.reason
+                ),
+            ),
         }
     }
 }
@@ -130,11 +141,20 @@ impl fmt::Display for Error {
             ),
             Error::Status { status } => write!(f, "status {status}"),
             Error::TooLarge(m) | Error::Protocol(m) => f.write_str(m),
+            Error::Refused(r) => r.fmt(f),
         }
     }
 }
 
 impl std::error::Error for Error {}
+
+/// A failed request as an [`Error`]: a refused hop, or whatever `other` makes of it.
+pub fn from_reqwest(e: &reqwest::Error, other: impl FnOnce(String) -> Error) -> Error {
+    match super::egress::refusal_in(e) {
+        Some(r) => Error::Refused(r),
+        None => other(describe(e)),
+    }
+}
 
 /// Describes a reqwest error without its URL (which may carry a token endpoint's query).
 pub fn describe(e: &reqwest::Error) -> String {

@@ -5,16 +5,17 @@
 //! and knows nothing of the store or of caching policy: `proxy` decides *whether* to ask,
 //! this module only asks.
 
-mod auth;
+pub(crate) mod auth;
 mod client;
 mod credentials;
+pub mod egress;
 mod error;
-mod wire;
+pub(crate) mod wire;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub use client::{BlobResponse, ManifestHead, ManifestResponse, Passthrough, Upstream};
+pub use client::{BlobResponse, ManifestHead, ManifestResponse, Outbound, Passthrough, Upstream};
 pub use credentials::Credentials;
 pub use error::Error;
 
@@ -32,12 +33,25 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+    pub fn from_config(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        egress: egress::EgressMetrics,
+    ) -> Result<Self, ConfigError> {
+        let outbound = Outbound {
+            listeners: vec![config.server.listen, config.server.admin_listen],
+            metrics: egress,
+        };
         let mut by_name = HashMap::new();
         let mut all = Vec::new();
         let ledger = Arc::new(Ledger::new(config.client_budgets.as_ref(), metrics.clone()));
         for u in &config.upstreams {
-            let upstream = Arc::new(Upstream::new(u, metrics.clone(), ledger.clone())?);
+            let upstream = Arc::new(Upstream::new(
+                u,
+                metrics.clone(),
+                ledger.clone(),
+                &outbound,
+            )?);
             for name in std::iter::once(&u.host).chain(&u.aliases) {
                 by_name.insert(name.to_ascii_lowercase(), upstream.clone());
             }

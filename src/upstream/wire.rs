@@ -68,12 +68,20 @@ pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     Some((start.trim().parse().ok()?, total.trim().parse().ok()))
 }
 
-/// Reads a whole (small) body, refusing more than `limit` bytes and stalls.
+/// Reads a whole (small) body, refusing more than `limit` bytes, stalls of `stall`, and
+/// bodies that take longer than `whole` in all (one byte a minute never stalls).
 pub async fn read_limited(
-    mut resp: Response,
+    resp: Response,
     limit: usize,
     stall: Duration,
+    whole: Duration,
 ) -> Result<Bytes, Error> {
+    tokio::time::timeout(whole, read_all(resp, limit, stall))
+        .await
+        .map_err(|_| Error::Timeout("the response body took longer than body_timeout"))?
+}
+
+async fn read_all(mut resp: Response, limit: usize, stall: Duration) -> Result<Bytes, Error> {
     let mut buf = BytesMut::new();
     loop {
         let chunk = tokio::time::timeout(stall, resp.chunk())

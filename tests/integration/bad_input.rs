@@ -74,17 +74,32 @@ async fn bad_input_gets_oci_errors_and_stores_nothing() {
             400,
             "NAME_INVALID",
         ),
+        // Issue 11: a reference that is neither a tag nor a digest names nothing that
+        // can exist: not found, as registries answer it, not a bad request.
         (
             "GET",
             "/v2/library/app/manifests/bad$tag".into(),
-            400,
-            "TAG_INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            "GET",
+            "/v2/library/app/manifests/.INVALID_NAME".into(),
+            404,
+            "MANIFEST_UNKNOWN",
         ),
         (
             "GET",
             "/v2/library/app/manifests/sha256:../../../etc/passwd".into(),
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        // An invalid repository name stays a bad request.
+        (
+            "GET",
+            "/v2/Library/App/manifests/v1.0".into(),
             400,
-            "DIGEST_INVALID",
+            "NAME_INVALID",
         ),
         (
             "GET",
@@ -164,12 +179,17 @@ async fn bad_input_gets_oci_errors_and_stores_nothing() {
     assert!(body.contains("evil.example.com"), "{body}");
     let (_, body) = raw(&addr, "PUT", "/v2/library/app/manifests/v1").await;
     assert!(body.contains("read-only mirror"), "{body}");
+    // HEAD of a reference that names nothing: the same 404, without a body.
+    let (status, body) = raw(&addr, "HEAD", "/v2/library/app/manifests/.INVALID_NAME").await;
+    assert_eq!((status, body.as_str()), (404, ""));
     // None of that reached upstream.
     assert!(w
         .front
         .content_requests()
         .iter()
-        .all(|s| !s.path.contains("evil")));
+        .all(|s| !s.path.contains("evil")
+            && !s.path.contains("INVALID_NAME")
+            && !s.path.contains("etc/passwd")));
 
     // A manifest over 4 MiB from upstream.
     w.front.set_faults(Faults {

@@ -166,8 +166,9 @@ async fn warm_then_pull_every_platform_offline() {
     let idx = w.push_index("library/multi", "v1", 170).await;
     let single = w.push_image("library/single", "v1", &[KIB], 171).await;
     let admin = w.berth.admin_url();
-    let r: serde_json::Value = http()
-        .post(format!("{admin}/admin/warm"))
+    let r: serde_json::Value = w
+        .berth
+        .admin_request(reqwest::Method::POST, "/admin/warm")
         .json(&serde_json::json!({ "images": ["docker.io/library/multi:v1", "ghcr.io/nope/x:1"] }))
         .send()
         .await
@@ -184,9 +185,12 @@ async fn warm_then_pull_every_platform_offline() {
         "an unconfigured host is reported, not fetched"
     );
 
-    // The CLI warms the other image.
+    // The CLI warms the other image, with the token from its file.
+    let token_file = w.berth.admin_token_file.clone().expect("an admin token");
     let mut cmd = Command::new(binary());
-    cmd.args(["warm", "--admin", &admin, "library/single:v1"]);
+    cmd.args(["warm", "--admin", &admin, "--token-file"])
+        .arg(&token_file)
+        .arg("library/single:v1");
     let out = run_with_timeout_async(cmd, Duration::from_secs(60)).await;
     assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
     assert!(
@@ -230,52 +234,129 @@ async fn warm_then_pull_every_platform_offline() {
     assert!(out.stdout.contains("hit ratio"), "{}", out.stdout);
 
     // Forgetting a tag: the next pull must ask upstream (down, nothing stored: 503).
-    let del = http()
-        .delete(format!("{admin}/admin/tags/docker.io/library/single:v1"))
+    let del = w
+        .berth
+        .admin_request(
+            reqwest::Method::DELETE,
+            "/admin/tags/docker.io/library/single:v1",
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(del.status(), 200);
     let r = get(&format!("{base}/v2/library/single/manifests/v1"), false).await;
     assert_eq!(r.status(), 503);
-    let again = http()
-        .delete(format!("{admin}/admin/tags/docker.io/library/single:v1"))
+    let again = w
+        .berth
+        .admin_request(
+            reqwest::Method::DELETE,
+            "/admin/tags/docker.io/library/single:v1",
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(again.status(), 404);
 }
 
-/// The admin token: POST/DELETE need it when configured; reads stay open.
+/// The admin API: without `server.admin_token_file` every mutation is refused (403, and
+/// nothing is fetched); with one, a missing or wrong token gets 401 and the right one
+/// works, from the API and from `berth warm --token-file`. Probes, metrics and status reads
+/// stay open either way.
 #[tokio::test(flavor = "multi_thread")]
-async fn admin_writes_need_the_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "s3cret-admin\n").unwrap();
-    let registry = crate::support::registry::Registry::start(Default::default()).await;
-    let berth = crate::support::berth::Berth::start_with_server(
+async fn admin_mutations_need_a_configured_token() {
+    let w = World::start("10m").await;
+    let img = w.push_image("library/warmme", "v1", &[KIB], 180).await;
+    let body = serde_json::json!({ "images": ["docker.io/library/warmme:v1"] });
+    let open_reads = |berth: &crate::support::berth::Berth| {
+        let admin = berth.admin_url();
+        async move {
+            for path in ["/metrics", "/readyz", "/healthz", "/admin/status", "/"] {
+                let r = http().get(format!("{admin}{path}")).send().await.unwrap();
+                assert_eq!(r.status(), 200, "GET {path} without a token");
+            }
+        }
+    };
+
+    // No token configured: refused, with a message that says what to set.
+    let closed = crate::support::berth::Berth::start_opts(
         &[crate::support::berth::UpstreamSpec::docker_hub(
-            &registry.url(),
+            &w.front.url(),
         )],
-        &format!("admin_token_file = \"{}\"", token_file.display()),
+        &crate::support::berth::Extra {
+            no_admin_token: true,
+            ..Default::default()
+        },
     )
     .await;
+    let admin = closed.admin_url();
+    w.front.clear();
+    for token in [None, Some("anything")] {
+        let mut req = http().post(format!("{admin}/admin/warm")).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("server.admin_token_file"), "{text}");
+    }
+    let del = http()
+        .delete(format!("{admin}/admin/tags/docker.io/library/warmme:v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 403);
+    assert_eq!(w.front.seen().len(), 0, "a refused warm fetched something");
+    assert!(!is_stored(closed.data_dir(), &img.manifest_digest));
+    assert_eq!(closed.metric("berth_store_blobs").await, 0.0);
+    open_reads(&closed).await;
+    assert!(
+        closed.log().contains("are refused"),
+        "the start-up line says mutations are off:\n{}",
+        closed.log()
+    );
+    // The CLI reports the refusal and fails.
+    let mut cmd = Command::new(binary());
+    cmd.args(["warm", "--admin", &admin, "library/warmme:v1"]);
+    let out = run_with_timeout_async(cmd, Duration::from_secs(60)).await;
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("403"), "{}", out.stderr);
+
+    // A token configured (the harness's default): missing or wrong is 401, right is 200.
+    let berth = &w.berth;
+    let token = berth
+        .admin_token
+        .clone()
+        .expect("the harness configures a token");
     let admin = berth.admin_url();
-    let warm = |token: Option<&'static str>| {
-        let mut req = http()
-            .post(format!("{admin}/admin/warm"))
-            .json(&serde_json::json!({ "images": [] }));
+    let warm = |token: Option<String>| {
+        let mut req = http().post(format!("{admin}/admin/warm")).json(&body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
         req.send()
     };
-    assert_eq!(warm(None).await.unwrap().status(), 401);
-    assert_eq!(warm(Some("wrong")).await.unwrap().status(), 401);
-    assert_eq!(warm(Some("s3cret-admin")).await.unwrap().status(), 200);
+    let r = warm(None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(header(&r, "www-authenticate"), "Bearer");
+    assert_eq!(warm(Some("wrong".into())).await.unwrap().status(), 401);
+    // A prefix of the token is as wrong as any other.
     assert_eq!(
-        get(&format!("{admin}/admin/status"), false).await.status(),
-        200
+        warm(Some(token[..token.len() - 1].to_owned()))
+            .await
+            .unwrap()
+            .status(),
+        401
     );
-    assert!(!berth.log().contains("s3cret-admin"));
+    assert!(!is_stored(berth.data_dir(), &img.manifest_digest));
+    let r = warm(Some(token.clone())).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(r["results"][0]["ok"], true, "{r}");
+    assert!(wait_stored(berth.data_dir(), &img.layers[0].0).await);
+    open_reads(berth).await;
+    assert!(
+        !berth.log().contains(&token),
+        "the admin token reached the log"
+    );
 }

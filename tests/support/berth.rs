@@ -74,11 +74,19 @@ pub struct Extra {
     /// The pull API's address (a free port when unset): a fleet's replicas must know
     /// each other's before they start.
     pub listen: Option<SocketAddr>,
+    /// Start without `server.admin_token_file` (admin mutations are then refused). By
+    /// default every berth under test has a token: see `Berth::admin_token`.
+    pub no_admin_token: bool,
 }
 
 pub struct Berth {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The admin token berth was configured with (`server.admin_token_file`), unless it
+    /// was started with `Extra::no_admin_token`.
+    pub admin_token: Option<String>,
+    /// The file holding `admin_token` (for `berth warm --token-file`).
+    pub admin_token_file: Option<PathBuf>,
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     log_path: PathBuf,
@@ -101,7 +109,7 @@ impl Berth {
         Self::start_opts(upstreams, &extra).await
     }
 
-    /// With extra lines in the `[server]` table (e.g. `admin_token_file`).
+    /// With extra lines in the `[server]` table (e.g. `idle_timeout`).
     pub async fn start_with_server(upstreams: &[UpstreamSpec], server: &str) -> Berth {
         let extra = Extra {
             server: server.into(),
@@ -129,7 +137,23 @@ impl Berth {
             .listen
             .unwrap_or_else(|| format!("127.0.0.1:{}", super::free_port()).parse().unwrap());
         let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
-        let server_extra = &extra.server;
+        // Admin mutations need a token (berth refuses them without one): every berth under
+        // test has its own, unguessable enough that a test can look for it in logs.
+        let (admin_token, admin_token_file) = if extra.no_admin_token {
+            (None, None)
+        } else {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let token = format!("test-admin-token-{}-{nanos:09}", admin.port());
+            let file = dir.path().join("admin-token");
+            std::fs::write(&file, format!("{token}\n")).expect("write the admin token");
+            (Some(token), Some(file))
+        };
+        let mut server_extra = extra.server.clone();
+        if let Some(file) = &admin_token_file {
+            let _ = write!(server_extra, "\nadmin_token_file = \"{}\"", file.display());
+        }
         let max_size = extra.max_size.as_deref().unwrap_or("10GiB");
         let mut toml = format!(
             "[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\nshutdown_grace = \"5s\"\n\
@@ -155,6 +179,8 @@ impl Berth {
         let mut berth = Berth {
             addr,
             admin,
+            admin_token,
+            admin_token_file,
             config_path,
             data_dir,
             log_path,
@@ -213,6 +239,15 @@ impl Berth {
 
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.admin)
+    }
+
+    /// A request to the admin API (`path` such as `/admin/warm`) carrying the admin token.
+    pub fn admin_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = super::http().request(method, format!("{}{path}", self.admin_url()));
+        match &self.admin_token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
     }
 
     pub fn log(&self) -> String {

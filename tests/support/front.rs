@@ -52,6 +52,13 @@ pub struct Faults {
     pub oversized: Option<(String, usize)>,
     /// Limit each response body to this many bytes per second (a CDN's per-connection rate).
     pub throttle: Option<u64>,
+    /// Answer GETs of paths containing `.0` with `307 Location: .1`, where `{path}` in `.1`
+    /// stands for the request's path and query (a CDN, or a hostile upstream). Paths under
+    /// `/cdn/` are never redirected: the front serves them by dropping that prefix, so
+    /// `{front}/cdn{path}` is a redirect to the upstream's own origin.
+    pub redirect: Option<(String, String)>,
+    /// Send bodies of GETs whose path contains `.0` one byte per `.1` (a slow-loris upstream).
+    pub trickle: Option<(String, Duration)>,
 }
 
 pub struct Front {
@@ -221,9 +228,24 @@ impl State {
                     .unwrap();
             }
         }
-        let mut out = self
-            .client
-            .request(method.clone(), format!("{}{}", self.upstream, path));
+        if let Some((part, location)) = &faults.redirect {
+            if method == hyper::Method::GET
+                && path.contains(part.as_str())
+                && !path.starts_with("/cdn/")
+            {
+                record(307);
+                return Response::builder()
+                    .status(307)
+                    .header("location", location.replace("{path}", &path))
+                    .body(ChannelBody::full(Bytes::new()))
+                    .unwrap();
+            }
+        }
+        let upstream_path = path.strip_prefix("/cdn").unwrap_or(&path);
+        let mut out = self.client.request(
+            method.clone(),
+            format!("{}{}", self.upstream, upstream_path),
+        );
         for (name, value) in req.headers() {
             let hub_auth = hub.is_some() && name == "authorization";
             if name == "host" || hub_auth || (faults.ignore_range && name == "range") {
@@ -274,6 +296,11 @@ impl State {
         let (tx, rx) = mpsc::channel(4);
         let throttle = faults.throttle;
         let stall = faults.stall;
+        let trickle = faults
+            .trickle
+            .as_ref()
+            .filter(|(p, _)| path.contains(p.as_str()) && method == hyper::Method::GET)
+            .map(|(_, every)| *every);
         tokio::spawn(async move {
             let mut resp = resp;
             let mut sent = 0u64;
@@ -310,6 +337,18 @@ impl State {
                             chunk[(h - sent) as usize] ^= 0xff;
                         }
                     }
+                }
+                if let Some(every) = trickle {
+                    // Bounded: the receiver going away ends it.
+                    for byte in chunk {
+                        sent += 1;
+                        sent_counter.fetch_add(1, Ordering::Relaxed);
+                        if tx.send(Ok(Bytes::from(vec![byte]))).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(every).await;
+                    }
+                    continue;
                 }
                 sent += chunk.len() as u64;
                 sent_counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);

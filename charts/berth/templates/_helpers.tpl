@@ -67,21 +67,22 @@ app.kubernetes.io/component: node-config
 {{- end }}
 {{- end }}
 
-{{/* Name of the Secret holding the admin token, or "" when there is none. */}}
+{{/* Name of the Secret holding the admin token: adminToken.existingSecret, or the one the
+chart makes (templates/admin-token-secret.yaml). There is always one: berth refuses admin
+mutations without a token. */}}
 {{- define "berth.adminTokenSecret" -}}
 {{- if and .Values.adminToken.existingSecret .Values.adminToken.value }}
 {{- fail "adminToken: set existingSecret or value, not both" }}
 {{- end }}
-{{- if .Values.adminToken.existingSecret }}
-{{- .Values.adminToken.existingSecret }}
-{{- else if .Values.adminToken.value }}
-{{- printf "%s-admin-token" (include "berth.fullname" .) }}
+{{- if not .Values.adminToken.key }}
+{{- fail "adminToken.key must name the Secret's key that holds the token" }}
 {{- end }}
+{{- default (printf "%s-admin-token" (include "berth.fullname" .)) .Values.adminToken.existingSecret }}
 {{- end }}
 
 {{/*
 berth.toml: .Values.config with what the chart adds (docker_config on the upstreams in
-credentials.upstreams, server.admin_token_file), as TOML.
+credentials.upstreams, server.admin_token_file always), as TOML.
 */}}
 {{- define "berth.config" -}}
 {{- $cfg := deepCopy .Values.config }}
@@ -110,11 +111,10 @@ credentials.upstreams, server.admin_token_file), as TOML.
 {{- end }}
 {{- end }}
 {{- end }}
-{{- if include "berth.adminTokenSecret" . }}
+{{- $_ := include "berth.adminTokenSecret" . }}
 {{- $server := $cfg.server | default dict }}
 {{- $_ := set $server "admin_token_file" (printf "/etc/berth/admin-token/%s" .Values.adminToken.key) }}
 {{- $_ := set $cfg "server" $server }}
-{{- end }}
 {{- if include "berth.fleet" . }}
 {{- $storage := $cfg.storage | default dict }}
 {{- $_ := set $storage "shared" (merge (include "berth.sharedStorageConfig" . | fromYaml) ($storage.shared | default dict)) }}
