@@ -330,3 +330,61 @@ async fn fills_beyond_the_cap_queue_and_hits_stay_fast() {
     // Each blob was fetched once, however many clients asked.
     assert_eq!(w.front.count("GET", "/blobs/"), 41);
 }
+
+/// Uncached relays have their own cap: with `max_concurrent_passthroughs = 1` and one tags
+/// list trickling in, a second is refused at once with 503 and `Retry-After`, while
+/// manifests and blobs are served as usual.
+#[tokio::test]
+async fn passthroughs_beyond_their_cap_are_refused_not_queued() {
+    let w = World::start_with("10m", "body_timeout = \"3s\"", "").await;
+    let img = w.push_image("library/relay", "v1", &[4 * KIB], 74).await;
+    let berth = Berth::start_with_server(
+        &[UpstreamSpec::docker_hub(&w.front.url()).extra("body_timeout = \"3s\"")],
+        "max_concurrent_passthroughs = 1\n",
+    )
+    .await;
+    w.front.set_faults(Faults {
+        trickle: Some(("/tags/list".into(), Duration::from_millis(100))),
+        ..Faults::default()
+    });
+    let tags = format!("{}/v2/library/relay/tags/list", berth.url());
+    let first = tokio::spawn({
+        let tags = tags.clone();
+        async move { http().get(&tags).send().await.unwrap().status().as_u16() }
+    });
+    let front = &w.front;
+    assert!(
+        crate::support::wait_until(Duration::from_secs(10), || async {
+            front.count("GET", "/tags/list") >= 1
+        })
+        .await,
+        "the first relay never reached upstream"
+    );
+    let second = http().get(&tags).send().await.unwrap();
+    assert_eq!(second.status(), 503);
+    assert_eq!(second.headers()["retry-after"], "1");
+    let (_, body) = oci_error(second).await;
+    assert!(body.contains("max_concurrent_passthroughs"), "{body}");
+    // Pulls do not share that cap.
+    let manifest = http()
+        .get(format!("{}/v2/library/relay/manifests/v1", berth.url()))
+        .header("accept", crate::common::ACCEPT_ALL)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(manifest.status(), 200);
+    let (layer, _) = &img.layers[0];
+    let blob = http()
+        .get(format!("{}/v2/library/relay/blobs/{layer}", berth.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blob.status(), 200);
+    // Only one relay went upstream; it ends (whole, or at body_timeout) by itself.
+    assert_eq!(w.front.count("GET", "/tags/list"), 1);
+    let status = tokio::time::timeout(Duration::from_secs(15), first)
+        .await
+        .expect("the first relay never ended")
+        .unwrap();
+    assert!(status == 200 || status == 503, "{status}");
+}
