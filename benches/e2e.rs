@@ -63,6 +63,64 @@ async fn download(url: &str, n: usize) -> (u64, Duration) {
     (total, started.elapsed())
 }
 
+/// Downloads `url` fully with `n` curl processes at once (an external client: an
+/// in-process one is slower than the server under test); returns total bytes and wall time.
+fn curl_download(url: &str, n: usize) -> (u64, Duration) {
+    let started = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", "-w", "%{size_download}", url])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("run curl")
+        })
+        .collect();
+    let mut total = 0;
+    for c in children {
+        let out = c.wait_with_output().expect("curl");
+        assert!(out.status.success(), "curl {url} failed");
+        total += String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0);
+    }
+    (total, started.elapsed())
+}
+
+/// CPU seconds (user + system) a process and its children have used, from
+/// `/proc/<pid>/stat` (fields 14-17, in clock ticks).
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The command name may hold spaces: fields are counted after its closing paren.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // After ')': state is index 0, so utime is 11, stime 12 (fields 14 and 15).
+        f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+    };
+    // nginx serves from worker processes: count every child of `pid` too.
+    let mut total = ticks(pid);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                total += ticks(child);
+            }
+        }
+    }
+    total as f64 / 100.0
+}
+
 fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -207,22 +265,31 @@ async fn bench_pull() {
     download(&nginx_url, 1).await;
 
     println!(
-        "\n## Warm throughput, {blob_mib} MiB blob ({} B), median of {rounds}\n",
+        "\n## Warm throughput, {blob_mib} MiB blob ({} B), curl clients, median of {rounds}\n",
         size
     );
-    println!("| clients | berth MiB/s | nginx MiB/s | berth / nginx |");
-    println!("|---:|---:|---:|---:|");
+    println!("| clients | berth MiB/s | nginx MiB/s | berth / nginx | berth CPU s/GiB | nginx CPU s/GiB | CPU berth / nginx |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let berth_pid = berth.pid().expect("berth pid");
+    let nginx_pid = nginx.child.id();
     for clients in [1usize, 4] {
-        let mut b = Vec::new();
-        let mut n = Vec::new();
+        let (mut b, mut n, mut bc, mut nc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            let (bytes, d) = download(&url, clients).await;
+            let cpu = cpu_seconds(berth_pid);
+            let (bytes, d) = curl_download(&url, clients);
+            bc.push((cpu_seconds(berth_pid) - cpu) / (bytes as f64 / (1024.0 * MIB as f64)));
             b.push(mibps(bytes, d));
-            let (bytes, d) = download(&nginx_url, clients).await;
+            let cpu = cpu_seconds(nginx_pid);
+            let (bytes, d) = curl_download(&nginx_url, clients);
+            nc.push((cpu_seconds(nginx_pid) - cpu) / (bytes as f64 / (1024.0 * MIB as f64)));
             n.push(mibps(bytes, d));
         }
-        let (b, n) = (median(b), median(n));
-        println!("| {clients} | {b:.0} | {n:.0} | {:.2} |", b / n);
+        let (b, n, bc, nc) = (median(b), median(n), median(bc), median(nc));
+        println!(
+            "| {clients} | {b:.0} | {n:.0} | {:.2} | {bc:.2} | {nc:.2} | {:.1} |",
+            b / n,
+            bc / nc.max(0.01)
+        );
     }
     drop(berth);
 

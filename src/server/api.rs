@@ -10,10 +10,12 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 
 use super::range::{self, RangeAnswer};
 use super::response::{self, Body, API_VERSION};
+use super::splice::{SplicedBody, Splicer};
 use super::App;
 use crate::metrics::{Kind, Outcome};
+use crate::metrics::{Source, SourceLabels};
 use crate::oci::{self, AcceptSet, Endpoint, ErrorCode, Route};
-use crate::proxy::{BlobAnswer, BlobBody, Caller, ManifestAnswer};
+use crate::proxy::{BlobAnswer, BlobBody, BlobSource, Caller, ManifestAnswer};
 
 /// What the log line and the metrics say about a request.
 struct Summary {
@@ -151,7 +153,14 @@ async fn serve<B>(
                 .blob(&up, &repo, &digest, route.head, &caller)
                 .await?;
             summary.outcome = answer.outcome;
-            blob_response(app, answer, &digest, req.headers(), route.head)?
+            blob_response(
+                app,
+                answer,
+                &digest,
+                req.headers(),
+                route.head,
+                req.extensions().get::<Splicer>(),
+            )?
         }
         Endpoint::TagsList { n, last } => {
             let mut query = Vec::new();
@@ -282,6 +291,7 @@ fn blob_response(
     digest: &oci::Digest,
     req_headers: &HeaderMap,
     head: bool,
+    splicer: Option<&Splicer>,
 ) -> Result<Response<Body>, oci::Error> {
     if let Some(url) = &answer.redirect {
         let mut resp = Response::new(Body::empty());
@@ -318,8 +328,21 @@ fn blob_response(
         // Size unknown (a fill whose upstream sent no length): the whole blob, chunked.
         None => (StatusCode::OK, 0, None),
     };
-    let body = match (head, answer.source) {
-        (false, Some(source)) => Body::Blob(BlobBody::new(source, start, end, app.metrics.clone())),
+    let body = match (head, answer.source, splicer, end) {
+        // A stored file, on a connection that can: sendfile.
+        (false, Some(BlobSource::Stored(file)), Some(splicer), Some(end)) => {
+            let served = app
+                .metrics
+                .served_bytes
+                .get_or_create(&SourceLabels {
+                    source: Source::Cache,
+                })
+                .clone();
+            Body::Spliced(SplicedBody::new(splicer, file, start, end, served))
+        }
+        (false, Some(source), _, _) => {
+            Body::Blob(BlobBody::new(source, start, end, app.metrics.clone()))
+        }
         _ => Body::empty(),
     };
     let mut resp = Response::new(body);

@@ -9,6 +9,7 @@ mod gate;
 mod idle;
 pub(crate) mod range;
 mod response;
+mod splice;
 mod stack;
 pub mod status;
 
@@ -64,6 +65,12 @@ pub enum Role {
     Admin,
 }
 
+/// An accepted connection before HTTP: plain (able to splice) or to be TLS.
+enum Accepted {
+    Plain(splice::SpliceIo),
+    Tls(tokio::net::TcpStream, tokio_rustls::TlsAcceptor),
+}
+
 /// The HTTP/1 and HTTP/2 settings every connection gets, limits set explicitly.
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -73,6 +80,9 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(limits.header_read_timeout)
         // A request head over 64 KiB is not a registry client's.
         .max_buf_size(64 * 1024)
+        // Body buffers are queued, never copied: spliced placeholders must reach the
+        // socket as they are (see splice).
+        .writev(true)
         .keep_alive(true);
     builder
         .http2()
@@ -122,11 +132,24 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(idle::Activity::default());
+        // Plain TCP sends stored blobs with sendfile (HTTP/1.x requests only; see splice).
+        let (conn, splicer) = match &tls {
+            None => {
+                let (io, splicer) = splice::SpliceIo::new(stream);
+                (Accepted::Plain(io), Some(splicer))
+            }
+            Some(acceptor) => (Accepted::Tls(stream, acceptor.clone()), None),
+        };
         let handler = {
             let app = app.clone();
             let activity = activity.clone();
-            tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let guard = activity.begin();
+                if let Some(splicer) = &splicer {
+                    if req.version() <= http::Version::HTTP_11 {
+                        req.extensions_mut().insert(splicer.clone());
+                    }
+                }
                 let app = app.clone();
                 async move {
                     let resp = match role {
@@ -138,20 +161,18 @@ pub async fn serve(
             })
         };
         let svc = TowerToHyperService::new(stack::layered(handler, app.server_metrics.clone()));
-        let stream = idle::Guarded::new(stream, deadlines, activity);
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
         tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .into_owned();
+            let result = match conn {
+                Accepted::Plain(io) => {
+                    let io = idle::Guarded::new(io, deadlines, activity);
+                    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
                     watcher.watch(conn).await
                 }
-                Some(acceptor) => {
+                Accepted::Tls(stream, acceptor) => {
                     // The handshake is under the head deadline of `stream` too.
+                    let stream = idle::Guarded::new(stream, deadlines, activity);
                     let tls = match acceptor.accept(stream).await {
                         Ok(s) => s,
                         Err(e) => {

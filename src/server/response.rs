@@ -15,6 +15,8 @@ use crate::proxy::BlobBody;
 pub enum Body {
     Full(Option<Bytes>),
     Blob(BlobBody),
+    /// A stored blob sent with sendfile (plain HTTP/1.x).
+    Spliced(super::splice::SplicedBody),
 }
 
 impl Body {
@@ -38,11 +40,16 @@ impl HttpBody for Body {
         match self.get_mut() {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Blob(s) => Pin::new(s).poll_frame(cx),
+            Body::Spliced(s) => Pin::new(s).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, Body::Full(None))
+        match self {
+            Body::Full(b) => b.is_none(),
+            Body::Blob(_) => false,
+            Body::Spliced(s) => s.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -50,6 +57,7 @@ impl HttpBody for Body {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Blob(s) => s.size_hint(),
+            Body::Spliced(s) => s.size_hint(),
         }
     }
 }
