@@ -3,6 +3,8 @@
 //! - `pull`: warm throughput of a 256 MiB blob through berth vs nginx serving the same
 //!   file; a cold pull of a 3-layer ~100 MiB image through berth vs straight from the
 //!   registry.
+//! - `manifest`: cached manifest requests per second (wrk) by tag and by digest through
+//!   berth vs nginx serving the same bytes as a file.
 //! - `herd`: N concurrent cold pulls of one 256 MiB blob through berth vs through
 //!   distribution's own proxy mode, behind an upstream limited per connection (a CDN):
 //!   upstream bytes, wall time until every client has the whole blob, proxy peak RSS.
@@ -331,6 +333,74 @@ async fn bench_pull() {
     }
 }
 
+/// Requests per second `wrk` (1 thread, 32 connections) gets from `url` in `secs`.
+fn wrk_rate(url: &str, accept: &str, secs: u64) -> f64 {
+    let out = Command::new(support::require_tool("wrk"))
+        .args(["-t1", "-c32", &format!("-d{secs}s"), "-H"])
+        .arg(format!("Accept: {accept}"))
+        .arg(url)
+        .output()
+        .expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("Non-2xx"),
+        "wrk got errors from {url}:\n{text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in wrk's output:\n{text}"))
+}
+
+async fn bench_manifest() {
+    let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
+    let secs = env_u64("BENCH_SECS", 5);
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(RegistryOptions::default()).await;
+    let img = push_image(&registry, dir.path(), "library/small", &[4096], 3).await;
+    let berth = Berth::start(&[UpstreamSpec::docker_hub(&registry.url())]).await;
+    let accept = support::image::MANIFEST_MEDIA_TYPE;
+    let by_tag = format!("{}/v2/library/small/manifests/v1", berth.url());
+    let by_digest = format!(
+        "{}/v2/library/small/manifests/{}",
+        berth.url(),
+        img.manifest_digest
+    );
+    let warm = Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", "-H"])
+        .arg(format!("Accept: {accept}"))
+        .arg(&by_tag)
+        .status()
+        .expect("curl");
+    assert!(warm.success());
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("manifest"), &img.manifest).unwrap();
+    let nginx = Nginx::start(root.path());
+    let nginx_url = format!("http://127.0.0.1:{}/manifest", nginx.port);
+    let berth_pid = berth.pid().expect("berth pid");
+    let (mut t, mut d, mut n, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let before = cpu_seconds(berth_pid);
+        let rate = wrk_rate(&by_tag, accept, secs);
+        cpu.push((cpu_seconds(berth_pid) - before) / (rate * secs as f64) * 1e6);
+        t.push(rate);
+        d.push(wrk_rate(&by_digest, accept, secs));
+        n.push(wrk_rate(&nginx_url, accept, secs));
+    }
+    let (t, d, n, cpu) = (median(t), median(d), median(n), median(cpu));
+    println!(
+        "\n## Cached manifest ({} B), wrk -t1 -c32 -d{secs}s, median of {rounds}\n",
+        img.manifest.len()
+    );
+    println!("| berth by tag req/s | berth by digest req/s | nginx (file) req/s | tag / nginx | digest / nginx | berth CPU µs per request |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {t:.0} | {d:.0} | {n:.0} | {:.2} | {:.2} | {cpu:.0} |",
+        t / n,
+        d / n
+    );
+}
+
 async fn bench_herd() {
     let blob_mib = env_u64("BENCH_BLOB_MIB", 256);
     let rate_mib = env_u64("BENCH_RATE_MIB", 10);
@@ -518,6 +588,9 @@ async fn main() {
     let all = which.is_empty();
     if all || which.iter().any(|w| w == "pull") {
         bench_pull().await;
+    }
+    if all || which.iter().any(|w| w == "manifest") {
+        bench_manifest().await;
     }
     if all || which.iter().any(|w| w == "herd") {
         bench_herd().await;

@@ -30,6 +30,7 @@ peers=(
     "openssl openssl"
     "jq jq"
     "curl curl"
+    "wrk wrk"
     "update-ca-certificates ca-certificates"
     "chromium chromium"
 )

@@ -128,6 +128,7 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
+            self.inner.memo.forget_object(&digest);
             self.inner.index.remove_blob(&key)?;
             self.account_removed(size);
             done.blobs += 1;
@@ -200,6 +201,9 @@ impl Store {
             if !ok {
                 let size = path.metadata().map(|m| m.len()).unwrap_or(0);
                 std::fs::remove_file(path)?;
+                if let Ok(digest) = Digest::parse(name) {
+                    self.inner.memo.forget_object(&digest);
+                }
                 if self.inner.index.has_blob(name)? {
                     self.inner.index.remove_blob(name)?;
                     self.account_removed(size);

@@ -9,6 +9,7 @@
 
 mod evict;
 pub mod index;
+mod memo;
 pub mod shared;
 mod temp;
 
@@ -70,6 +71,8 @@ struct Inner {
     root: PathBuf,
     tmp: PathBuf,
     index: Index,
+    /// What hits need, in memory (filled from `index`, dropped before removals).
+    memo: memo::Memo,
     /// Held for the life of the store: one berth per store root.
     _lock: File,
     limits: Limits,
@@ -148,6 +151,7 @@ impl Store {
                 root: root.to_owned(),
                 tmp,
                 index,
+                memo: memo::Memo::default(),
                 _lock: lock,
                 limits,
                 used: AtomicU64::new(0),
@@ -298,18 +302,26 @@ impl Store {
 
     /// A stored manifest by digest; `None` when not stored.
     pub async fn manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
+        if let Some(m) = self.inner.memo.manifest(digest) {
+            return Ok(Some(m));
+        }
         let (s, digest) = (self.clone(), digest.clone());
         blocking(move || {
             let Some(media_type) = s.inner.index.manifest_media_type(&digest)? else {
                 return Ok(None);
             };
             match std::fs::read(s.blob_path(&digest)) {
-                Ok(b) => Ok(Some(StoredManifest {
-                    bytes: Bytes::from(b),
-                    media_type,
-                })),
+                Ok(b) => {
+                    let m = StoredManifest {
+                        bytes: Bytes::from(b),
+                        media_type,
+                    };
+                    s.inner.memo.put_manifest(&digest, &m);
+                    Ok(Some(m))
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     // The file went (removed by hand): forget it, fetch it again.
+                    s.inner.memo.forget_object(&digest);
                     s.inner.index.remove_blob(&digest.to_string())?;
                     Ok(None)
                 }
@@ -337,8 +349,18 @@ impl Store {
     }
 
     pub async fn tag(&self, key: &str) -> io::Result<Option<TagRecord>> {
+        if let Some(r) = self.inner.memo.tag(key) {
+            return Ok(Some(r));
+        }
         let (s, key) = (self.clone(), key.to_owned());
-        blocking(move || s.inner.index.tag(&key)).await
+        blocking(move || {
+            let found = s.inner.index.tag(&key)?;
+            if let Some(r) = &found {
+                s.inner.memo.put_tag(&key, r);
+            }
+            Ok(found)
+        })
+        .await
     }
 
     /// Every accept-set variant of a tag: `(key, record)` for keys starting with `prefix`.
@@ -349,7 +371,12 @@ impl Store {
 
     pub async fn put_tag(&self, key: String, record: TagRecord) -> io::Result<()> {
         let s = self.clone();
-        blocking(move || s.inner.index.put_tag(&key, &record)).await
+        blocking(move || {
+            s.inner.index.put_tag(&key, &record)?;
+            s.inner.memo.put_tag(&key, &record);
+            Ok(())
+        })
+        .await
     }
 
     pub async fn link(
@@ -359,7 +386,12 @@ impl Store {
         digests: Vec<Digest>,
     ) -> io::Result<()> {
         let (s, u, r) = (self.clone(), upstream.to_owned(), repository.to_owned());
-        blocking(move || s.inner.index.link(&u, &r, &digests)).await
+        blocking(move || {
+            s.inner.index.link(&u, &r, &digests)?;
+            s.inner.memo.linked(&u, &r, &digests);
+            Ok(())
+        })
+        .await
     }
 
     pub async fn is_linked(
@@ -374,13 +406,30 @@ impl Store {
             repository.to_owned(),
             digest.clone(),
         );
-        blocking(move || s.inner.index.is_linked(&u, &r, &d)).await
+        if self.inner.memo.is_linked(&u, &r, &d) {
+            return Ok(true);
+        }
+        blocking(move || {
+            let linked = s.inner.index.is_linked(&u, &r, &d)?;
+            if linked {
+                s.inner.memo.linked(&u, &r, std::slice::from_ref(&d));
+            }
+            Ok(linked)
+        })
+        .await
     }
 
     /// Forgets every tag record whose key starts with `prefix` (the admin API's delete).
     pub async fn remove_tags(&self, prefix: String) -> io::Result<usize> {
         let s = self.clone();
-        blocking(move || s.inner.index.remove_tags(&prefix)).await
+        // Before and after: a read racing the removal may have put a record back.
+        self.inner.memo.forget_tags(&prefix);
+        blocking(move || {
+            let removed = s.inner.index.remove_tags(&prefix)?;
+            s.inner.memo.forget_tags(&prefix);
+            Ok(removed)
+        })
+        .await
     }
 
     /// Pins blobs against eviction (the warm list).
