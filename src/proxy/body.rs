@@ -23,8 +23,10 @@ use crate::metrics::{Metrics, Source, SourceLabels};
 use crate::oci::Digest;
 use crate::store::shared::Shared;
 
-/// Read size for stored blobs: large enough to match nginx's sendfile on one stream.
-const STORED_CHUNK: u64 = 256 * 1024;
+/// Read size for stored blobs where sendfile cannot be used (TLS, HTTP/2, no local
+/// tier): large, so the blocking-pool hop is paid once per 512 KiB; a slow client holds
+/// at most two.
+const STORED_CHUNK: u64 = 512 * 1024;
 /// Read size for fills: a herd of followers must stay small (200 clients, < 100 MiB).
 const FILL_CHUNK: u64 = 128 * 1024;
 

@@ -357,7 +357,24 @@ impl FillTask {
         let disk = tokio::task::spawn_blocking(move || {
             let mut passing: Option<PassThrough> = None;
             let mut offset = 0u64;
-            while let Some(chunk) = incoming.blocking_recv() {
+            // Chunks already waiting are written before progress is published: one
+            // wake-up of the followers per batch, not per network read.
+            let mut unpublished = false;
+            loop {
+                let chunk = match incoming.try_recv() {
+                    Ok(chunk) => chunk,
+                    Err(_) => {
+                        if unpublished {
+                            let written = writer.written();
+                            progress.send_modify(|p| p.written = written);
+                            unpublished = false;
+                        }
+                        match incoming.blocking_recv() {
+                            Some(chunk) => chunk,
+                            None => break,
+                        }
+                    }
+                };
                 let at = offset;
                 offset += chunk.len() as u64;
                 if let Some(pass) = passing.as_mut() {
@@ -366,10 +383,7 @@ impl FillTask {
                     continue;
                 }
                 match writer.try_write_blocking(&chunk) {
-                    Ok(()) => {
-                        let written = writer.written();
-                        progress.send_modify(|p| p.written = written);
-                    }
+                    Ok(()) => unpublished = true,
                     Err((done, e)) if is_disk_full(&e) => {
                         // Switch under the tails lock: every follower registered so far
                         // gets every byte from here on; later clients are turned away.
