@@ -360,13 +360,21 @@ impl FillTask {
             // Chunks already waiting are written before progress is published: one
             // wake-up of the followers per batch, not per network read.
             let mut unpublished = false;
+            let mut published_at = 0u64;
             loop {
+                // A disk slower than the network never empties the channel: publish at
+                // least every 4 MiB too.
+                if unpublished && writer.written() >= published_at + (4 << 20) {
+                    published_at = writer.written();
+                    progress.send_modify(|p| p.written = published_at);
+                    unpublished = false;
+                }
                 let chunk = match incoming.try_recv() {
                     Ok(chunk) => chunk,
                     Err(_) => {
                         if unpublished {
-                            let written = writer.written();
-                            progress.send_modify(|p| p.written = written);
+                            published_at = writer.written();
+                            progress.send_modify(|p| p.written = published_at);
                             unpublished = false;
                         }
                         match incoming.blocking_recv() {

@@ -29,6 +29,9 @@ pub struct Activity {
     served: AtomicBool,
     active: AtomicUsize,
     idle_since: Mutex<Option<Instant>>,
+    /// The last sign of life of a request in flight: its start, or a poll of its body.
+    /// An HTTP/2 client that never opens its flow-control window leaves bodies unpolled.
+    progress: Mutex<Option<Instant>>,
     /// The connection's task, woken when the last request ends so the idle timer starts.
     waker: AtomicWaker,
 }
@@ -37,8 +40,13 @@ impl Activity {
     /// A request head was parsed: the head deadline is met, a request is in flight.
     pub fn begin(self: &Arc<Self>) -> RequestGuard {
         self.served.store(true, Ordering::Release);
+        self.progressed();
         self.active.fetch_add(1, Ordering::AcqRel);
         RequestGuard(self.clone())
+    }
+
+    fn progressed(&self) {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 }
 
@@ -47,8 +55,10 @@ pub struct RequestGuard(Arc<Activity>);
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
+        // Stored before the count drops: a check that sees no request in flight must see
+        // this request's end, not an older idle time.
+        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             self.0.waker.wake();
         }
     }
@@ -58,15 +68,12 @@ impl Drop for RequestGuard {
 /// or dropped.
 pub struct Tracked<B> {
     inner: B,
-    _guard: RequestGuard,
+    guard: RequestGuard,
 }
 
 impl<B> Tracked<B> {
     pub fn new(inner: B, guard: RequestGuard) -> Self {
-        Tracked {
-            inner,
-            _guard: guard,
-        }
+        Tracked { inner, guard }
     }
 }
 
@@ -78,7 +85,9 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        this.guard.0.progressed();
+        Pin::new(&mut this.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -127,17 +136,27 @@ impl<T> Guarded<T> {
                 "no request head in time",
             ));
         }
+        let blocked = self
+            .write_blocked_since
+            .map(|t| (t + self.deadlines.idle, "peer stopped reading"));
         if a.active.load(Ordering::Acquire) > 0 {
-            return self
-                .write_blocked_since
-                .map(|t| (t + self.deadlines.idle, "peer stopped reading"));
+            // Waiting on an upstream is bounded elsewhere; a body nobody polls is not.
+            let progress = a
+                .progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or(self.accepted);
+            let stuck = (progress + self.deadlines.idle, "no progress on a request");
+            return Some(blocked.map_or(stuck, |b| b.max(stuck)));
         }
         let since = a
             .idle_since
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .unwrap_or(self.accepted);
-        Some((since + self.deadlines.idle, "connection idle"))
+        let idle = (since + self.deadlines.idle, "connection idle");
+        // The last response may still be leaving: a slow reader is not idle.
+        Some(blocked.map_or(idle, |b| b.max(idle)))
     }
 
     /// Called when the socket has nothing to offer: fails once the deadline has passed,
@@ -273,14 +292,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_request_whose_body_is_never_polled_closes_at_idle_timeout() {
+        // An HTTP/2 client that keeps its window shut: the body is never polled, nothing
+        // is written, and pings alone must not keep the connection.
+        let (_client, server) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::default());
+        let mut conn = Guarded::new(server, DEADLINES, activity.clone());
+        let _guard = activity.begin();
+        let started = Instant::now();
+        let mut buf = [0u8; 8];
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), DEADLINES.idle);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn idle_counts_from_the_end_of_the_last_request_whatever_bytes_move() {
         let (mut client, server) = tokio::io::duplex(64);
         let activity = Arc::new(Activity::default());
         let mut conn = Guarded::new(server, DEADLINES, activity.clone());
         let guard = activity.begin();
-        // A request in flight: no deadline while the server waits (on an upstream).
+        // A request in flight that started within idle_timeout: not idle.
         let mut buf = [0u8; 8];
-        let waited = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut buf)).await;
+        let waited = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
         assert!(waited.is_err(), "closed while a request was in flight");
         let ended = Instant::now();
         drop(guard);

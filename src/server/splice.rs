@@ -31,13 +31,17 @@ use tokio::net::TcpStream;
 /// The largest placeholder frame: one `sendfile` job. Never read or written by anyone; it
 /// lives in `.bss`, so it costs no memory.
 const PLACEHOLDER_LEN: usize = 4 << 20;
-static PLACEHOLDER: [u8; PLACEHOLDER_LEN] = [0; PLACEHOLDER_LEN];
+/// Each job's frame starts at its own offset (a rolling count below this), so a frame
+/// can only be taken for the job it was made with: a left-over job of the same length
+/// would otherwise pass the check.
+const TAGS: usize = 4096;
+static PLACEHOLDER: [u8; PLACEHOLDER_LEN + TAGS] = [0; PLACEHOLDER_LEN + TAGS];
 
 /// Where `s` starts inside [`PLACEHOLDER`], if it is a slice of it.
 fn placeholder_offset(s: &[u8]) -> Option<usize> {
     let base = PLACEHOLDER.as_ptr() as usize;
     let at = s.as_ptr() as usize;
-    (!s.is_empty() && at >= base && at < base + PLACEHOLDER_LEN).then(|| at - base)
+    (!s.is_empty() && at >= base && at < base + PLACEHOLDER.len()).then(|| at - base)
 }
 
 /// One placeholder frame's file range.
@@ -46,22 +50,37 @@ struct Job {
     offset: u64,
     len: usize,
     sent: usize,
+    /// Where this job's frame starts in [`PLACEHOLDER`].
+    tag: usize,
 }
 
-/// The jobs of one connection, in the order hyper will write their placeholders.
+/// The jobs of one connection, in the order hyper will write their placeholders, and
+/// the count that tags them.
 #[derive(Default)]
-pub struct Jobs(Mutex<VecDeque<Job>>);
+pub struct Jobs(Mutex<(VecDeque<Job>, usize)>);
 
 impl Jobs {
-    fn push(&self, job: Job) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(job);
+    /// Queues a job and gives the frame that stands for it.
+    fn push(&self, file: Arc<File>, offset: u64, len: usize) -> Bytes {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let tag = q.1 % TAGS;
+        q.1 = q.1.wrapping_add(1);
+        q.0.push_back(Job {
+            file,
+            offset,
+            len,
+            sent: 0,
+            tag,
+        });
+        Bytes::from_static(&PLACEHOLDER[tag..tag + len])
     }
 
     fn pop(&self) -> Option<Job> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .pop_front()
     }
 }
 
@@ -104,17 +123,10 @@ impl hyper::body::Body for SplicedBody {
             return Poll::Ready(None);
         }
         let len = (this.end - this.pos).min(PLACEHOLDER_LEN as u64) as usize;
-        this.jobs.push(Job {
-            file: this.file.clone(),
-            offset: this.pos,
-            len,
-            sent: 0,
-        });
+        let frame = this.jobs.push(this.file.clone(), this.pos, len);
         this.pos += len as u64;
         this.served.inc_by(len as u64);
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-            &PLACEHOLDER[..len],
-        )))))
+        Poll::Ready(Some(Ok(Frame::data(frame))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -161,7 +173,7 @@ impl SpliceIo {
                     .ok_or_else(|| Self::mismatch("a placeholder without a job"))?,
             ),
         };
-        if at != job.sent || slice.len() != job.len - job.sent {
+        if at != job.tag + job.sent || slice.len() != job.len - job.sent {
             return Poll::Ready(Err(Self::mismatch(
                 "a placeholder out of step with its job",
             )));

@@ -24,6 +24,9 @@ const ENTRIES: usize = 200_000;
 pub struct Memo {
     manifests: Mutex<Sized<Digest, StoredManifest>>,
     tags: Mutex<Sized<String, TagRecord>>,
+    /// Bumped by every tag write and removal: a record read from the index before one
+    /// of those is not put in memory after it.
+    tag_generation: std::sync::atomic::AtomicU64,
     links: Mutex<HashSet<(String, String, Digest)>>,
 }
 
@@ -92,12 +95,32 @@ impl Memo {
         lock(&self.tags).get(&key.to_owned())
     }
 
+    /// Take before reading a record from the index; pass to [`Memo::fill_tag`].
+    pub fn tag_generation(&self) -> u64 {
+        self.tag_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Keeps a record read from the index, unless a write or removal came since `seen`.
+    pub fn fill_tag(&self, key: &str, record: &TagRecord, seen: u64) {
+        let mut tags = lock(&self.tags);
+        if self.tag_generation() == seen {
+            tags.put(key.to_owned(), record.clone(), 1, ENTRIES);
+        }
+    }
+
+    /// A record just written to the index (call after the write).
     pub fn put_tag(&self, key: &str, record: &TagRecord) {
-        lock(&self.tags).put(key.to_owned(), record.clone(), 1, ENTRIES);
+        let mut tags = lock(&self.tags);
+        self.tag_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tags.put(key.to_owned(), record.clone(), 1, ENTRIES);
     }
 
     pub fn forget_tags(&self, prefix: &str) {
         let mut tags = lock(&self.tags);
+        self.tag_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tags.map.retain(|k, _| !k.starts_with(prefix));
         tags.used = tags.map.len();
     }
@@ -120,6 +143,34 @@ impl Memo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(n: u64) -> TagRecord {
+        TagRecord {
+            digest: Digest::sha256_of(&n.to_le_bytes()),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            fetched_at: n,
+            validated_at: n,
+        }
+    }
+
+    #[test]
+    fn a_record_read_before_a_write_or_removal_is_not_kept_after_it() {
+        let memo = Memo::default();
+        // A read of the old record races a write of the new one.
+        let seen = memo.tag_generation();
+        memo.put_tag("k", &record(2));
+        memo.fill_tag("k", &record(1), seen);
+        assert_eq!(memo.tag("k"), Some(record(2)));
+        // A read races a removal (an admin tag delete).
+        let seen = memo.tag_generation();
+        memo.forget_tags("k");
+        memo.fill_tag("k", &record(2), seen);
+        assert_eq!(memo.tag("k"), None);
+        // Undisturbed, a read is kept.
+        let seen = memo.tag_generation();
+        memo.fill_tag("k", &record(3), seen);
+        assert_eq!(memo.tag("k"), Some(record(3)));
+    }
 
     #[test]
     fn a_full_map_makes_room_and_keeps_its_budget() {

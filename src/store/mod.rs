@@ -354,9 +354,10 @@ impl Store {
         }
         let (s, key) = (self.clone(), key.to_owned());
         blocking(move || {
+            let seen = s.inner.memo.tag_generation();
             let found = s.inner.index.tag(&key)?;
             if let Some(r) = &found {
-                s.inner.memo.put_tag(&key, r);
+                s.inner.memo.fill_tag(&key, r, seen);
             }
             Ok(found)
         })

@@ -123,6 +123,9 @@ impl Upstream {
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
+            // No proxy from the environment: a proxy resolves redirect targets itself, out
+            // of the egress policy's sight.
+            .no_proxy()
             // Every hop and every name resolved goes through the egress policy.
             .redirect(egress::redirect_policy(egress.clone()))
             .dns_resolver(Arc::new(egress::Resolver(egress.clone())));

@@ -156,6 +156,10 @@ fn classify(ip: IpAddr) -> Class {
 
 fn classify_v4(ip: Ipv4Addr) -> Class {
     let [a, b, ..] = ip.octets();
+    // Cloud metadata services that sit inside otherwise private or shared ranges.
+    if ip == Ipv4Addr::new(100, 100, 100, 200) {
+        return Class::Internal("a cloud metadata address");
+    }
     if ip.is_loopback() {
         Class::Internal("loopback")
     } else if ip.is_link_local() {
@@ -173,7 +177,29 @@ fn classify_v4(ip: Ipv4Addr) -> Class {
 }
 
 fn classify_v6(ip: Ipv6Addr) -> Class {
-    let first = ip.segments()[0];
+    let seg = ip.segments();
+    let first = seg[0];
+    let [.., a, b, c, d] = ip.octets();
+    let embedded = Ipv4Addr::new(a, b, c, d);
+    // Forms that carry an IPv4 address and reach it: judged by that address.
+    // NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and the deprecated IPv4-compatible ::a.b.c.d.
+    let nat64 = seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || seg[..2] == [0x64, 0xff9b];
+    let compatible = seg[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified();
+    if nat64 || compatible {
+        return classify_v4(embedded);
+    }
+    if first == 0x2002 {
+        // 6to4: the next 32 bits are the IPv4 address.
+        return classify_v4(Ipv4Addr::new(
+            (seg[1] >> 8) as u8,
+            seg[1] as u8,
+            (seg[2] >> 8) as u8,
+            seg[2] as u8,
+        ));
+    }
+    if ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+        return Class::Internal("a cloud metadata address");
+    }
     if ip.is_loopback() {
         Class::Internal("loopback")
     } else if ip.is_unspecified() {
@@ -361,13 +387,25 @@ impl Egress {
         }
         let named_allow = self.allowed_host(name);
         let mut reason = "no address";
+        // A name's port is not known here, so a name never leads to loopback or to this
+        // machine (where berth's own listeners are), allowlisted or not; an address
+        // literal in `redirect_allow` is the way to reach those, port checked.
         let kept: Vec<SocketAddr> = addrs
             .into_iter()
-            .filter(|a| match self.check_ip(a.ip(), None, named_allow) {
-                Ok(()) => true,
-                Err(why) => {
-                    reason = why;
-                    false
+            .filter(|a| {
+                let verdict = if classify(a.ip()) == Class::Internal("loopback") {
+                    Err("loopback")
+                } else if is_local(a.ip()) {
+                    Err("an address of this machine")
+                } else {
+                    self.check_ip(a.ip(), None, named_allow)
+                };
+                match verdict {
+                    Ok(()) => true,
+                    Err(why) => {
+                        reason = why;
+                        false
+                    }
                 }
             })
             .collect();
@@ -462,6 +500,11 @@ mod tests {
             ("http://[::ffff:127.0.0.1]/", "loopback"),
             ("http://0.0.0.0:5001/", "unspecified"),
             ("http://224.0.0.1/", "not unicast"),
+            ("http://[64:ff9b::a9fe:a9fe]/", "link-local"),
+            ("http://[2002:7f00:1::]/", "loopback"),
+            ("http://[::7f00:1]/", "loopback"),
+            ("http://[fd00:ec2::254]/", "a cloud metadata address"),
+            ("http://100.100.100.200/", "a cloud metadata address"),
             ("file:///etc/passwd", "not http(s)"),
         ] {
             assert_eq!(check(&e, url), Err(why), "{url}");
@@ -506,8 +549,12 @@ mod tests {
         let e = egress("https://registry.example", &[], &[]);
         let refused = e.resolve_blocking("localhost").unwrap_err();
         assert_eq!(refused.reason, "loopback");
+        // Not even when listed: a name's port is unknown, berth's listeners are local.
         let listed = egress("https://registry.example", &["localhost"], &[]);
-        assert!(listed.resolve_blocking("localhost").is_ok());
+        assert_eq!(
+            listed.resolve_blocking("localhost").unwrap_err().reason,
+            "loopback"
+        );
     }
 
     #[test]
