@@ -110,11 +110,13 @@ impl Repository {
     }
 
     /// Docker Hub keeps official images under `library/`: `alpine` → `library/alpine`.
-    pub fn with_library_prefix(self) -> Self {
+    /// Refused when the prefix takes the name past the length limit (found by fuzzing:
+    /// a single name of 248 to 255 bytes).
+    pub fn with_library_prefix(self) -> Result<Self, InvalidName> {
         if self.0.contains('/') {
-            self
+            Ok(self)
         } else {
-            Repository(format!("library/{}", self.0))
+            Repository::parse(&format!("library/{}", self.0))
         }
     }
 }
@@ -300,9 +302,30 @@ mod tests {
 
     #[test]
     fn library_prefix_only_for_single_names() {
-        let r = Repository::parse("alpine").unwrap().with_library_prefix();
+        let r = Repository::parse("alpine")
+            .unwrap()
+            .with_library_prefix()
+            .unwrap();
         assert_eq!(r.as_str(), "library/alpine");
-        let r = Repository::parse("org/app").unwrap().with_library_prefix();
+        let r = Repository::parse("org/app")
+            .unwrap()
+            .with_library_prefix()
+            .unwrap();
         assert_eq!(r.as_str(), "org/app");
+    }
+
+    /// Found by fuzzing (fuzz/seeds/name/long-single-name): `library/` took a single name
+    /// of 248 to 255 bytes past the 255-byte limit.
+    #[test]
+    fn the_library_prefix_never_makes_a_name_too_long() {
+        let long = "a".repeat(250);
+        let r = Repository::parse(&long).unwrap();
+        assert!(r.with_library_prefix().is_err());
+        let fits = "a".repeat(247);
+        let r = Repository::parse(&fits)
+            .unwrap()
+            .with_library_prefix()
+            .unwrap();
+        assert_eq!(r.as_str().len(), 255);
     }
 }

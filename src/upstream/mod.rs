@@ -112,10 +112,11 @@ impl Upstreams {
                 _ => (self.default.clone(), name),
             },
         };
-        let repo = Repository::parse(name)
-            .map_err(|e| oci::Error::new(ErrorCode::NameInvalid, e.to_string()))?;
+        let invalid =
+            |e: crate::oci::InvalidName| oci::Error::new(ErrorCode::NameInvalid, e.to_string());
+        let repo = Repository::parse(name).map_err(invalid)?;
         let repo = if upstream.is_docker_hub() {
-            repo.with_library_prefix()
+            repo.with_library_prefix().map_err(invalid)?
         } else {
             repo
         };
