@@ -35,4 +35,7 @@ fi
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --all-targets --locked -- -D warnings
 step test cargo test --locked --all-targets "$@"
+# Every parser of untrusted input under libFuzzer, 6 s per target (about a minute in
+# all; scripts/fuzz.sh 600 is the long run). A crash fails the suite.
+step fuzz scripts/fuzz.sh 6
 step chart scripts/check-chart.sh
