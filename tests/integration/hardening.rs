@@ -122,27 +122,32 @@ async fn silent_and_trickling_sockets_do_not_take_the_port() {
                 if s.write_all(&[*b]).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // The next byte in 300 ms, unless berth closes the socket first (the
+                // event the test is about).
+                let mut buf = [0u8; 1];
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await
+                {
+                    return;
+                }
             }
         }));
     }
     // A real client, as kubelet's pulls do, retries a refused connection.
     let url = format!("{}/v2/", berth.url());
-    let mut served = None;
-    while started.elapsed() < Duration::from_secs(5) {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(1))
-            .build()
-            .unwrap();
-        if let Ok(r) = client.get(&url).send().await {
-            if r.status() == 200 {
-                served = Some(started.elapsed());
-                break;
-            }
+    let served = crate::support::wait_until(Duration::from_secs(5), || {
+        let url = url.clone();
+        async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_secs(1))
+                .build()
+                .unwrap();
+            matches!(client.get(&url).send().await, Ok(r) if r.status() == 200)
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
+    .then(|| started.elapsed());
     let served = served.expect("a real client was never served");
     assert!(served < Duration::from_secs(3), "served after {served:?}");
     // Every silent socket is closed by berth (EOF or reset), none held to idle_timeout.
@@ -306,8 +311,8 @@ async fn fills_beyond_the_cap_queue_and_hits_stay_fast() {
         let resp = http().get(blob_url(&hit)).send().await.unwrap();
         assert_eq!(resp.status(), 200);
         resp.bytes().await.unwrap();
+        // Each round's three requests pace the sampling: no sleep needed.
         slowest_hit = slowest_hit.max(asked.elapsed());
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for t in storm {
         tokio::time::timeout(Duration::from_secs(30), t)
