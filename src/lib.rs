@@ -10,6 +10,7 @@ pub mod config;
 pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod logging;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;
@@ -61,6 +62,11 @@ pub fn build(config: &Config) -> Result<App, String> {
     };
     let egress = upstream::egress::EgressMetrics::register(metrics.registry_mut());
     let server_metrics = server::ServerMetrics::register(metrics.registry_mut());
+    metrics.registry_mut().register(
+        "log_lines_dropped",
+        "Log lines dropped because the log writer fell behind (stderr not read)",
+        logging::dropped_lines(),
+    );
     let metrics = Arc::new(metrics);
     metrics
         .store_max_bytes

@@ -130,29 +130,12 @@ fn run_client<F: std::future::Future<Output = Result<ExitCode, String>>>(f: F) -
     }
 }
 
-/// Log lines are formatted where they happen and written by a dedicated thread: a slow
-/// reader of stderr (a full pipe to the kubelet) never stalls a request. The guard flushes
-/// what is queued when `main` returns.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: `kubectl logs` and log shippers get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(writer);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    guard
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _logs = init_logging(cli.log_format);
+    let _logs = berth::logging::init(match cli.log_format {
+        LogFormat::Text => berth::logging::Format::Text,
+        LogFormat::Json => berth::logging::Format::Json,
+    });
     match cli.command {
         Command::Status { admin } => run_client(async move {
             print!("{}", berth::cli::status(&admin).await?);

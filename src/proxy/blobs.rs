@@ -31,14 +31,29 @@ impl Proxy {
         head: bool,
         caller: &Caller,
     ) -> Result<BlobAnswer, oci::Error> {
-        if !head && !caller.forwarded {
-            if let Some(answer) = self.redirect(up, repo, digest).await? {
+        if !head && !caller.forwarded && self.shared.is_some() {
+            if let Some(answer) = Box::pin(self.redirect(up, repo, digest)).await? {
                 return Ok(answer);
             }
         }
         if let Some(answer) = self.stored_blob(up, repo, digest).await? {
             return Ok(answer);
         }
+        // Boxed: the miss path's future is large, and a hit should not carry (and move)
+        // its state.
+        Box::pin(self.blob_not_stored(up, repo, digest, head, caller)).await
+    }
+
+    /// [`Self::blob`] for a blob not in the local store: the bucket, a fill in progress,
+    /// or a new one.
+    async fn blob_not_stored(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+        head: bool,
+        caller: &Caller,
+    ) -> Result<BlobAnswer, oci::Error> {
         if !self.fills.keep_local() && !head {
             // No local tier: a blob the bucket holds streams straight from it.
             if let (Some(size), Some(shared)) =
@@ -242,9 +257,13 @@ impl Proxy {
         repo: &Repository,
         digest: &Digest,
     ) -> Result<(), oci::Error> {
-        self.authorize(up, repo, digest, up.head_blob(repo, digest), || {
-            blob_unknown(up, repo, digest)
-        })
+        self.authorize(
+            up,
+            repo,
+            digest,
+            || up.head_blob(repo, digest),
+            || blob_unknown(up, repo, digest),
+        )
         .await
     }
 }

@@ -1,19 +1,20 @@
 //! Blob bodies: a byte range of a stored file, or of a file a fill is still writing.
 //!
-//! A small task per response reads the file in chunks with positional reads and hands
-//! them to the response through a one-slot channel. It reads only once the slot is free,
-//! so a slow client holds at most two chunks: one queued, one being written. An error ends the body with an error, which makes hyper abort the
-//! connection: a client never mistakes a failed transfer for a complete one.
+//! A small task per response hands the range to the response through a one-slot channel,
+//! as [`Piece`]s: bytes it read with positional reads, or — where the connection can send
+//! a file's pages itself (`sendfile` on plain HTTP/1.x) — the file range, unread. It
+//! moves on only once the slot is free, so a slow client holds at most two pieces: one
+//! queued, one being written. An error ends the body with an error, which makes the
+//! server abort the connection: a client never mistakes a failed transfer for a complete
+//! one.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
 use futures_util::StreamExt;
@@ -29,6 +30,20 @@ use crate::store::shared::Shared;
 const STORED_CHUNK: u64 = 512 * 1024;
 /// Read size for fills: a herd of followers must stay small (200 clients, < 100 MiB).
 const FILL_CHUNK: u64 = 128 * 1024;
+/// The largest file range one [`Piece::File`] stands for.
+pub const MAX_FILE_PIECE: usize = 4 << 20;
+
+/// The next part of a blob body.
+pub enum Piece {
+    Bytes(Bytes),
+    /// `len` bytes of `file` from `offset`, already on disk (the page cache): for a
+    /// connection that sends them itself.
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: usize,
+    },
+}
 
 /// Where a blob body's bytes come from.
 pub enum BlobSource {
@@ -39,27 +54,44 @@ pub enum BlobSource {
 }
 
 pub struct BlobBody {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
+    rx: mpsc::Receiver<io::Result<Piece>>,
     len: Option<u64>,
 }
 
 impl BlobBody {
     /// Streams bytes `start..end` of the source (`end = None`: until a fill of unknown
-    /// size is done).
-    pub fn new(source: BlobSource, start: u64, end: Option<u64>, metrics: Arc<Metrics>) -> Self {
+    /// size is done). With `file_pieces`, file ranges come as [`Piece::File`] (the
+    /// caller sends them); otherwise every piece is bytes.
+    pub fn new(
+        source: BlobSource,
+        start: u64,
+        end: Option<u64>,
+        metrics: Arc<Metrics>,
+        file_pieces: bool,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(1);
         match source {
             BlobSource::Shared(shared, digest) => {
                 tokio::spawn(pump_shared(shared, digest, start, end, tx, metrics));
             }
             source => {
-                tokio::spawn(pump(source, start, end, tx, metrics));
+                tokio::spawn(pump(source, start, end, tx, metrics, file_pieces));
             }
         }
         BlobBody {
             rx,
             len: end.map(|e| e - start),
         }
+    }
+
+    /// The next piece; `None` at the end of the body.
+    pub fn poll_piece(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Piece>>> {
+        self.rx.poll_recv(cx)
+    }
+
+    /// The body's length, when known.
+    pub fn content_length(&self) -> Option<u64> {
+        self.len
     }
 }
 
@@ -77,8 +109,9 @@ async fn pump(
     mut source: BlobSource,
     start: u64,
     end: Option<u64>,
-    tx: mpsc::Sender<io::Result<Bytes>>,
+    tx: mpsc::Sender<io::Result<Piece>>,
     metrics: Arc<Metrics>,
+    file_pieces: bool,
 ) {
     let label = SourceLabels {
         source: match source {
@@ -88,7 +121,11 @@ async fn pump(
     };
     let served = metrics.served_bytes.get_or_create(&label).clone();
     let from_fill = matches!(source, BlobSource::Filling(_));
-    let chunk_size = if from_fill { FILL_CHUNK } else { STORED_CHUNK };
+    let chunk_size = match (file_pieces, from_fill) {
+        (true, _) => MAX_FILE_PIECE as u64,
+        (false, true) => FILL_CHUNK,
+        (false, false) => STORED_CHUNK,
+    };
     let mut pos = start;
     loop {
         if end.is_some_and(|e| pos >= e) {
@@ -169,6 +206,16 @@ async fn pump(
         }
         let n = (avail - pos).min(chunk_size) as usize;
         let at = pos;
+        if file_pieces {
+            served.inc_by(n as u64);
+            pos += n as u64;
+            slot.send(Ok(Piece::File {
+                file,
+                offset: at,
+                len: n,
+            }));
+            continue;
+        }
         let read = move |file: Arc<File>| {
             let mut buf = vec![0u8; n];
             file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
@@ -189,7 +236,7 @@ async fn pump(
         };
         served.inc_by(n as u64);
         pos += n as u64;
-        slot.send(Ok(chunk));
+        slot.send(Ok(Piece::Bytes(chunk)));
     }
 }
 
@@ -200,7 +247,7 @@ async fn pump_shared(
     digest: Digest,
     start: u64,
     end: Option<u64>,
-    tx: mpsc::Sender<io::Result<Bytes>>,
+    tx: mpsc::Sender<io::Result<Piece>>,
     metrics: Arc<Metrics>,
 ) {
     let served = metrics
@@ -250,7 +297,7 @@ async fn pump_shared(
             }
         }
         served.inc_by(chunk.len() as u64);
-        slot.send(Ok(chunk));
+        slot.send(Ok(Piece::Bytes(chunk)));
     }
 }
 
@@ -267,7 +314,7 @@ async fn pass_through(
     f: &mut Follower,
     pos: &mut u64,
     end: Option<u64>,
-    slot: mpsc::Permit<'_, io::Result<Bytes>>,
+    slot: mpsc::Permit<'_, io::Result<Piece>>,
     served: &prometheus_client::metrics::counter::Counter,
 ) -> Flow {
     match f.tail.recv().await {
@@ -286,7 +333,7 @@ async fn pass_through(
             }
             *pos += data.len() as u64;
             served.inc_by(data.len() as u64);
-            slot.send(Ok(data));
+            slot.send(Ok(Piece::Bytes(data)));
             Flow::Continue
         }
         None => {
@@ -317,28 +364,7 @@ async fn pass_through(
 }
 
 /// Ends the body with an error, which aborts the client's transfer.
-fn fail(slot: mpsc::Permit<'_, io::Result<Bytes>>, why: &str) {
+fn fail(slot: mpsc::Permit<'_, io::Result<Piece>>, why: &str) {
     tracing::debug!(cause = why, "aborting a blob response");
     slot.send(Err(io::Error::other(why.to_owned())));
-}
-
-impl Body for BlobBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|item| item.map(|r| r.map(Frame::data)))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.len {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
 }

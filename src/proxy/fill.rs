@@ -23,7 +23,7 @@ use super::origin::{Answered, OpenError, Origin, Request, Via};
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::{self, Digest, ErrorCode, Repository};
 use crate::store::shared::Shared;
-use crate::store::{CommitError, Store};
+use crate::store::{BlobWriter, CommitError, Store};
 use crate::upstream::{self, Upstream};
 
 /// How many times a cut upstream stream is resumed with a `Range` request.
@@ -348,85 +348,32 @@ impl FillTask {
         let reader = writer
             .reader()
             .map_err(|e| self.internal("opening the temp file", e))?;
-        // One blocking thread per fill writes and hashes what the network side receives;
-        // the bounded channel keeps memory per fill to a few chunks.
-        let (chunks, mut incoming) = mpsc::channel::<Bytes>(16);
-        let progress = self.tx.clone();
-        let tails = self.tails.clone();
-        let store = self.store.clone();
-        let disk = tokio::task::spawn_blocking(move || {
-            let mut passing: Option<PassThrough> = None;
-            let mut offset = 0u64;
-            // Chunks already waiting are written before progress is published: one
-            // wake-up of the followers per batch, not per network read.
-            let mut unpublished = false;
-            let mut published_at = 0u64;
-            loop {
-                // A disk slower than the network never empties the channel: publish at
-                // least every 4 MiB too.
-                if unpublished && writer.written() >= published_at + (4 << 20) {
-                    published_at = writer.written();
-                    progress.send_modify(|p| p.written = published_at);
-                    unpublished = false;
-                }
-                let chunk = match incoming.try_recv() {
-                    Ok(chunk) => chunk,
-                    Err(_) => {
-                        if unpublished {
-                            published_at = writer.written();
-                            progress.send_modify(|p| p.written = published_at);
-                            unpublished = false;
-                        }
-                        match incoming.blocking_recv() {
-                            Some(chunk) => chunk,
-                            None => break,
-                        }
-                    }
-                };
-                let at = offset;
-                offset += chunk.len() as u64;
-                if let Some(pass) = passing.as_mut() {
-                    writer.hash_only(&chunk);
-                    pass.forward(at, chunk);
-                    continue;
-                }
-                match writer.try_write_blocking(&chunk) {
-                    Ok(()) => unpublished = true,
-                    Err((done, e)) if is_disk_full(&e) => {
-                        // Switch under the tails lock: every follower registered so far
-                        // gets every byte from here on; later clients are turned away.
-                        let from = at + done as u64;
-                        let senders = {
-                            let mut t = tails.lock().unwrap_or_else(|p| p.into_inner());
-                            t.open = false;
-                            std::mem::take(&mut t.senders)
-                        };
-                        let written = writer.written();
-                        progress.send_modify(|p| {
-                            p.written = written;
-                            p.passed_from = Some(from);
-                        });
-                        store.note_disk_full();
-                        let rest = chunk.slice(done..);
-                        writer.hash_only(&rest);
-                        passing = Some(PassThrough {
-                            senders,
-                            held: Some((from, rest)),
-                        });
-                    }
-                    Err((_, e)) => return Err(e),
-                }
-            }
-            Ok::<_, std::io::Error>((writer, passing))
-        });
-        let streamed = self.stream(chunks, reader).await;
+        // Hashing and writing overlap, each on its own blocking thread: the network side
+        // hands every chunk to both (a refcount, not a copy), and the bounded channels
+        // keep memory per fill to a few chunks whichever is slower.
+        let hasher = writer
+            .take_hasher()
+            .ok_or_else(|| self.internal("hashing", "the writer has no hasher"))?;
+        let (to_hash, hash_in) = mpsc::channel::<Bytes>(16);
+        let hashing = tokio::task::spawn_blocking(move || hash_all(hasher, hash_in));
+        let (to_disk, disk_in) = mpsc::channel::<Bytes>(16);
+        let disk = DiskSide {
+            progress: self.tx.clone(),
+            tails: self.tails.clone(),
+            store: self.store.clone(),
+        };
+        let disk = tokio::task::spawn_blocking(move || disk.write_all(writer, disk_in));
+        let streamed = self.stream(Sinks { to_hash, to_disk }, reader).await;
         let (writer, passing) = match disk.await {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => return Err(self.internal("writing", e)),
             Err(e) => return Err(self.internal("writer thread", e)),
         };
+        let actual = hashing
+            .await
+            .map_err(|e| self.internal("hasher thread", e))?;
         let received = streamed?;
-        let verified = match writer.verify() {
+        let verified = match writer.verify_hashed(actual) {
             Ok(v) => v,
             Err(CommitError::Mismatch { actual }) => {
                 if let (Some(Answered::Shared), Some(shared)) = (self.answered(), &self.shared) {
@@ -537,11 +484,7 @@ impl FillTask {
 
     /// Receives the blob from upstream into `chunks`, resuming a cut transfer with a
     /// `Range` request a bounded number of times.
-    async fn stream(
-        &self,
-        chunks: mpsc::Sender<Bytes>,
-        reader: Arc<File>,
-    ) -> Result<u64, oci::Error> {
+    async fn stream(&self, sinks: Sinks, reader: Arc<File>) -> Result<u64, oci::Error> {
         let up = &self.upstream;
         let mut received = 0u64;
         let mut resumes = 0;
@@ -597,7 +540,7 @@ impl FillTask {
                             up.count_fetched(n);
                         }
                         received += n;
-                        if chunks.send(chunk).await.is_err() {
+                        if !sinks.send(chunk).await {
                             // The writer stopped: its error is reported by the caller.
                             return Ok(received);
                         }
@@ -633,6 +576,117 @@ impl FillTask {
             resumes += 1;
             tracing::info!(digest = %self.digest, at = received, cause = %cut,
                 "upstream transfer cut; resuming with a range request");
+        }
+    }
+}
+
+/// Where the network side of a fill hands each chunk: the hasher and the writer.
+struct Sinks {
+    to_hash: mpsc::Sender<Bytes>,
+    to_disk: mpsc::Sender<Bytes>,
+}
+
+impl Sinks {
+    /// False once either side has stopped (its error is the caller's to report).
+    async fn send(&self, chunk: Bytes) -> bool {
+        self.to_hash.send(chunk.clone()).await.is_ok() && self.to_disk.send(chunk).await.is_ok()
+    }
+}
+
+/// Hashes every chunk until the network side is done; blocking.
+fn hash_all(mut hasher: crate::oci::Hasher, mut chunks: mpsc::Receiver<Bytes>) -> Digest {
+    while let Some(chunk) = chunks.blocking_recv() {
+        hasher.update(&chunk);
+    }
+    hasher.finish()
+}
+
+/// The writing side of a fill, on its blocking thread: appends chunks to the temp file,
+/// publishes how far clients may read, and switches to passing bytes through followers'
+/// channels when the disk fills up.
+struct DiskSide {
+    progress: Arc<watch::Sender<Progress>>,
+    tails: Arc<Mutex<Tails>>,
+    store: Store,
+}
+
+impl DiskSide {
+    fn write_all(
+        self,
+        mut writer: BlobWriter,
+        mut incoming: mpsc::Receiver<Bytes>,
+    ) -> std::io::Result<(BlobWriter, Option<PassThrough>)> {
+        let mut passing: Option<PassThrough> = None;
+        let mut offset = 0u64;
+        // Chunks already waiting are written before progress is published: one wake-up
+        // of the followers per batch, not per network read.
+        let mut unpublished = false;
+        let mut published_at = 0u64;
+        loop {
+            // A disk slower than the network never empties the channel: publish at least
+            // every 4 MiB too.
+            if unpublished && writer.written() >= published_at + (4 << 20) {
+                published_at = self.publish(&writer);
+                unpublished = false;
+            }
+            let chunk = match incoming.try_recv() {
+                Ok(chunk) => chunk,
+                Err(_) => {
+                    if unpublished {
+                        published_at = self.publish(&writer);
+                        unpublished = false;
+                    }
+                    match incoming.blocking_recv() {
+                        Some(chunk) => chunk,
+                        None => break,
+                    }
+                }
+            };
+            let at = offset;
+            offset += chunk.len() as u64;
+            if let Some(pass) = passing.as_mut() {
+                pass.forward(at, chunk);
+                continue;
+            }
+            match writer.try_write_blocking(&chunk) {
+                Ok(()) => unpublished = true,
+                Err((done, e)) if is_disk_full(&e) => {
+                    passing = Some(self.pass_through_from(
+                        &writer,
+                        at + done as u64,
+                        chunk.slice(done..),
+                    ));
+                }
+                Err((_, e)) => return Err(e),
+            }
+        }
+        Ok((writer, passing))
+    }
+
+    fn publish(&self, writer: &BlobWriter) -> u64 {
+        let written = writer.written();
+        self.progress.send_modify(|p| p.written = written);
+        written
+    }
+
+    /// The disk is full at byte `from`: every follower registered so far gets every
+    /// byte from here on through its channel (the switch is made under the tails lock);
+    /// later clients are turned away.
+    fn pass_through_from(&self, writer: &BlobWriter, from: u64, rest: Bytes) -> PassThrough {
+        let senders = {
+            let mut t = self.tails.lock().unwrap_or_else(|p| p.into_inner());
+            t.open = false;
+            std::mem::take(&mut t.senders)
+        };
+        let written = writer.written();
+        self.progress.send_modify(|p| {
+            p.written = written;
+            p.passed_from = Some(from);
+        });
+        self.store.note_disk_full();
+        PassThrough {
+            senders,
+            held: Some((from, rest)),
         }
     }
 }

@@ -176,7 +176,9 @@ impl Proxy {
             self.authorize_manifest(up, repo, digest).await?;
             return Ok(ManifestAnswer::stored(digest.clone(), m, Outcome::Hit));
         }
-        if let Some(m) = self.shared_manifest(up, repo, digest).await? {
+        // Boxed from here on (as the tag path's flight): a hit does not carry the miss
+        // path's large state.
+        if let Some(m) = Box::pin(self.shared_manifest(up, repo, digest)).await? {
             return Ok(ManifestAnswer::stored(digest.clone(), m, Outcome::Hit));
         }
         let key = format!("{}/{repo}@{digest}", up.host());
@@ -194,7 +196,7 @@ impl Proxy {
                 this.fetch_by_digest(&up, &repo, &digest).await
             }
         };
-        self.fly(key, caller, work).await
+        Box::pin(self.fly(key, caller, work)).await
     }
 
     async fn manifest_by_tag(
@@ -244,7 +246,7 @@ impl Proxy {
                 this.refresh_tag(&up, &repo, &tag, accept, key).await
             }
         };
-        self.fly(flight_key, caller, work).await
+        Box::pin(self.fly(flight_key, caller, work)).await
     }
 
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, oci::Error> {
@@ -262,9 +264,14 @@ impl Proxy {
         digest: &Digest,
     ) -> Result<(), oci::Error> {
         let reference = Reference::Digest(digest.clone());
-        let head = up.head_manifest(repo, &reference, AcceptSet::ALL);
-        self.authorize(up, repo, digest, head, || unknown(up, repo, &reference))
-            .await
+        self.authorize(
+            up,
+            repo,
+            digest,
+            || up.head_manifest(repo, &reference, AcceptSet::ALL),
+            || unknown(up, repo, &reference),
+        )
+        .await
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use blobs::BlobAnswer;
-pub use body::{BlobBody, BlobSource};
+pub use body::{BlobBody, BlobSource, Piece, MAX_FILE_PIECE};
 pub use manifests::{tag_key_prefix, ManifestAnswer};
 pub use warm::WarmReport;
 
@@ -148,14 +148,17 @@ impl Proxy {
 impl Proxy {
     /// Serves a stored object for a repository only if the index links the repository to
     /// it, or `confirm` (an upstream HEAD in that repository) finds it; then links it.
-    async fn authorize<T>(
+    async fn authorize<T, F>(
         &self,
         up: &Upstream,
         repo: &Repository,
         digest: &Digest,
-        confirm: impl std::future::Future<Output = Result<Option<T>, crate::upstream::Error>>,
+        confirm: impl FnOnce() -> F,
         unknown: impl FnOnce() -> oci::Error,
-    ) -> Result<(), oci::Error> {
+    ) -> Result<(), oci::Error>
+    where
+        F: std::future::Future<Output = Result<Option<T>, crate::upstream::Error>>,
+    {
         let linked = self
             .store
             .is_linked(up.host(), repo.as_str(), digest)
@@ -164,6 +167,20 @@ impl Proxy {
         if linked {
             return Ok(());
         }
+        // Boxed: a hit (linked) does not carry the upstream request's state.
+        Box::pin(self.confirm_link(up, repo, digest, confirm(), unknown)).await
+    }
+
+    /// [`Self::authorize`] for a digest not linked here: another replica's link, or the
+    /// upstream's answer to `confirm`.
+    async fn confirm_link<T>(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        digest: &Digest,
+        confirm: impl std::future::Future<Output = Result<Option<T>, crate::upstream::Error>>,
+        unknown: impl FnOnce() -> oci::Error,
+    ) -> Result<(), oci::Error> {
         // Another replica may have seen the repository hold it.
         if let Some(shared) = &self.shared {
             if let Ok(true) = shared.is_linked(up.host(), repo.as_str(), digest).await {

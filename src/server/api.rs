@@ -172,9 +172,11 @@ async fn serve<B>(
             }
             let query = (!query.is_empty()).then(|| query.join("&"));
             let path = format!("{repo}/tags/list");
-            let p = app
-                .proxy
-                .passthrough(&up, &repo, &path, query.as_deref(), Kind::Tags)
+            let p =
+                Box::pin(
+                    app.proxy
+                        .passthrough(&up, &repo, &path, query.as_deref(), Kind::Tags),
+                )
                 .await?;
             summary.outcome = Outcome::Passthrough;
             passthrough_response(p, route.head, prefix)
@@ -185,10 +187,14 @@ async fn serve<B>(
         } => {
             let query = artifact_type.map(|t| format!("artifactType={}", encode_query(&t)));
             let path = format!("{repo}/referrers/{digest}");
-            let p = app
-                .proxy
-                .passthrough(&up, &repo, &path, query.as_deref(), Kind::Referrers)
-                .await?;
+            let p = Box::pin(app.proxy.passthrough(
+                &up,
+                &repo,
+                &path,
+                query.as_deref(),
+                Kind::Referrers,
+            ))
+            .await?;
             summary.outcome = Outcome::Passthrough;
             passthrough_response(p, route.head, prefix)
         }
@@ -340,8 +346,12 @@ fn blob_response(
                 .clone();
             Body::Spliced(SplicedBody::new(splicer, file, start, end, served))
         }
-        (false, Some(source), _, _) => {
-            Body::Blob(BlobBody::new(source, start, end, app.metrics.clone()))
+        // Anything else through the pump: a fill's pieces still go out with sendfile where
+        // the connection can, straight from the page cache it was just written to.
+        (false, Some(source), splicer, _) => {
+            let metrics = app.metrics.clone();
+            let body = BlobBody::new(source, start, end, metrics, splicer.is_some());
+            Body::Blob(body, splicer.cloned())
         }
         _ => Body::empty(),
     };

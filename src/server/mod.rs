@@ -151,13 +151,15 @@ pub async fn serve(
                     }
                 }
                 let app = app.clone();
-                async move {
+                // Boxed: the handler's future is large, and every layer of the stack and
+                // hyper would otherwise move it by value (a memcpy per poll site).
+                Box::pin(async move {
                     let resp = match role {
                         Role::Api => api::handle(app, req, peer).await,
                         Role::Admin => admin::handle(app, req).await,
                     };
                     Ok::<_, Infallible>(resp.map(|body| idle::Tracked::new(body, guard)))
-                }
+                })
             })
         };
         let svc = TowerToHyperService::new(stack::layered(handler, app.server_metrics.clone()));

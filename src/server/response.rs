@@ -8,13 +8,16 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
+use super::splice::Splicer;
 use crate::oci;
-use crate::proxy::BlobBody;
+use crate::proxy::{BlobBody, Piece};
 
 /// Every response body berth sends: bytes in memory, or a blob stream.
 pub enum Body {
     Full(Option<Bytes>),
-    Blob(BlobBody),
+    /// A blob's pieces; file pieces go out with sendfile (`Some` splicer: plain
+    /// HTTP/1.x) and are never produced without one.
+    Blob(BlobBody, Option<Splicer>),
     /// A stored blob sent with sendfile (plain HTTP/1.x).
     Spliced(super::splice::SplicedBody),
 }
@@ -39,7 +42,17 @@ impl HttpBody for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Blob(s) => Pin::new(s).poll_frame(cx),
+            Body::Blob(b, splicer) => b.poll_piece(cx).map(|p| {
+                p.map(|p| match (p?, splicer) {
+                    (Piece::Bytes(b), _) => Ok(Frame::data(b)),
+                    (Piece::File { file, offset, len }, Some(s)) => {
+                        Ok(Frame::data(s.frame(file, offset, len)))
+                    }
+                    (Piece::File { .. }, None) => Err(io::Error::other(
+                        "internal: a file piece on a connection that cannot send files",
+                    )),
+                })
+            }),
             Body::Spliced(s) => Pin::new(s).poll_frame(cx),
         }
     }
@@ -47,7 +60,7 @@ impl HttpBody for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Full(b) => b.is_none(),
-            Body::Blob(_) => false,
+            Body::Blob(..) => false,
             Body::Spliced(s) => s.is_end_stream(),
         }
     }
@@ -56,7 +69,9 @@ impl HttpBody for Body {
         match self {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
-            Body::Blob(s) => s.size_hint(),
+            Body::Blob(b, _) => b
+                .content_length()
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
             Body::Spliced(s) => s.size_hint(),
         }
     }

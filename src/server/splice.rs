@@ -28,9 +28,9 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-/// The largest placeholder frame: one `sendfile` job. Never read or written by anyone; it
-/// lives in `.bss`, so it costs no memory.
-const PLACEHOLDER_LEN: usize = 4 << 20;
+/// The largest placeholder frame: one `sendfile` job (a blob body's largest file piece).
+/// Never read or written by anyone; it lives in `.bss`, so it costs no memory.
+const PLACEHOLDER_LEN: usize = crate::proxy::MAX_FILE_PIECE;
 /// Each job's frame starts at its own offset (a rolling count below this), so a frame
 /// can only be taken for the job it was made with: a left-over job of the same length
 /// would otherwise pass the check.
@@ -88,6 +88,15 @@ impl Jobs {
 /// answer a stored blob with a [`SplicedBody`].
 #[derive(Clone)]
 pub struct Splicer(pub(super) Arc<Jobs>);
+
+impl Splicer {
+    /// The placeholder frame for `len` bytes of `file` from `offset` (at most
+    /// [`PLACEHOLDER_LEN`]; a longer range is cut, and hyper then fails the response as
+    /// shorter than announced rather than send it as complete).
+    pub fn frame(&self, file: Arc<File>, offset: u64, len: usize) -> Bytes {
+        self.0.push(file, offset, len.min(PLACEHOLDER_LEN))
+    }
+}
 
 /// A stored file's byte range as placeholder frames.
 pub struct SplicedBody {

@@ -295,7 +295,7 @@ impl Store {
             digest: digest.clone(),
             temp,
             file: Arc::new(file),
-            hasher: digest.hasher(),
+            hasher: Some(digest.hasher()),
             written: 0,
         })
     }
@@ -488,7 +488,8 @@ pub struct BlobWriter {
     digest: Digest,
     temp: TempFile,
     file: Arc<File>,
-    hasher: Hasher,
+    /// `None` once [`BlobWriter::take_hasher`] moved hashing elsewhere.
+    hasher: Option<Hasher>,
     written: u64,
 }
 
@@ -502,7 +503,13 @@ impl BlobWriter {
         self.written
     }
 
-    /// Appends and hashes `chunk`. Blocking: call it from a blocking thread. When this
+    /// Takes the hasher out, for a caller that hashes the same bytes on another thread
+    /// (a fill overlaps hashing with writing); verify with [`Self::verify_hashed`] then.
+    pub fn take_hasher(&mut self) -> Option<Hasher> {
+        self.hasher.take()
+    }
+
+    /// Appends and hashes `chunk` (unless the hasher was taken). Blocking: call it from a blocking thread. When this
     /// returns, the bytes are visible to readers of the temp file.
     pub fn write_blocking(&mut self, chunk: &[u8]) -> io::Result<()> {
         self.try_write_blocking(chunk).map_err(|(_, e)| e)
@@ -523,7 +530,9 @@ impl BlobWriter {
                 Err(e) => break Some(e),
             }
         };
-        self.hasher.update(&chunk[..done]);
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&chunk[..done]);
+        }
         self.written += done as u64;
         match failure {
             None => Ok(()),
@@ -531,15 +540,19 @@ impl BlobWriter {
         }
     }
 
-    /// Hashes bytes that are passed to clients without being stored (the disk is full):
-    /// the blob is still verified before its last byte goes out.
-    pub fn hash_only(&mut self, bytes: &[u8]) {
-        self.hasher.update(bytes);
+    /// Checks the bytes against the digest. Cheap: they were hashed as they came.
+    pub fn verify(mut self) -> Result<VerifiedBlob, CommitError> {
+        let Some(hasher) = self.hasher.take() else {
+            return Err(CommitError::Io(io::Error::other(
+                "the blob was hashed elsewhere: verify it with verify_hashed",
+            )));
+        };
+        self.verify_hashed(hasher.finish())
     }
 
-    /// Checks the bytes against the digest. Cheap: they were hashed as they came.
-    pub fn verify(self) -> Result<VerifiedBlob, CommitError> {
-        let actual = self.hasher.finish();
+    /// Checks `actual`, the digest of every byte of the blob as hashed by the caller
+    /// (after [`Self::take_hasher`]), against the digest the blob was begun for.
+    pub fn verify_hashed(self, actual: Digest) -> Result<VerifiedBlob, CommitError> {
         if actual != self.digest {
             return Err(CommitError::Mismatch { actual });
         }
