@@ -1,197 +1,47 @@
-//! End-to-end benchmarks against real peers, each reference measured in the same run:
+//! End-to-end benchmarks against real peers, each reference measured in the same run. Every
+//! client is an external process (`curl` for bytes, `wrk` for request rates); CPU is
+//! utime + stime from `/proc/<pid>/stat` (nginx's workers included); figures are medians.
 //!
-//! - `pull`: warm throughput of a 256 MiB blob through berth vs nginx serving the same
-//!   file; a cold pull of a 3-layer ~100 MiB image through berth vs straight from the
-//!   registry.
+//! - `pull`: warm throughput of a 256 MiB blob through berth and through distribution's
+//!   proxy mode (warmed) vs nginx serving the same file; berth's warm blob over h2c, TLS
+//!   HTTP/1.1 and TLS HTTP/2 vs its plain HTTP/1.1 (sendfile), nginx alongside; a cold pull
+//!   of a 3-layer ~100 MiB image through berth and through distribution's proxy vs straight
+//!   from the registry.
 //! - `manifest`: cached manifest requests per second (wrk) by tag and by digest through
-//!   berth vs nginx serving the same bytes as a file.
-//! - `herd`: N concurrent cold pulls of one 256 MiB blob through berth vs through
-//!   distribution's own proxy mode, behind an upstream limited per connection (a CDN):
-//!   upstream bytes, wall time until every client has the whole blob, proxy peak RSS.
+//!   berth and through distribution's proxy vs nginx serving the same bytes as a file, and
+//!   berth by digest over TLS vs nginx over TLS.
+//! - `herd`: N concurrent cold pulls (curl processes) of one 256 MiB blob through berth vs
+//!   through distribution's own proxy mode, behind an upstream limited per connection (a
+//!   CDN): upstream bytes, wall time until every client has the whole blob, proxy peak RSS.
 //!
 //! - `ratelimit`: the demo of `scripts/demo-ratelimit.sh`: a burst of pulls straight at a
 //!   Docker Hub emulator (the later ones get 429) and the same burst through berth.
 //!
 //! Run with `scripts/bench.sh` / `scripts/bench-herd.sh` / `scripts/demo-ratelimit.sh`
-//! (or `cargo bench --bench e2e -- pull|herd|ratelimit`). Sizes and rates come from the
-//! environment (`BENCH_*`).
+//! (or `cargo bench --bench e2e -- pull|manifest|herd|ratelimit`). Sizes and rates come
+//! from the environment (`BENCH_*`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::berth::{Berth, UpstreamSpec};
-use support::front::{Faults, Front};
-use support::image::{build_image, push, BuiltImage, ImageSpec, Platform, LAYOUT_REF};
+use support::bench::{self, env_u64, median, Nginx, SelfSigned, GIB, MIB};
+use support::berth::{Berth, Extra, UpstreamSpec};
+use support::front::Front;
+use support::image::{
+    build_image, push, BuiltImage, ImageSpec, Platform, LAYOUT_REF, MANIFEST_MEDIA_TYPE,
+};
 use support::registry::{Registry, RegistryOptions};
 
-const MIB: u64 = 1024 * 1024;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Downloads `url` fully, `n` times at once; returns total bytes and wall time.
-async fn download(url: &str, n: usize) -> (u64, Duration) {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.to_owned());
-            tokio::spawn(async move {
-                let mut resp = client.get(&url).send().await.expect("GET");
-                assert!(resp.status().is_success(), "{url}: {}", resp.status());
-                let mut got = 0u64;
-                while let Some(c) = resp.chunk().await.expect("body") {
-                    got += c.len() as u64;
-                }
-                got
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.unwrap();
-    }
-    (total, started.elapsed())
-}
-
-/// Downloads `url` fully with `n` curl processes at once (an external client: an
-/// in-process one is slower than the server under test); returns total bytes and wall time.
-fn curl_download(url: &str, n: usize) -> (u64, Duration) {
-    let started = Instant::now();
-    let children: Vec<_> = (0..n)
-        .map(|_| {
-            Command::new("curl")
-                .args(["-sf", "-o", "/dev/null", "-w", "%{size_download}", url])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("run curl")
-        })
-        .collect();
-    let mut total = 0;
-    for c in children {
-        let out = c.wait_with_output().expect("curl");
-        assert!(out.status.success(), "curl {url} failed");
-        total += String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<u64>()
-            .unwrap_or(0);
-    }
-    (total, started.elapsed())
-}
-
-/// CPU seconds (user + system) a process and its children have used, from
-/// `/proc/<pid>/stat` (fields 14-17, in clock ticks).
-fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = |pid: u32| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // The command name may hold spaces: fields are counted after its closing paren.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        // After ')': state is index 0, so utime is 11, stime 12 (fields 14 and 15).
-        f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-    };
-    // nginx serves from worker processes: count every child of `pid` too.
-    let mut total = ticks(pid);
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
-            if ppid == Some(pid) {
-                total += ticks(child);
-            }
-        }
-    }
-    total as f64 / 100.0
-}
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-fn mibps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / MIB as f64 / d.as_secs_f64()
-}
-
-struct Nginx {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    fn start(root: &std::path::Path) -> Nginx {
-        let bin = support::require_tool("nginx");
-        let dir = tempfile::tempdir().unwrap();
-        let port = support::free_port();
-        let conf = format!(
-            "daemon off;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{ access_log off; sendfile on; tcp_nopush on;\n\
-               client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
-               uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-               server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
-            d = dir.path().display(),
-            root = root.display()
-        );
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Nginx {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+// ---------------------------------------------------------------------------------------
+// Peers and requests.
 
 async fn push_image(
     registry: &Registry,
-    dir: &std::path::Path,
+    dir: &Path,
     repo: &str,
     layers: &[u64],
     seed: u64,
@@ -215,123 +65,428 @@ async fn push_image(
     img
 }
 
-/// Fetches what `ctr pull` would: the manifest, then config and layers in parallel.
-async fn pull_image(base: &str, repo: &str, img: &BuiltImage) -> Duration {
-    let started = Instant::now();
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let m = client
-        .get(format!("{base}/v2/{repo}/manifests/v1"))
-        .header("accept", support::image::MANIFEST_MEDIA_TYPE)
-        .send()
-        .await
-        .unwrap();
-    assert!(m.status().is_success());
-    m.bytes().await.unwrap();
-    let mut urls = vec![format!("{base}/v2/{repo}/blobs/{}", img.config_digest)];
-    urls.extend(
-        img.layers
-            .iter()
-            .map(|(d, _)| format!("{base}/v2/{repo}/blobs/{d}")),
-    );
-    let tasks: Vec<_> = urls
-        .into_iter()
-        .map(|u| tokio::spawn(async move { download(&u, 1).await }))
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    started.elapsed()
+fn blob_url(base: &str, repo: &str, digest: &str) -> String {
+    format!("{base}/v2/{repo}/blobs/{digest}")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+fn manifest_url(base: &str, repo: &str, reference: &str) -> String {
+    format!("{base}/v2/{repo}/manifests/{reference}")
+}
+
+/// A GET of a manifest with the Accept header a pull sends.
+fn manifest_get(url: &str) -> Command {
+    let mut c = bench::get(url);
+    c.args(["-H", &format!("Accept: {MANIFEST_MEDIA_TYPE}")]);
+    c
+}
+
+/// CNCF distribution in proxy mode (a pull-through cache) in front of `upstream`.
+async fn distribution_proxy(upstream: &str) -> Registry {
+    Registry::start(RegistryOptions::default().with_proxy(upstream, None)).await
+}
+
+/// Waits (up to a minute) until distribution's proxy holds `digest` on its own disk: it
+/// stores a blob in the background, after the GET that asked for it has been answered.
+async fn distribution_holds(proxy: &Registry, digest: &str) {
+    let hex = &digest["sha256:".len()..];
+    let data = proxy.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let there = support::wait_until(Duration::from_secs(60), || {
+        let exists = data.exists();
+        async move { exists }
+    })
+    .await;
+    assert!(there, "distribution's proxy never stored {digest}");
+}
+
+/// berth serving its pull API over TLS (HTTP/1.1 and HTTP/2 by ALPN) with `cert`.
+async fn tls_berth(upstream: &str, cert: &SelfSigned) -> Berth {
+    let extra = Extra {
+        server: format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+        ..Extra::default()
+    };
+    Berth::start_opts(&[UpstreamSpec::docker_hub(upstream)], &extra).await
+}
+
+/// A pull-through proxy under test, started fresh on an upstream.
+enum Proxy {
+    Berth(Berth),
+    Distribution(Registry),
+}
+
+impl Proxy {
+    const NAMES: [&'static str; 2] = ["berth", "distribution"];
+
+    async fn start(name: &str, upstream: &str) -> Proxy {
+        match name {
+            "berth" => Proxy::Berth(Berth::start(&[UpstreamSpec::docker_hub(upstream)]).await),
+            _ => Proxy::Distribution(distribution_proxy(upstream).await),
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Proxy::Berth(b) => b.url(),
+            Proxy::Distribution(r) => r.url(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Proxy::Berth(b) => b.pid(),
+            Proxy::Distribution(r) => r.pid(),
+        }
+        .expect("the proxy runs")
+    }
+}
+
+/// `a / b` (two significant digits below 0.1), or a dash when `b` is nothing (a CPU
+/// delta under one clock tick).
+fn ratio(a: f64, b: f64) -> String {
+    match a / b {
+        r if !(b > 0.0 && r.is_finite()) => "–".to_owned(),
+        r if r > 0.0 && r < 0.1 => format!("{r:.*}", (1.0 - r.log10().floor()) as usize),
+        r => format!("{r:.2}"),
+    }
+}
+
+/// A server in a throughput or rate table: where the content is, how curl reaches it
+/// (transport options), and whose CPU counts.
+#[derive(Clone)]
+struct Target {
+    label: String,
+    url: String,
+    curl_args: Vec<String>,
+    /// The HTTP version curl must have spoken (`1.1`, `2`), when it is not left to it.
+    version: Option<&'static str>,
+    pid: u32,
+}
+
+impl Target {
+    fn new(label: &str, url: String, pid: Option<u32>) -> Target {
+        Target {
+            label: label.to_owned(),
+            url,
+            curl_args: Vec::new(),
+            version: None,
+            pid: pid.expect("the server runs"),
+        }
+    }
+
+    fn with(mut self, args: Vec<String>) -> Target {
+        self.curl_args.extend(args);
+        self
+    }
+
+    /// Over a given HTTP version: `flag` asks curl for it, and the answer is checked.
+    fn over(mut self, flag: &str, version: &'static str) -> Target {
+        self.curl_args.push(flag.to_owned());
+        self.version = Some(version);
+        self
+    }
+
+    fn get(&self) -> Command {
+        let mut c = bench::get(&self.url);
+        c.args(&self.curl_args);
+        c
+    }
+}
+
+/// What serves one file (a blob, a manifest) in the warm tables: berth (plain and TLS) and
+/// distribution's proxy, all on the same upstream, and nginx serving a copy of the file
+/// (plain HTTP/1.1, h2c and TLS).
+struct Servers {
+    berth: Berth,
+    berth_tls: Berth,
+    distribution: Registry,
+    nginx: Nginx,
+    cert: SelfSigned,
+    _root: tempfile::TempDir,
+}
+
+impl Servers {
+    /// Starts them; nginx serves `img`'s blob `digest` (a manifest is one too) as `/file`.
+    async fn start(registry: &Registry, img: &BuiltImage, digest: &str) -> Servers {
+        let cert = SelfSigned::new();
+        let root = tempfile::tempdir().expect("nginx root");
+        std::fs::copy(img.blob_path(digest), root.path().join("file")).expect("copy the file");
+        Servers {
+            berth: Berth::start(&[UpstreamSpec::docker_hub(&registry.url())]).await,
+            berth_tls: tls_berth(&registry.url(), &cert).await,
+            distribution: distribution_proxy(&registry.url()).await,
+            nginx: Nginx::start_with(root.path(), Some(&cert)),
+            cert,
+            _root: root,
+        }
+    }
+
+    /// `path` (`/v2/…`) through berth over plain HTTP.
+    fn berth(&self, label: &str, path: &str) -> Target {
+        Target::new(
+            label,
+            format!("{}{path}", self.berth.url()),
+            self.berth.pid(),
+        )
+    }
+
+    /// `path` through berth over TLS.
+    fn berth_tls(&self, label: &str, path: &str) -> Target {
+        let url = format!("https://{}{path}", self.berth_tls.addr);
+        Target::new(label, url, self.berth_tls.pid()).with(self.cert.curl_args())
+    }
+
+    fn distribution(&self, label: &str, path: &str) -> Target {
+        let url = format!("{}{path}", self.distribution.url());
+        Target::new(label, url, self.distribution.pid())
+    }
+
+    /// The file from nginx over plain HTTP/1.1 (sendfile).
+    fn nginx(&self, label: &str) -> Target {
+        Target::new(label, self.nginx.url("file"), Some(self.nginx.pid()))
+    }
+
+    /// The file from nginx's h2c port (HTTP/2 with prior knowledge only).
+    fn nginx_h2c(&self, label: &str) -> Target {
+        let url = format!("http://127.0.0.1:{}/file", self.nginx.h2c_port);
+        Target::new(label, url, Some(self.nginx.pid()))
+    }
+
+    fn nginx_tls(&self, label: &str) -> Target {
+        let port = self.nginx.tls_port.expect("nginx serves TLS");
+        let url = format!("https://127.0.0.1:{port}/file");
+        Target::new(label, url, Some(self.nginx.pid())).with(self.cert.curl_args())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Warm blobs: curl clients, bytes and CPU.
+
+#[derive(Clone, Copy)]
+struct Sample {
+    mibps: f64,
+    cpu_per_gib: f64,
+}
+
+impl Sample {
+    /// Table cells: MiB/s, its ratio to `reference`'s, CPU s per GiB, its ratio.
+    fn cells(&self, reference: &Sample) -> String {
+        format!(
+            "{:.0} | {} | {:.2} | {}",
+            self.mibps,
+            ratio(self.mibps, reference.mibps),
+            self.cpu_per_gib,
+            ratio(self.cpu_per_gib, reference.cpu_per_gib)
+        )
+    }
+}
+
+/// `clients` curls at once at `t`, each checked for `size` bytes. MiB/s: all the bytes
+/// over the slowest curl's own time (process start-up aside).
+async fn sample(t: &Target, clients: usize, size: u64) -> Sample {
+    let cpu0 = bench::cpu_secs(t.pid);
+    let (got, _) = bench::get_all((0..clients).map(|_| t.get()).collect()).await;
+    let cpu = bench::cpu_secs(t.pid) - cpu0;
+    for g in &got {
+        assert_eq!(g.bytes, size, "{}: short body {g:?}", t.label);
+        if let Some(v) = t.version {
+            assert_eq!(g.version, v, "{}: not over HTTP/{v}: {g:?}", t.label);
+        }
+    }
+    let bytes: u64 = got.iter().map(|g| g.bytes).sum();
+    let secs = bench::max(&got.iter().map(|g| g.secs).collect::<Vec<_>>());
+    Sample {
+        mibps: bench::mibps(bytes, secs),
+        cpu_per_gib: cpu / (bytes as f64 / GIB),
+    }
+}
+
+/// The median sample of each target over `rounds`; the targets take turns within a round,
+/// so that what else the machine does weighs on each alike.
+async fn medians(targets: &[Target], clients: usize, size: u64, rounds: usize) -> Vec<Sample> {
+    let mut all = vec![Vec::new(); targets.len()];
+    for _ in 0..rounds {
+        for (t, v) in targets.iter().zip(&mut all) {
+            v.push(sample(t, clients, size).await);
+        }
+    }
+    all.into_iter()
+        .map(|v| Sample {
+            mibps: median(v.iter().map(|s| s.mibps).collect()),
+            cpu_per_gib: median(v.iter().map(|s| s.cpu_per_gib).collect()),
+        })
+        .collect()
 }
 
 async fn bench_pull() {
     let blob_mib = env_u64("BENCH_BLOB_MIB", 256);
-    let rounds = env_u64("BENCH_ROUNDS", 5) as usize;
-    let dir = tempfile::tempdir().unwrap();
+    let rounds = env_u64("BENCH_ROUNDS", 5).max(1) as usize;
+    let dir = tempfile::tempdir().expect("tempdir");
     let registry = Registry::start(RegistryOptions::default()).await;
     let big = push_image(&registry, dir.path(), "library/big", &[blob_mib * MIB], 1).await;
-    let berth = Berth::start(&[UpstreamSpec::docker_hub(&registry.url())]).await;
     let (digest, size) = big.layers[0].clone();
-    let url = format!("{}/v2/library/big/blobs/{digest}", berth.url());
-    download(&url, 1).await; // warm it
-
-    // nginx serves the very file berth stored.
-    let root = tempfile::tempdir().unwrap();
-    std::fs::copy(big.blob_path(&digest), root.path().join("blob")).unwrap();
-    let nginx = Nginx::start(root.path());
-    let nginx_url = format!("http://127.0.0.1:{}/blob", nginx.port);
-    download(&nginx_url, 1).await;
-
-    println!(
-        "\n## Warm throughput, {blob_mib} MiB blob ({} B), curl clients, median of {rounds}\n",
-        size
-    );
-    println!("| clients | berth MiB/s | nginx MiB/s | berth / nginx | berth CPU s/GiB | nginx CPU s/GiB | CPU berth / nginx |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let berth_pid = berth.pid().expect("berth pid");
-    let nginx_pid = nginx.child.id();
-    for clients in [1usize, 4] {
-        let (mut b, mut n, mut bc, mut nc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            let cpu = cpu_seconds(berth_pid);
-            let (bytes, d) = curl_download(&url, clients);
-            bc.push((cpu_seconds(berth_pid) - cpu) / (bytes as f64 / (1024.0 * MIB as f64)));
-            b.push(mibps(bytes, d));
-            let cpu = cpu_seconds(nginx_pid);
-            let (bytes, d) = curl_download(&nginx_url, clients);
-            nc.push((cpu_seconds(nginx_pid) - cpu) / (bytes as f64 / (1024.0 * MIB as f64)));
-            n.push(mibps(bytes, d));
+    {
+        let servers = Servers::start(&registry, &big, &digest).await;
+        // Each proxy fetches the blob once, fully, before any round.
+        let path = format!("/v2/library/big/blobs/{digest}");
+        for proxy in [
+            servers.berth("", &path),
+            servers.berth_tls("", &path),
+            servers.distribution("", &path),
+        ] {
+            sample(&proxy, 1, size).await;
         }
-        let (b, n, bc, nc) = (median(b), median(n), median(bc), median(nc));
+        distribution_holds(&servers.distribution, &digest).await;
+        bench_warm(&servers, &path, size, rounds).await;
+        bench_transports(&servers, &path, size, rounds).await;
+    }
+    bench_cold_pull(&registry, dir.path(), rounds).await;
+}
+
+/// Warm throughput over plain HTTP/1.1: berth and distribution's proxy vs nginx.
+async fn bench_warm(servers: &Servers, path: &str, size: u64, rounds: usize) {
+    let targets = [
+        servers.nginx("nginx (sendfile)"),
+        servers.berth("berth", path),
+        servers.distribution("distribution's proxy (warm)", path),
+    ];
+    println!(
+        "\n## Warm blob over plain HTTP/1.1, {} MiB ({size} B), curl clients, \
+         median of {rounds}\n\n\
+         MiB/s: all clients' bytes over the slowest one's time. CPU: utime + stime of the \
+         server (nginx: its workers too) per GiB sent. Both against nginx serving the same \
+         file, measured in the same rounds.\n",
+        size / MIB
+    );
+    println!("| clients | server | MiB/s | / nginx | CPU s per GiB | CPU / nginx |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for clients in [1usize, 4] {
+        let s = medians(&targets, clients, size, rounds).await;
+        for (t, x) in targets.iter().zip(&s) {
+            println!("| {clients} | {} | {} |", t.label, x.cells(&s[0]));
+        }
+    }
+}
+
+/// berth's warm blob over each transport (one curl) vs its plain HTTP/1.1, which sends
+/// with sendfile; nginx over the same transports alongside.
+async fn bench_transports(servers: &Servers, path: &str, size: u64, rounds: usize) {
+    // What curl is asked for, the HTTP version it must then speak, and whether over TLS.
+    let transports = [
+        ("plain HTTP/1.1", "--http1.1", "1.1", false),
+        (
+            "h2c (prior knowledge)",
+            "--http2-prior-knowledge",
+            "2",
+            false,
+        ),
+        ("TLS, HTTP/1.1", "--http1.1", "1.1", true),
+        ("TLS, HTTP/2 (ALPN)", "--http2", "2", true),
+    ];
+    let mut targets = Vec::new();
+    for (label, flag, version, tls) in transports {
+        let (berth, nginx) = match (tls, version) {
+            (true, _) => (servers.berth_tls(label, path), servers.nginx_tls("")),
+            (false, "2") => (servers.berth(label, path), servers.nginx_h2c("")),
+            (false, _) => (servers.berth(label, path), servers.nginx("")),
+        };
+        targets.extend([berth.over(flag, version), nginx.over(flag, version)]);
+    }
+    let s = medians(&targets, 1, size, rounds).await;
+    println!(
+        "\n## berth's warm blob by transport, {} MiB, 1 curl client, median of {rounds}\n\n\
+         Ratios against berth's plain HTTP/1.1 (sendfile) in the same rounds; nginx serving \
+         the same file over the same transport alongside. TLS: a self-signed P-256 \
+         certificate, curl --cacert. CPU: utime + stime per GiB sent.\n",
+        size / MIB
+    );
+    println!(
+        "| transport | berth MiB/s | / plain HTTP/1.1 | berth CPU s per GiB | CPU / plain HTTP/1.1 \
+         | nginx MiB/s | berth / nginx | nginx CPU s per GiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (pair, t) in s.chunks(2).zip(targets.iter().step_by(2)) {
+        let (b, n) = (pair[0], pair[1]);
         println!(
-            "| {clients} | {b:.0} | {n:.0} | {:.2} | {bc:.2} | {nc:.2} | {:.1} |",
-            b / n,
-            bc / nc.max(0.01)
+            "| {} | {} | {:.0} | {} | {:.2} |",
+            t.label,
+            b.cells(&s[0]),
+            n.mibps,
+            ratio(b.mibps, n.mibps),
+            n.cpu_per_gib,
         );
     }
-    drop(berth);
+}
 
-    // Cold pull: a fresh berth each round, against the same upstream as the direct pull:
-    // once unlimited (loopback: berth's own cost shows), once at a CDN-like rate per
-    // connection (what a cluster sees).
+// ---------------------------------------------------------------------------------------
+// Cold pulls.
+
+/// What `ctr pull` fetches, each by its own curl: the manifest, then the config and the
+/// layers all at once. Checks every size; returns the seconds until the last byte.
+async fn pull_image(base: &str, repo: &str, img: &BuiltImage) -> f64 {
+    let started = Instant::now();
+    let (got, _) = bench::get_all(vec![manifest_get(&manifest_url(base, repo, "v1"))]).await;
+    assert_eq!(got[0].bytes, img.manifest_size, "manifest from {base}");
+    let mut blobs = vec![(img.config_digest.clone(), img.config_size)];
+    blobs.extend(img.layers.iter().cloned());
+    let cmds = blobs
+        .iter()
+        .map(|(d, _)| bench::get(&blob_url(base, repo, d)))
+        .collect();
+    let (got, _) = bench::get_all(cmds).await;
+    for (g, (digest, size)) in got.iter().zip(&blobs) {
+        assert_eq!(g.bytes, *size, "{digest} from {base}: {g:?}");
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Cold pull: fresh proxies each round, against the same upstream as the direct pull: once
+/// unlimited (loopback: a proxy's own cost shows), once at a CDN-like rate per connection
+/// (what a cluster sees).
+async fn bench_cold_pull(registry: &Registry, dir: &Path, rounds: usize) {
     let layers = [50 * MIB, 30 * MIB, 20 * MIB];
-    let img = push_image(&registry, dir.path(), "library/app", &layers, 2).await;
+    let img = push_image(registry, dir, "library/app", &layers, 2).await;
     let cdn_rate = env_u64("BENCH_CDN_RATE_MIB", 100);
-    println!("\n## Cold pull, 3 layers (50 + 30 + 20 MiB), median of {rounds}\n");
-    println!("| upstream | direct s | through berth (cold) s | berth / direct |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "\n## Cold pull, 3 layers (50 + 30 + 20 MiB), median of {rounds}\n\n\
+         A pull as `ctr pull` makes it, every request its own curl: the manifest, then the \
+         config and the layers at once. A fresh proxy each round; the reference is the same \
+         pull straight from the upstream, in the same round.\n"
+    );
+    println!(
+        "| upstream | direct s | through berth (cold) s | through distribution's proxy (cold) s \
+         | berth / direct | distribution / direct |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for rate in [None, Some(cdn_rate)] {
-        let front = Front::start(&registry.url()).await;
-        front.set_faults(Faults {
-            throttle: rate.map(|r| r * MIB),
-            ..Faults::default()
-        });
-        let mut direct = Vec::new();
-        let mut via = Vec::new();
+        let front = bench::throttled_front(&registry.url(), rate).await;
+        let mut runs = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..rounds {
-            direct.push(
-                pull_image(&front.url(), "library/app", &img)
-                    .await
-                    .as_secs_f64(),
-            );
-            let berth = Berth::start(&[UpstreamSpec::docker_hub(&front.url())]).await;
-            via.push(
-                pull_image(&berth.url(), "library/app", &img)
-                    .await
-                    .as_secs_f64(),
-            );
+            runs[0].push(pull_image(&front.url(), "library/app", &img).await);
+            for (name, v) in Proxy::NAMES.iter().zip(&mut runs[1..]) {
+                let proxy = Proxy::start(name, &front.url()).await;
+                v.push(pull_image(&proxy.url(), "library/app", &img).await);
+            }
         }
-        let (d, v) = (median(direct), median(via));
+        let [d, b, x] = runs.map(median);
         let label = rate.map_or("loopback, unlimited".to_owned(), |r| {
             format!("{r} MiB/s per connection")
         });
-        println!("| {label} | {d:.3} | {v:.3} | {:.2} |", v / d);
+        println!(
+            "| {label} | {d:.3} | {b:.3} | {x:.3} | {} | {} |",
+            ratio(b, d),
+            ratio(x, d)
+        );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Cached manifests: wrk clients, requests per second and CPU per request.
 
 /// Requests per second `wrk` (1 thread, 32 connections) gets from `url` in `secs`.
 fn wrk_rate(url: &str, accept: &str, secs: u64) -> f64 {
@@ -343,7 +498,7 @@ fn wrk_rate(url: &str, accept: &str, secs: u64) -> f64 {
         .expect("run wrk");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        !text.contains("Non-2xx"),
+        !text.contains("Non-2xx") && !text.contains("Socket errors"),
         "wrk got errors from {url}:\n{text}"
     );
     text.lines()
@@ -352,96 +507,152 @@ fn wrk_rate(url: &str, accept: &str, secs: u64) -> f64 {
         .unwrap_or_else(|| panic!("no rate in wrk's output:\n{text}"))
 }
 
+#[derive(Clone, Copy)]
+struct Rate {
+    per_sec: f64,
+    server_us: f64,
+    upstream_us: f64,
+}
+
+/// One wrk run at `t`: its rate, and the CPU per request of `t`'s server and of `upstream`.
+fn rate_sample(t: &Target, upstream: u32, secs: u64) -> Rate {
+    let (s0, u0) = (bench::cpu_secs(t.pid), bench::cpu_secs(upstream));
+    let per_sec = wrk_rate(&t.url, MANIFEST_MEDIA_TYPE, secs);
+    let requests = per_sec * secs as f64;
+    Rate {
+        per_sec,
+        server_us: (bench::cpu_secs(t.pid) - s0) / requests * 1e6,
+        upstream_us: (bench::cpu_secs(upstream) - u0) / requests * 1e6,
+    }
+}
+
+/// The manifest table's rows, each with the row it is compared with (nginx over the same
+/// transport): plain HTTP first, then TLS.
+fn manifest_rows(servers: &Servers, repo: &str, digest: &str) -> Vec<(Target, usize)> {
+    let (tag, by_digest) = (
+        format!("/v2/{repo}/manifests/v1"),
+        format!("/v2/{repo}/manifests/{digest}"),
+    );
+    let plain = [
+        servers.nginx("nginx (file)"),
+        servers.berth("berth by tag", &tag),
+        servers.berth("berth by digest", &by_digest),
+        servers.distribution("distribution's proxy by tag", &tag),
+        servers.distribution("distribution's proxy by digest", &by_digest),
+    ];
+    let tls = [
+        servers.nginx_tls("nginx (file) over TLS"),
+        servers.berth_tls("berth by digest over TLS", &by_digest),
+    ];
+    let n = plain.len();
+    let plain = plain.into_iter().map(|t| (t, 0));
+    plain.chain(tls.into_iter().map(|t| (t, n))).collect()
+}
+
 async fn bench_manifest() {
-    let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
+    let rounds = env_u64("BENCH_ROUNDS", 3).max(1) as usize;
     let secs = env_u64("BENCH_SECS", 5);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("tempdir");
     let registry = Registry::start(RegistryOptions::default()).await;
     let img = push_image(&registry, dir.path(), "library/small", &[4096], 3).await;
-    let berth = Berth::start(&[UpstreamSpec::docker_hub(&registry.url())]).await;
-    let accept = support::image::MANIFEST_MEDIA_TYPE;
-    let by_tag = format!("{}/v2/library/small/manifests/v1", berth.url());
-    let by_digest = format!(
-        "{}/v2/library/small/manifests/{}",
-        berth.url(),
-        img.manifest_digest
-    );
-    let warm = Command::new("curl")
-        .args(["-sf", "-o", "/dev/null", "-H"])
-        .arg(format!("Accept: {accept}"))
-        .arg(&by_tag)
-        .status()
-        .expect("curl");
-    assert!(warm.success());
-    let root = tempfile::tempdir().unwrap();
-    std::fs::write(root.path().join("manifest"), &img.manifest).unwrap();
-    let nginx = Nginx::start(root.path());
-    let nginx_url = format!("http://127.0.0.1:{}/manifest", nginx.port);
-    let berth_pid = berth.pid().expect("berth pid");
-    let (mut t, mut d, mut n, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        let before = cpu_seconds(berth_pid);
-        let rate = wrk_rate(&by_tag, accept, secs);
-        cpu.push((cpu_seconds(berth_pid) - before) / (rate * secs as f64) * 1e6);
-        t.push(rate);
-        d.push(wrk_rate(&by_digest, accept, secs));
-        n.push(wrk_rate(&nginx_url, accept, secs));
+    let servers = Servers::start(&registry, &img, &img.manifest_digest).await;
+    let rows = manifest_rows(&servers, "library/small", &img.manifest_digest);
+    // One GET of each first, so that the proxies hold the manifest.
+    for (t, _) in &rows {
+        let mut cmd = manifest_get(&t.url);
+        cmd.args(&t.curl_args);
+        let (got, _) = bench::get_all(vec![cmd]).await;
+        assert_eq!(got[0].bytes, img.manifest_size, "{}: {:?}", t.label, got[0]);
     }
-    let (t, d, n, cpu) = (median(t), median(d), median(n), median(cpu));
+    let upstream = registry.pid().expect("registry runs");
+    let mut all = vec![Vec::new(); rows.len()];
+    for _ in 0..rounds {
+        for ((t, _), v) in rows.iter().zip(&mut all) {
+            v.push(rate_sample(t, upstream, secs));
+        }
+    }
+    let m: Vec<Rate> = all
+        .into_iter()
+        .map(|v| Rate {
+            per_sec: median(v.iter().map(|r| r.per_sec).collect()),
+            server_us: median(v.iter().map(|r| r.server_us).collect()),
+            upstream_us: median(v.iter().map(|r| r.upstream_us).collect()),
+        })
+        .collect();
+    print_manifest_table(&rows, &m, img.manifest.len(), secs, rounds);
+}
+
+fn print_manifest_table(
+    rows: &[(Target, usize)],
+    m: &[Rate],
+    size: usize,
+    secs: u64,
+    rounds: usize,
+) {
     println!(
-        "\n## Cached manifest ({} B), wrk -t1 -c32 -d{secs}s, median of {rounds}\n",
-        img.manifest.len()
+        "\n## Cached manifest ({size} B), wrk -t1 -c32 -d{secs}s, median of {rounds}\n\n\
+         Against nginx serving the same bytes as a file over the same transport, in the same \
+         rounds. CPU per request: utime + stime of the server (nginx: its workers too), and \
+         of the registry behind the proxies. distribution's proxy asks that registry for the \
+         tag on every request by tag: its behaviour, reported as it is.\n"
     );
-    println!("| berth by tag req/s | berth by digest req/s | nginx (file) req/s | tag / nginx | digest / nginx | berth CPU µs per request |");
-    println!("|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {t:.0} | {d:.0} | {n:.0} | {:.2} | {:.2} | {cpu:.0} |",
-        t / n,
-        d / n
+        "| path | req/s | / nginx, same transport | server CPU µs per request \
+         | upstream registry CPU µs per request |"
     );
+    println!("|---|---:|---:|---:|---:|");
+    for ((t, reference), x) in rows.iter().zip(m) {
+        println!(
+            "| {} | {:.0} | {} | {:.0} | {:.0} |",
+            t.label,
+            x.per_sec,
+            ratio(x.per_sec, m[*reference].per_sec),
+            x.server_us,
+            x.upstream_us
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Herd.
+
+/// N curls at once, cold, through a fresh `proxy` behind a fresh throttled front. Returns
+/// wall seconds, upstream bytes (in blobs) and the proxy's peak RSS.
+async fn herd_once(
+    proxy: &str,
+    registry: &Registry,
+    (digest, size): &(String, u64),
+    n: usize,
+    rate_mib: u64,
+) -> (f64, f64, f64) {
+    let front = bench::throttled_front(&registry.url(), Some(rate_mib)).await;
+    let proxy = Proxy::start(proxy, &front.url()).await;
+    let url = blob_url(&proxy.url(), "library/big", digest);
+    let (got, wall) = bench::get_all((0..n).map(|_| bench::get(&url)).collect()).await;
+    for g in &got {
+        assert_eq!(g.bytes, *size, "N={n}: short body {g:?}");
+    }
+    let up = front.bytes("GET", digest) as f64 / *size as f64;
+    (wall.as_secs_f64(), up, bench::peak_rss_mib(proxy.pid()))
 }
 
 async fn bench_herd() {
     let blob_mib = env_u64("BENCH_BLOB_MIB", 256);
     let rate_mib = env_u64("BENCH_RATE_MIB", 10);
-    let ns: Vec<usize> = std::env::var("BENCH_N")
-        .unwrap_or_else(|_| "1,10,50,200".into())
-        .split(',')
-        .filter_map(|n| n.trim().parse().ok())
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
+    let ns = bench::env_list("BENCH_N", "1,10,50,200");
+    let dir = tempfile::tempdir().expect("tempdir");
     let registry = Registry::start(RegistryOptions::default()).await;
     let img = push_image(&registry, dir.path(), "library/big", &[blob_mib * MIB], 3).await;
-    let (digest, size) = img.layers[0].clone();
     println!(
-        "\n## Herd: N concurrent cold pulls of one {blob_mib} MiB blob, upstream {rate_mib} MiB/s per connection\n"
+        "\n## Herd: N concurrent cold pulls (curl processes) of one {blob_mib} MiB blob, \
+         upstream {rate_mib} MiB/s per connection\n"
     );
     println!("| proxy | N | upstream bytes (x blob) | wall s | wall / wall(N=1) | peak RSS MiB |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for proxy in ["berth", "distribution"] {
+    for proxy in Proxy::NAMES {
         let mut base_wall = None;
         for &n in &ns {
-            let front = Front::start(&registry.url()).await;
-            front.set_faults(Faults {
-                throttle: Some(rate_mib * MIB),
-                ..Faults::default()
-            });
-            let (wall, got, rss) = if proxy == "berth" {
-                let berth = Berth::start(&[UpstreamSpec::docker_hub(&front.url())]).await;
-                let url = format!("{}/v2/library/big/blobs/{digest}", berth.url());
-                let (got, wall) = download(&url, n).await;
-                (wall, got, peak_rss_mib(berth.pid().unwrap()))
-            } else {
-                let reg =
-                    Registry::start(RegistryOptions::default().with_proxy(&front.url(), None))
-                        .await;
-                let url = format!("{}/v2/library/big/blobs/{digest}", reg.url());
-                let (got, wall) = download(&url, n).await;
-                (wall, got, peak_rss_mib(reg.pid().unwrap()))
-            };
-            assert_eq!(got, size * n as u64, "{proxy} N={n}: short bodies");
-            let up = front.bytes("GET", &digest) as f64 / size as f64;
-            let w = wall.as_secs_f64();
+            let (w, up, rss) = herd_once(proxy, &registry, &img.layers[0], n, rate_mib).await;
             let base = *base_wall.get_or_insert(w);
             println!(
                 "| {proxy} | {n} | {up:.2} | {w:.1} | {:.2} | {rss:.0} |",
@@ -450,6 +661,9 @@ async fn bench_herd() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The rate-limit demo (in-process clients: it counts requests, it times nothing).
 
 /// One kubelet-style pull straight at Docker Hub: token, HEAD the tag (free), GET the
 /// manifest by digest (counted). Returns the GET's status.
@@ -586,6 +800,7 @@ async fn main() {
         return;
     };
     let all = which.is_empty();
+    bench::describe_machine();
     if all || which.iter().any(|w| w == "pull") {
         bench_pull().await;
     }

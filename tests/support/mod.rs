@@ -10,6 +10,7 @@
 
 #![allow(dead_code)] // each test module uses a different part of the harness
 
+pub mod bench;
 pub mod berth;
 pub mod containerd;
 pub mod fleet;
