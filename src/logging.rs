@@ -2,10 +2,11 @@
 //!
 //! Where an event happens, its fields are only captured: numbers as they are, strings
 //! and `Display`/`Debug` values copied into a small record, the enclosing spans by
-//! reference (their fields were captured once, when the span was made). One thread
-//! formats the records (text or JSON) and writes them to stderr in batches, flushing
-//! whenever it has caught up. A queue that is full (a stderr nobody reads) drops lines
-//! and counts them in `berth_log_lines_dropped_total`; it never stalls a request.
+//! reference (their fields were captured once, when the span was made). One thread,
+//! waking every 10 ms (a request never wakes it), formats what is queued (text or JSON)
+//! and writes it to stderr in one batch. A queue that is full (a stderr nobody reads)
+//! drops lines and counts them in `berth_log_lines_dropped_total`; it never stalls a
+//! request.
 //!
 //! The JSON shape is tracing-subscriber's with flattened events: `timestamp`, `level`,
 //! `message`, the event's fields, `target`, `span` (the innermost) and `spans`.
@@ -83,12 +84,16 @@ const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 /// lives as long as the process (the global subscriber keeps its queue open).
 pub struct Guard {
     tx: SyncSender<Msg>,
+    writer: Option<std::thread::Thread>,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
         let (ack, done) = mpsc::sync_channel(1);
         if self.tx.send(Msg::Flush(ack)).is_ok() {
+            if let Some(w) = &self.writer {
+                w.unpark();
+            }
             let _ = done.recv_timeout(FLUSH_AT_EXIT);
         }
     }
@@ -113,18 +118,32 @@ pub fn init(format: Format) -> Guard {
 fn layer(format: Format, out: impl std::io::Write + Send + 'static) -> (OffPath, Guard) {
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     // Without its thread (it could not be started), lines are dropped and counted.
-    let _ = std::thread::Builder::new()
+    let writer = std::thread::Builder::new()
         .name("berth-log".into())
-        .spawn(move || write_lines(rx, format, out));
-    (OffPath { tx: tx.clone() }, Guard { tx })
+        .spawn(move || write_lines(rx, format, out))
+        .ok()
+        .map(|t| t.thread().clone());
+    (OffPath { tx: tx.clone() }, Guard { tx, writer })
 }
 
-/// The writer thread: formats each line into one buffer, flushes once the queue is empty.
+/// How often the writer thread looks at the queue. It never waits *on* the queue: a
+/// sender would then wake it (a futex call on the request path) for every line.
+const WRITE_EVERY: Duration = Duration::from_millis(10);
+
+/// The writer thread: every [`WRITE_EVERY`], formats what is queued into one buffer and
+/// writes it out.
 fn write_lines(rx: Receiver<Msg>, format: Format, out: impl std::io::Write) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut text = String::with_capacity(512);
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
+    loop {
+        let mut next = match rx.try_recv() {
+            Ok(msg) => Some(msg),
+            Err(mpsc::TryRecvError::Empty) => {
+                std::thread::park_timeout(WRITE_EVERY);
+                continue;
+            }
+            Err(mpsc::TryRecvError::Disconnected) => return,
+        };
         while let Some(msg) = next {
             match msg {
                 Msg::Line(line) => {

@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use berth::config::Config;
 
+/// mimalloc: per-thread free lists and no trimming back to the kernel on every free. With
+/// glibc's allocator, a cached manifest GET cost 16% more instructions (callgrind), and a
+/// fill refaulted fresh pages for every network buffer.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "berth",
