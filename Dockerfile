@@ -14,7 +14,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY config ./config
-# aws-lc-sys (rustls' crypto) builds with the C compiler already in this image; no cmake.
+# aws-lc-sys (rustls' crypto) and mimalloc build with the C compiler already in this
+# image; no cmake.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin berth \
