@@ -18,7 +18,7 @@
 //!   Docker Hub emulator (the later ones get 429) and the same burst through berth.
 //!
 //! Run with `scripts/bench.sh` / `scripts/bench-herd.sh` / `scripts/demo-ratelimit.sh`
-//! (or `cargo bench --bench e2e -- pull|manifest|herd|ratelimit`). Sizes and rates come
+//! (or `cargo bench --bench e2e -- pull|cold|manifest|herd|ratelimit`). Sizes and rates come
 //! from the environment (`BENCH_*`).
 
 #[path = "../tests/support/mod.rs"]
@@ -348,6 +348,14 @@ async fn bench_pull() {
     bench_cold_pull(&registry, dir.path(), rounds).await;
 }
 
+/// The cold pull alone (`cargo bench --bench e2e -- cold`).
+async fn bench_cold() {
+    let rounds = env_u64("BENCH_ROUNDS", 5).max(1) as usize;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::start(RegistryOptions::default()).await;
+    bench_cold_pull(&registry, dir.path(), rounds).await;
+}
+
 /// Warm throughput over plain HTTP/1.1: berth and distribution's proxy vs nginx.
 async fn bench_warm(servers: &Servers, path: &str, size: u64, rounds: usize) {
     let targets = [
@@ -463,14 +471,26 @@ async fn bench_cold_pull(registry: &Registry, dir: &Path, rounds: usize) {
          | berth / direct | distribution / direct |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
+    let mut berth_cpu = Vec::new();
     for rate in [None, Some(cdn_rate)] {
-        let front = bench::throttled_front(&registry.url(), rate).await;
+        // Unlimited: the registry itself (a front in between would spend the same CPU
+        // the proxies compete for); limited: the throttling front before it.
+        let front = match rate {
+            Some(_) => Some(bench::throttled_front(&registry.url(), rate).await),
+            None => None,
+        };
+        let upstream = front.as_ref().map_or_else(|| registry.url(), |f| f.url());
         let mut runs = [Vec::new(), Vec::new(), Vec::new()];
+        let mut cpu = Vec::new();
         for _ in 0..rounds {
-            runs[0].push(pull_image(&front.url(), "library/app", &img).await);
+            runs[0].push(pull_image(&upstream, "library/app", &img).await);
             for (name, v) in Proxy::NAMES.iter().zip(&mut runs[1..]) {
-                let proxy = Proxy::start(name, &front.url()).await;
+                let proxy = Proxy::start(name, &upstream).await;
+                let before = bench::cpu_secs(proxy.pid());
                 v.push(pull_image(&proxy.url(), "library/app", &img).await);
+                if *name == "berth" {
+                    cpu.push(bench::cpu_secs(proxy.pid()) - before);
+                }
             }
         }
         let [d, b, x] = runs.map(median);
@@ -482,6 +502,11 @@ async fn bench_cold_pull(registry: &Registry, dir: &Path, rounds: usize) {
             ratio(b, d),
             ratio(x, d)
         );
+        berth_cpu.push((label, median(cpu)));
+    }
+    println!();
+    for (label, cpu) in berth_cpu {
+        println!("berth's CPU for the cold pull ({label}): {cpu:.2} s (utime + stime, median)");
     }
 }
 
@@ -800,9 +825,14 @@ async fn main() {
         return;
     };
     let all = which.is_empty();
+    // berth as it runs in production (info), not at the test suite's debug level.
+    std::env::set_var("BERTH_TEST_LOG", "info");
     bench::describe_machine();
     if all || which.iter().any(|w| w == "pull") {
         bench_pull().await;
+    }
+    if which.iter().any(|w| w == "cold") {
+        bench_cold().await;
     }
     if all || which.iter().any(|w| w == "manifest") {
         bench_manifest().await;

@@ -356,6 +356,7 @@ impl FillTask {
             .ok_or_else(|| self.internal("hashing", "the writer has no hasher"))?;
         let (to_hash, hash_in) = mpsc::channel::<Bytes>(16);
         let hashing = tokio::task::spawn_blocking(move || hash_all(hasher, hash_in));
+        let reserver = writer.reserver();
         let (to_disk, disk_in) = mpsc::channel::<Bytes>(16);
         let disk = DiskSide {
             progress: self.tx.clone(),
@@ -363,7 +364,12 @@ impl FillTask {
             store: self.store.clone(),
         };
         let disk = tokio::task::spawn_blocking(move || disk.write_all(writer, disk_in));
-        let streamed = self.stream(Sinks { to_hash, to_disk }, reader).await;
+        let sinks = Sinks {
+            to_hash,
+            to_disk,
+            reserver: Some(reserver),
+        };
+        let streamed = self.stream(sinks, reader).await;
         let (writer, passing) = match disk.await {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => return Err(self.internal("writing", e)),
@@ -484,7 +490,7 @@ impl FillTask {
 
     /// Receives the blob from upstream into `chunks`, resuming a cut transfer with a
     /// `Range` request a bounded number of times.
-    async fn stream(&self, sinks: Sinks, reader: Arc<File>) -> Result<u64, oci::Error> {
+    async fn stream(&self, mut sinks: Sinks, reader: Arc<File>) -> Result<u64, oci::Error> {
         let up = &self.upstream;
         let mut received = 0u64;
         let mut resumes = 0;
@@ -520,6 +526,14 @@ impl FillTask {
             *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(resp.answered.clone());
             if total.is_none() {
                 total = resp.total;
+                if let (Some(t), Some(r)) = (total, sinks.reserver.take()) {
+                    // Not waited for: the writes queue behind it on the inode anyway.
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = r.reserve(t) {
+                            tracing::debug!(error = %e, "could not reserve the blob's space");
+                        }
+                    });
+                }
                 self.tx.send_modify(|p| {
                     p.status = Status::Streaming;
                     p.total = total;
@@ -584,6 +598,8 @@ impl FillTask {
 struct Sinks {
     to_hash: mpsc::Sender<Bytes>,
     to_disk: mpsc::Sender<Bytes>,
+    /// Taken when the size is first known.
+    reserver: Option<crate::store::Reserver>,
 }
 
 impl Sinks {

@@ -200,7 +200,11 @@ impl Berth {
         let child = Command::new(binary())
             .args(["--log-format", "json", "serve", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "info,berth=debug")
+            // Tests log berth's debug lines; benchmarks set BERTH_TEST_LOG=info.
+            .env(
+                "RUST_LOG",
+                std::env::var("BERTH_TEST_LOG").unwrap_or_else(|_| "info,berth=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
