@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use berth::config::Config;
 
 /// mimalloc: per-thread free lists and no trimming back to the kernel on every free. With
-/// glibc's allocator, a cached manifest GET cost 16% more instructions (callgrind), and a
-/// fill refaulted fresh pages for every network buffer.
+/// glibc's allocator a cached manifest GET cost 16% more instructions (callgrind) and 40%
+/// more CPU time. Built without transparent huge pages (`no_thp`): with them, a cold
+/// 100 MiB fill peaked at 59 MiB RSS; without, 38 MiB (glibc: 29 MiB).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
