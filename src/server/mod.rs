@@ -209,17 +209,20 @@ pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<tokio_rustls::TlsAcceptor, String> {
-    let certs = rustls_pemfile::certs(&mut io::BufReader::new(
-        std::fs::File::open(cert)
-            .map_err(|e| format!("server.tls_cert {}: {e}", cert.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(|e| format!("server.tls_cert {}: {e}", cert.display()))?;
-    let key = rustls_pemfile::private_key(&mut io::BufReader::new(
-        std::fs::File::open(key).map_err(|e| format!("server.tls_key {}: {e}", key.display()))?,
-    ))
-    .map_err(|e| format!("server.tls_key {}: {e}", key.display()))?
-    .ok_or_else(|| format!("server.tls_key {}: no private key found", key.display()))?;
+    // rustls-pki-types' PEM reader (rustls-pemfile is archived).
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("server.tls_cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "server.tls_cert {}: no certificate found",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("server.tls_key {}: {e}", key.display()))?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)

@@ -47,17 +47,10 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .map(|d| d.min(MAX_RETRY_AFTER))
 }
 
-/// HTTP-date (`Sun, 06 Nov 1994 08:49:37 GMT`) via humantime's RFC 3339 parser.
+/// HTTP-date (`Sun, 06 Nov 1994 08:49:37 GMT`, and the obsolete forms RFC 9110 asks
+/// recipients to accept).
 fn httpdate(v: &str) -> Option<std::time::SystemTime> {
-    let parts: Vec<&str> = v.split_whitespace().collect();
-    let [_, day, mon, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let m = MONTHS.iter().position(|x| x == mon)? + 1;
-    humantime::parse_rfc3339(&format!("{year}-{m:02}-{day:0>2}T{time}Z")).ok()
+    httpdate::parse_http_date(v).ok()
 }
 
 /// `bytes <start>-<end>/<total|*>` → (start, total).

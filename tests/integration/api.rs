@@ -276,3 +276,57 @@ async fn idle_connections_are_closed() {
         "closed after {idle:?}, not at the 1 s idle timeout"
     );
 }
+
+/// berth serves its pull API over TLS with the configured PEM files, HTTP/1.1 and HTTP/2
+/// by ALPN; a key file without a key stops it at start-up with the key's name.
+#[tokio::test]
+async fn tls_serves_both_protocols_from_the_configured_pem_files() {
+    use crate::support::berth::{Berth, Extra, UpstreamSpec};
+    let cert = crate::support::bench::SelfSigned::new();
+    let extra = Extra {
+        server: format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+        ..Extra::default()
+    };
+    // /v2/ never asks the upstream.
+    let berth = Berth::start_opts(&[UpstreamSpec::docker_hub("http://127.0.0.1:9")], &extra).await;
+    let url = format!("https://127.0.0.1:{}/v2/", berth.addr.port());
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let mut curl = Command::new(crate::support::require_tool("curl"));
+        curl.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            flag,
+        ])
+        .args(cert.curl_args())
+        .arg(&url);
+        let out = run_with_timeout_async(curl, Duration::from_secs(20)).await;
+        assert_eq!(
+            out.stdout.trim(),
+            format!("200 {version}"),
+            "{flag}: {out:?}"
+        );
+    }
+
+    // The certificate file where the key should be: refused, naming the key.
+    let config = std::fs::read_to_string(&berth.config_path)
+        .unwrap()
+        .replace(
+            &format!("tls_key = \"{}\"", cert.key.display()),
+            &format!("tls_key = \"{}\"", cert.cert.display()),
+        );
+    drop(berth); // its port and store are the bad config's too
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(bad.path(), config).unwrap();
+    let mut serve = Command::new(binary());
+    serve.args(["serve", "--config"]).arg(bad.path());
+    let out = run_with_timeout_async(serve, Duration::from_secs(20)).await;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("server.tls_key"), "{}", out.stderr);
+}
