@@ -202,7 +202,7 @@ async fn peer_error(peer: &str, resp: reqwest::Response) -> oci::Error {
         .headers()
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| crate::oci::digits(v.trim()));
     // Error bodies are small: at most 64 KiB are read, for at most 5 s.
     let body = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         let mut resp = resp;

@@ -52,15 +52,19 @@ impl std::error::Error for InvalidDigest {}
 
 impl Digest {
     pub fn parse(s: &str) -> Result<Self, InvalidDigest> {
-        let (algo, hex) = s
-            .split_once(':')
-            .ok_or_else(|| InvalidDigest(format!("digest {s:.80?} has no algorithm prefix")))?;
+        let (algo, hex) = s.split_once(':').ok_or_else(|| {
+            InvalidDigest(format!(
+                "digest {} has no algorithm prefix",
+                super::Quoted(s, 80)
+            ))
+        })?;
         let algorithm = match algo {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
             other => {
                 return Err(InvalidDigest(format!(
-                    "digest algorithm {other:.20?} is not supported (sha256, sha512)"
+                    "digest algorithm {} is not supported (sha256, sha512)",
+                    super::Quoted(other, 20)
                 )))
             }
         };
@@ -70,7 +74,8 @@ impl Digest {
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(InvalidDigest(format!(
-                "digest {s:.140?} must be {} followed by {} lower-case hex characters",
+                "digest {} must be {} followed by {} lower-case hex characters",
+                super::Quoted(s, 140),
                 algorithm.as_str(),
                 algorithm.hex_len()
             )));

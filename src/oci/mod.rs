@@ -8,9 +8,11 @@ pub mod manifest;
 pub mod media;
 mod name;
 mod route;
+mod text;
 
 pub use digest::{Algorithm, Digest, Hasher, InvalidDigest};
 pub use error::{Error, ErrorCode};
 pub use media::AcceptSet;
 pub use name::{ImageRef, InvalidName, Reference, Repository, Tag};
 pub use route::{Endpoint, Route};
+pub use text::{digits, saturating_digits, Quoted};

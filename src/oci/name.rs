@@ -134,7 +134,8 @@ impl Tag {
             Ok(Tag(s.to_owned()))
         } else {
             Err(InvalidName::Tag(format!(
-                "tag {s:.140?} is invalid: it must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}"
+                "tag {} is invalid: it must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}",
+                super::Quoted(s, 140)
             )))
         }
     }

@@ -113,12 +113,16 @@ impl<'a> Route<'a> {
         }
         let (name, endpoint) = if let Some(name) = rest.strip_suffix("/tags/list") {
             let n = match query_param(query, "n") {
-                Some(v) => Some(v.parse::<u32>().map_err(|_| {
-                    Error::new(
-                        ErrorCode::Unsupported,
-                        format!("n={v:.20?} is not a number"),
-                    )
-                })?),
+                Some(v) => Some(
+                    super::digits(&v)
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| {
+                            Error::new(
+                                ErrorCode::Unsupported,
+                                format!("n={} is not a number", super::Quoted(&v, 20)),
+                            )
+                        })?,
+                ),
                 None => None,
             };
             (
@@ -157,7 +161,7 @@ impl<'a> Route<'a> {
         } else {
             return Err(Error::new(
                 ErrorCode::NameUnknown,
-                format!("no OCI endpoint at {path:.200?}"),
+                format!("no OCI endpoint at {}", super::Quoted(path, 200)),
             ));
         };
         Ok(Route {

@@ -379,11 +379,11 @@ fn refill(s: &mut State, now: Instant) {
 fn parse_ratelimit(headers: &HeaderMap, name: &str) -> Option<(u64, Option<Duration>)> {
     let v = headers.get(name)?.to_str().ok()?;
     let mut parts = v.split(';');
-    let n = parts.next()?.trim().parse().ok()?;
+    let n = crate::oci::digits(parts.next()?.trim())?;
     // The window is bounded (30 days) before it reaches time arithmetic.
     let window = parts
         .filter_map(|p| p.trim().strip_prefix("w="))
-        .find_map(|w| w.parse::<u64>().ok())
+        .find_map(|w| crate::oci::digits(w.trim()))
         .map(|w| Duration::from_secs(w.clamp(1, 30 * 24 * 3600)));
     Some((n, window))
 }

@@ -2,6 +2,8 @@
 //! that starts past the end is 416, anything else (several ranges, bad syntax) is ignored
 //! and the whole blob is sent, as the RFC allows.
 
+use crate::oci::saturating_digits as digits;
+
 /// What to send for a blob of `size` bytes given the request's `Range` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RangeAnswer {
@@ -30,7 +32,7 @@ pub fn evaluate(header: Option<&str>, size: u64) -> RangeAnswer {
     let (first, last) = (first.trim(), last.trim());
     if first.is_empty() {
         // Suffix range: the last N bytes.
-        let Ok(n) = last.parse::<u64>() else {
+        let Some(n) = digits(last) else {
             return RangeAnswer::Full;
         };
         if n == 0 || size == 0 {
@@ -41,14 +43,15 @@ pub fn evaluate(header: Option<&str>, size: u64) -> RangeAnswer {
             end: size - 1,
         };
     }
-    let Ok(start) = first.parse::<u64>() else {
+    // A start too big for u64 saturates: past the end of any blob, so 416.
+    let Some(start) = digits(first) else {
         return RangeAnswer::Full;
     };
     let end = if last.is_empty() {
         u64::MAX
     } else {
-        match last.parse::<u64>() {
-            Ok(e) if e >= start => e,
+        match digits(last) {
+            Some(e) if e >= start => e,
             _ => return RangeAnswer::Full,
         }
     };
@@ -79,6 +82,19 @@ mod tests {
             Partial { start: 5, end: 9 }
         );
         assert_eq!(evaluate(Some("bytes=-3"), 10), Partial { start: 7, end: 9 });
+        // Numbers are 1*DIGIT: a sign makes the header invalid (ignored: the whole blob).
+        assert_eq!(evaluate(Some("bytes=+5-"), 10), Full);
+        assert_eq!(evaluate(Some("bytes=0-+4"), 10), Full);
+        assert_eq!(evaluate(Some("bytes=-+3"), 10), Full);
+        // Past u64: past the end of any blob.
+        assert_eq!(
+            evaluate(Some("bytes=99999999999999999999999-"), 10),
+            Unsatisfiable
+        );
+        assert_eq!(
+            evaluate(Some("bytes=2-99999999999999999999999"), 10),
+            Partial { start: 2, end: 9 }
+        );
         assert_eq!(
             evaluate(Some("bytes=-30"), 10),
             Partial { start: 0, end: 9 }

@@ -377,8 +377,12 @@ impl Upstream {
         service: Option<&str>,
         scope: &str,
     ) -> Result<String, Error> {
-        let mut url = Url::parse(realm)
-            .map_err(|_| Error::Protocol(format!("token realm {realm:.200?} is not a URL")))?;
+        let mut url = Url::parse(realm).map_err(|_| {
+            Error::Protocol(format!(
+                "token realm {} is not a URL",
+                crate::oci::Quoted(realm, 200)
+            ))
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::Protocol("token realm is not http(s)".into()));
         }
@@ -547,7 +551,7 @@ impl Upstream {
             StatusCode::NOT_FOUND => Ok(None),
             // reqwest's content_length() is the body's size, which is zero for a HEAD.
             s if s.is_success() => header_str(resp.headers(), header::CONTENT_LENGTH)
-                .and_then(|v| v.parse::<u64>().ok())
+                .and_then(|v| crate::oci::digits(v.trim()))
                 .map(Some)
                 .ok_or_else(|| Error::Protocol("blob HEAD without Content-Length".into())),
             s => Err(Error::Status { status: s.as_u16() }),

@@ -100,7 +100,10 @@ impl Upstreams {
         let unknown = |host: &str| {
             oci::Error::new(
                 ErrorCode::NameUnknown,
-                format!("upstream {host:.100?} is not configured on this berth"),
+                format!(
+                    "upstream {} is not configured on this berth",
+                    crate::oci::Quoted(host, 100)
+                ),
             )
         };
         let (upstream, name) = match ns {

@@ -36,7 +36,8 @@ pub fn header_digest(headers: &HeaderMap) -> Result<Option<Digest>, Error> {
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
     // An upstream's numbers are bounded before they reach time arithmetic.
-    if let Ok(secs) = v.parse::<u64>() {
+    // `1*DIGIT`; one too big for u64 is as good as the cap, not ignored.
+    if let Some(secs) = crate::oci::saturating_digits(v) {
         return Some(Duration::from_secs(secs.min(MAX_RETRY_AFTER.as_secs())));
     }
     let when = humantime::parse_rfc3339_weak(v)
@@ -107,6 +108,17 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::RETRY_AFTER, http::HeaderValue::from_static("120"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(120)));
+        // A number too big for u64 is as good as the cap; a signed one is no number.
+        h.insert(
+            header::RETRY_AFTER,
+            http::HeaderValue::from_static("99999999999999999999999"),
+        );
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
+        h.insert(header::RETRY_AFTER, http::HeaderValue::from_static("+5"));
+        assert_eq!(retry_after(&h), None);
         assert!(httpdate("Sun, 06 Nov 1994 08:49:37 GMT").is_some());
+        // The obsolete forms RFC 9110 asks recipients to accept.
+        assert!(httpdate("Sunday, 06-Nov-94 08:49:37 GMT").is_some());
+        assert!(httpdate("Sun Nov  6 08:49:37 1994").is_some());
     }
 }
