@@ -28,7 +28,12 @@ fn number(v: &str) -> Option<u64> {
     if !v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) {
         return None; // not a visible-ASCII header value: not read at all
     }
-    v.split(';').next()?.trim().parse().ok()
+    // 1*DIGIT that fits a u64: no sign (`str::parse` would take a `+`).
+    let n = v.split(';').next()?.trim();
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
 /// Whether `secs` is at most `window`, give or take the rounding of f64 arithmetic (a
