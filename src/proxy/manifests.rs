@@ -4,11 +4,11 @@
 //! served with a `Warning`. Concurrent fetches or revalidations of one key coalesce.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::flying::Parts;
+use super::freshness::{self, AfterHead, Before, HeadSaid};
 use super::negative::NegativeCache;
 use super::tiers::{adopt_shared_tag, fresh_record, write_through};
 use super::{internal, manifest_links, Caller, Proxy};
@@ -97,8 +97,7 @@ async fn fresh_tag(
     let Some(r) = find_tag(store, up, repo, tag, accept).await? else {
         return Ok(None);
     };
-    let age = now_secs().saturating_sub(r.validated_at);
-    if Duration::from_secs(age) >= up.tag_ttl {
+    if freshness::before_asking(Some(r.validated_at), now_secs(), up.tag_ttl) != Before::Fresh {
         return Ok(None);
     }
     Ok(store
@@ -352,7 +351,8 @@ impl Parts {
     }
 
     /// A tag that is stale or unknown: revalidate with HEAD when something is stored,
-    /// GET when the tag moved or was never seen, stale copy when upstream fails.
+    /// GET when the tag moved or was never seen, stale copy when upstream fails. What to
+    /// do at each step is decided in `freshness`; this does the I/O it asks for.
     async fn refresh_tag(
         &self,
         up: &Upstream,
@@ -361,7 +361,6 @@ impl Parts {
         accept: AcceptSet,
         key: String,
     ) -> Result<ManifestAnswer, oci::Error> {
-        let reference = Reference::Tag(tag.clone());
         let record = find_tag(&self.store, up, repo, tag, accept).await?;
         let stored = match &record {
             Some(r) => self
@@ -372,62 +371,85 @@ impl Parts {
                 .map(|m| (r.clone(), m)),
             None => None,
         };
-        if let Some((record, manifest)) = stored {
-            // Another request may have refreshed the tag while this one queued.
-            let age = now_secs().saturating_sub(record.validated_at);
-            if Duration::from_secs(age) < up.tag_ttl {
-                return Ok(ManifestAnswer::stored(
-                    record.digest,
-                    manifest,
-                    Outcome::Hit,
-                ));
+        let validated_at = stored.as_ref().map(|(r, _)| r.validated_at);
+        // Another request may have refreshed the tag while this one queued.
+        match (
+            freshness::before_asking(validated_at, now_secs(), up.tag_ttl),
+            stored,
+        ) {
+            (Before::Fresh, Some((record, manifest))) => Ok(ManifestAnswer::stored(
+                record.digest,
+                manifest,
+                Outcome::Hit,
+            )),
+            (Before::Revalidate, Some((record, manifest))) => {
+                self.revalidate(up, repo, tag, accept, key, record, manifest)
+                    .await
             }
-            match up.head_manifest(repo, &reference, accept).await {
-                Ok(Some(head)) if head.digest.as_ref() == Some(&record.digest) => {
-                    let refreshed = TagRecord {
-                        validated_at: now_secs(),
-                        ..record.clone()
-                    };
-                    self.put_tag(key, refreshed).await?;
-                    return Ok(ManifestAnswer::stored(
-                        record.digest,
-                        manifest,
-                        Outcome::Revalidated,
-                    ));
-                }
-                Ok(Some(head)) => {
-                    // Moved (or no digest header): a manifest we already hold costs nothing.
-                    if let Some(new) = &head.digest {
-                        if let Some(m) = self
-                            .store
-                            .manifest(new)
-                            .await
-                            .map_err(|e| internal("reading a stored manifest", e))?
-                        {
-                            if accept.accepts(&m.media_type) {
-                                self.put_tag(key, fresh_record(new.clone(), &m.media_type))
-                                    .await?;
-                                let links = manifest_links(&m.bytes, new);
-                                self.store
-                                    .link(up.host(), repo.as_str(), links)
-                                    .await
-                                    .map_err(|e| internal("writing the index", e))?;
-                                return Ok(ManifestAnswer::stored(
-                                    new.clone(),
-                                    m,
-                                    Outcome::Revalidated,
-                                ));
-                            }
-                        }
+            _ => self
+                .fetch_tag(up, repo, tag, accept, key, Purpose::New)
+                .await
+                .map_err(|e| e.into_oci(up)),
+        }
+    }
+
+    /// A stale tag berth holds: a HEAD (free), and what `freshness::after_head` says.
+    #[allow(clippy::too_many_arguments)]
+    async fn revalidate(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        tag: &Tag,
+        accept: AcceptSet,
+        key: String,
+        record: TagRecord,
+        manifest: StoredManifest,
+    ) -> Result<ManifestAnswer, oci::Error> {
+        let reference = Reference::Tag(tag.clone());
+        let head = up.head_manifest(repo, &reference, accept).await;
+        // Moved: a manifest berth already holds (and the client accepts) costs nothing.
+        let mut moved_to = None;
+        let said = match &head {
+            Ok(Some(h)) if h.digest.as_ref() == Some(&record.digest) => HeadSaid::Same,
+            Ok(Some(h)) => match &h.digest {
+                Some(new) => {
+                    moved_to = self
+                        .store
+                        .manifest(new)
+                        .await
+                        .map_err(|e| internal("reading a stored manifest", e))?
+                        .filter(|m| accept.accepts(&m.media_type))
+                        .map(|m| (new.clone(), m));
+                    HeadSaid::Moved {
+                        held: moved_to.is_some(),
                     }
                 }
-                // The stored copy does not outrank the upstream's "no such tag".
-                Ok(None) => return Err(self.unknown_tag(up, repo, tag, &key)),
-                Err(e) if e.allows_stale() => return Ok(self.stale(up, record, manifest, &e)),
-                Err(e) => return Err(e.to_oci(up.host())),
+                None => HeadSaid::NoDigest,
+            },
+            Ok(None) => HeadSaid::Gone,
+            Err(e) => HeadSaid::Failed {
+                stale_ok: e.allows_stale(),
+            },
+        };
+        match (freshness::after_head(said), head, moved_to) {
+            (AfterHead::Revalidated, _, _) => {
+                let refreshed = TagRecord {
+                    validated_at: now_secs(),
+                    ..record.clone()
+                };
+                self.put_tag(key, refreshed).await?;
+                Ok(ManifestAnswer::stored(
+                    record.digest,
+                    manifest,
+                    Outcome::Revalidated,
+                ))
             }
+            (AfterHead::Adopt, _, Some((new, m))) => self.adopt(up, repo, key, new, m).await,
+            (AfterHead::Unknown, _, _) => Err(self.unknown_tag(up, repo, tag, &key)),
+            (AfterHead::Stale, Err(e), _) => Ok(self.stale(up, record, manifest, &e)),
+            (AfterHead::Refuse, Err(e), _) => Err(e.to_oci(up.host())),
             // The tag moved: fetching it refreshes an image berth already holds.
-            return match self
+            _ => match self
                 .fetch_tag(up, repo, tag, accept, key, Purpose::Refresh)
                 .await
             {
@@ -435,15 +457,34 @@ impl Parts {
                     a.outcome = Outcome::Revalidated;
                     Ok(a)
                 }
-                Err(FetchError::Upstream(e)) if e.allows_stale() => {
+                Err(FetchError::Upstream(e))
+                    if freshness::after_failed_refetch(e.allows_stale()) == AfterHead::Stale =>
+                {
                     Ok(self.stale(up, record, manifest, &e))
                 }
                 Err(e) => Err(e.into_oci(up)),
-            };
+            },
         }
-        self.fetch_tag(up, repo, tag, accept, key, Purpose::New)
+    }
+
+    /// Points the tag at `new`, a manifest berth already holds, as the upstream's HEAD
+    /// said it moved there.
+    async fn adopt(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        key: String,
+        new: Digest,
+        m: StoredManifest,
+    ) -> Result<ManifestAnswer, oci::Error> {
+        self.put_tag(key, fresh_record(new.clone(), &m.media_type))
+            .await?;
+        let links = manifest_links(&m.bytes, &new);
+        self.store
+            .link(up.host(), repo.as_str(), links)
             .await
-            .map_err(|e| e.into_oci(up))
+            .map_err(|e| internal("writing the index", e))?;
+        Ok(ManifestAnswer::stored(new, m, Outcome::Revalidated))
     }
 
     fn stale(

@@ -10,6 +10,7 @@ mod body;
 mod fill;
 mod flight;
 mod flying;
+mod freshness;
 mod manifests;
 mod negative;
 mod origin;
