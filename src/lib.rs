@@ -124,8 +124,30 @@ pub fn open_store(config: &Config) -> Result<Store, String> {
         .map_err(|e| format!("storage.root {}: {e}", config.storage.root.display()))
 }
 
+/// Writes `{"listen": "<addr>", "admin": "<addr>"}` to `path`, whole or not at all.
+fn report_ports(
+    path: &std::path::Path,
+    api: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+) -> std::io::Result<()> {
+    let json = serde_json::json!({ "listen": api.to_string(), "admin": admin.to_string() });
+    let aside = path.with_extension("partial");
+    std::fs::write(&aside, format!("{json}\n"))?;
+    std::fs::rename(&aside, path)
+}
+
 /// Runs berth until SIGTERM or SIGINT, then drains in-flight requests.
 pub async fn serve(config: Config) -> Result<(), String> {
+    serve_reporting(config, None).await
+}
+
+/// [`serve`], writing the addresses berth bound (a port 0 in the configuration becomes
+/// the port the kernel chose) to `ports_file` as JSON, `{"listen": .., "admin": ..}`,
+/// once both listeners accept. The file appears whole (written aside, then renamed).
+pub async fn serve_reporting(
+    config: Config,
+    ports_file: Option<&std::path::Path>,
+) -> Result<(), String> {
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(cert), Some(key)) => {
             install_crypto_provider();
@@ -144,9 +166,18 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let admin = TcpListener::bind(config.server.admin_listen)
         .await
         .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
+    let bound = |l: &TcpListener, configured| l.local_addr().unwrap_or(configured);
+    let (api_addr, admin_addr) = (
+        bound(&api, config.server.listen),
+        bound(&admin, config.server.admin_listen),
+    );
+    if let Some(path) = ports_file {
+        report_ports(path, api_addr, admin_addr)
+            .map_err(|e| format!("--ports-file {}: {e}", path.display()))?;
+    }
     tracing::info!(
-        listen = %config.server.listen,
-        admin = %config.server.admin_listen,
+        listen = %api_addr,
+        admin = %admin_addr,
         store = %config.storage.root.display(),
         upstreams = app.upstreams.all().len(),
         tls = tls.is_some(),
@@ -161,7 +192,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         max_connections_per_client: config.server.max_connections_per_client,
     };
     if app.admin_token.is_none() {
-        tracing::info!(admin = %config.server.admin_listen,
+        tracing::info!(admin = %admin_addr,
             "no server.admin_token_file: POST/DELETE /admin/* (warm, tag deletion) are refused; \
              /metrics, /healthz, /readyz and the status reads stay open");
     }

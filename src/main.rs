@@ -51,6 +51,10 @@ enum Command {
         /// Override storage.root (where blobs and the index live).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Write the addresses bound (port 0 becomes the kernel's choice) to this file as
+        /// JSON, {"listen": .., "admin": ..}, once both listeners accept.
+        #[arg(long)]
+        ports_file: Option<PathBuf>,
     },
     /// Check a configuration file (and the credentials it names) and exit.
     CheckConfig {
@@ -301,6 +305,7 @@ fn main() -> ExitCode {
             listen,
             admin_listen,
             data_dir,
+            ports_file,
         } => {
             let mut config = match config {
                 Some(path) => match Config::load(&path) {
@@ -331,7 +336,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(berth::serve(config)) {
+            match runtime.block_on(berth::serve_reporting(config, ports_file.as_deref())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -330,3 +330,72 @@ async fn tls_serves_both_protocols_from_the_configured_pem_files() {
     assert!(!out.status.success(), "{out:?}");
     assert!(out.stderr.contains("server.tls_key"), "{}", out.stderr);
 }
+
+/// Asked for port 0, berth binds what the kernel gives and says which: in the file named
+/// by `--ports-file` (JSON, written whole) and in its "berth is serving" log line. The
+/// harness can then start berth without racing for free ports.
+#[tokio::test(flavor = "multi_thread")]
+async fn port_zero_is_reported_in_the_ports_file_and_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("berth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [storage]\nroot = \"{}\"\n[routing]\ndefault_upstream = \"docker.io\"\n\
+             [[upstreams]]\nhost = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let ports = dir.path().join("ports.json");
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let child = Command::new(binary())
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&config)
+        .arg("--ports-file")
+        .arg(&ports)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn berth");
+    // Killed by PID when the test ends, however it ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    assert!(
+        crate::support::wait_until(Duration::from_secs(20), || async { ports.exists() }).await,
+        "no ports file"
+    );
+    let bound: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ports).unwrap()).unwrap();
+    let (listen, admin) = (
+        bound["listen"].as_str().unwrap().to_owned(),
+        bound["admin"].as_str().unwrap().to_owned(),
+    );
+    assert!(!listen.ends_with(":0") && !admin.ends_with(":0"), "{bound}");
+    let health = http()
+        .get(format!("http://{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let base = http()
+        .get(format!("http://{listen}/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(base.status(), 200);
+    let logged = crate::support::wait_until(Duration::from_secs(5), || async {
+        std::fs::read_to_string(dir.path().join("log"))
+            .unwrap_or_default()
+            .contains(&format!("\"listen\":\"{listen}\""))
+    })
+    .await;
+    assert!(logged, "the log names the bound address");
+}
