@@ -49,35 +49,10 @@ fn unsupported(what: &str) -> Error {
 }
 
 fn query_param(query: Option<&str>, key: &str) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| percent_decode(v))
-}
-
-/// Minimal `%XX` decoding for query values (never used on paths: encoded paths are invalid).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    // application/x-www-form-urlencoded, as clients send queries (`%XX`, `+` for space).
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
 impl<'a> Route<'a> {
@@ -217,9 +192,20 @@ mod tests {
         let e = Route::parse(&Method::GET, "/v2/a/referrers/sha256:xyz", None).unwrap_err();
         assert_eq!(e.code, ErrorCode::DigestInvalid);
         assert!(Route::parse(&Method::GET, "/etc/passwd", None).is_err());
-        assert_eq!(percent_decode("a%2Fb"), "a/b");
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(query_param(Some("last=a%2Fb"), "last").unwrap(), "a/b");
+        assert_eq!(query_param(Some("x=1&last=a%2F"), "last").unwrap(), "a/");
+        assert_eq!(query_param(Some("last=%"), "last").unwrap(), "%");
+        assert_eq!(query_param(Some("last=%4"), "last").unwrap(), "%4");
+        assert_eq!(query_param(Some("last=a+b"), "last").unwrap(), "a b");
+        assert_eq!(query_param(Some("n=1"), "last"), None);
+        // `ns` is decoded too: a registry on a port, as a client may encode it.
+        let r = Route::parse(
+            &Method::GET,
+            "/v2/a/manifests/v1",
+            Some("ns=registry.example%3A5000"),
+        )
+        .unwrap();
+        assert_eq!(r.ns.as_deref(), Some("registry.example:5000"));
     }
 
     /// Issue 11: a manifest reference that is neither a tag nor a digest names nothing

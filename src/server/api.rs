@@ -67,8 +67,11 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: SocketAddr) -> Resp
     resp
 }
 
-fn ns_param(query: &str) -> Option<&str> {
-    query.split('&').find_map(|kv| kv.strip_prefix("ns="))
+/// The `ns` a client sent (decoded), for the log line.
+fn ns_param(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.into_owned())
 }
 
 /// Client faults are rejections; everything else that fails is an error.
@@ -163,14 +166,17 @@ async fn serve<B>(
             )?
         }
         Endpoint::TagsList { n, last } => {
-            let mut query = Vec::new();
-            if let Some(n) = n {
-                query.push(format!("n={n}"));
-            }
-            if let Some(last) = last {
-                query.push(format!("last={}", encode_query(&last)));
-            }
-            let query = (!query.is_empty()).then(|| query.join("&"));
+            // (A block: the serializer is not Send, and must not live across an await.)
+            let query = {
+                let mut q = form_urlencoded::Serializer::new(String::new());
+                if let Some(n) = n {
+                    q.append_pair("n", &n.to_string());
+                }
+                if let Some(last) = last {
+                    q.append_pair("last", &last);
+                }
+                Some(q.finish()).filter(|q| !q.is_empty())
+            };
             let path = format!("{repo}/tags/list");
             let p =
                 Box::pin(
@@ -185,7 +191,11 @@ async fn serve<B>(
             digest,
             artifact_type,
         } => {
-            let query = artifact_type.map(|t| format!("artifactType={}", encode_query(&t)));
+            let query = artifact_type.map(|t| {
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("artifactType", &t)
+                    .finish()
+            });
             let path = format!("{repo}/referrers/{digest}");
             let p = Box::pin(app.proxy.passthrough(
                 &up,
@@ -235,18 +245,6 @@ fn caller<B>(app: &App, req: &Request<B>, peer: SocketAddr) -> Result<Caller, oc
             ))
         }
     }
-}
-
-fn encode_query(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn digest_headers(h: &mut HeaderMap, digest: &oci::Digest) {
