@@ -174,6 +174,23 @@ pub async fn warm(
     Ok((out, all_ok))
 }
 
+/// containerd's `hosts.toml` for one upstream: `server` is the registry, the one `host`
+/// is berth. Serialized by `toml` (an endpoint is quoted and escaped as TOML wants).
+fn hosts_toml(server: &str, endpoint: &str) -> Result<String, String> {
+    let mut host = toml::Table::new();
+    host.insert(
+        "capabilities".into(),
+        toml::Value::Array(vec!["pull".into(), "resolve".into()]),
+    );
+    host.insert("dial_timeout".into(), "3s".into());
+    let mut hosts = toml::Table::new();
+    hosts.insert(endpoint.into(), toml::Value::Table(host));
+    let mut file = toml::Table::new();
+    file.insert("server".into(), server.into());
+    file.insert("host".into(), toml::Value::Table(hosts));
+    toml::to_string(&file).map_err(|e| format!("hosts.toml: {e}"))
+}
+
 /// Writes `<out>/<host>/hosts.toml` for each configured upstream (or those in `only`):
 /// berth first for pull and resolve, with a short dial timeout, and the registry itself as
 /// `server`, the fallback containerd uses when berth does not answer.
@@ -206,15 +223,41 @@ pub fn containerd_config(
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = dir.join("hosts.toml");
         let text = format!(
-            "# Written by `berth containerd-config`: pull {host} through berth, falling back to\n\
-             # the registry itself when berth does not answer.\n\
-             server = \"{server}\"\n\n\
-             [host.\"{endpoint}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"3s\"\n",
-            host = u.host,
-            server = u.url.trim_end_matches('/'),
+            "# Written by `berth containerd-config`: pull {} through berth, falling back to\n\
+             # the registry itself when berth does not answer.\n{}",
+            u.host,
+            hosts_toml(u.url.trim_end_matches('/'), endpoint)?
         );
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         written.push(path);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_toml_reads_back_as_containerd_expects() {
+        let text = hosts_toml("https://registry-1.docker.io", "http://10.0.0.7:5000").unwrap();
+        let parsed: toml::Table = text.parse().unwrap();
+        assert_eq!(
+            parsed["server"].as_str(),
+            Some("https://registry-1.docker.io")
+        );
+        let host = &parsed["host"]["http://10.0.0.7:5000"];
+        assert_eq!(host["dial_timeout"].as_str(), Some("3s"));
+        let caps: Vec<_> = host["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(caps, ["pull", "resolve"]);
+        // A character TOML must escape stays the endpoint's own.
+        let odd = hosts_toml("https://r.example", "http://h:1/a\"b").unwrap();
+        let parsed: toml::Table = odd.parse().unwrap();
+        assert!(parsed["host"].get("http://h:1/a\"b").is_some(), "{odd}");
+    }
 }
