@@ -120,25 +120,22 @@ enum Command {
     Version,
 }
 
-/// Runs an async admin-API command on a small runtime.
-fn run_client<F: std::future::Future<Output = Result<ExitCode, String>>>(f: F) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// Runs `f` on a Tokio runtime: multi-threaded for the server, one thread for the
+/// commands that only talk to an admin API or a bucket.
+fn block_on<T>(
+    multi_thread: bool,
+    f: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = builder
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(f) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(f)
 }
 
 fn main() -> ExitCode {
@@ -147,8 +144,16 @@ fn main() -> ExitCode {
         LogFormat::Text => berth::logging::Format::Text,
         LogFormat::Json => berth::logging::Format::Json,
     });
-    match cli.command {
-        Command::Status { admin } => run_client(async move {
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+            data_dir,
+            ports_file,
+        } => serve(config, listen, admin_listen, data_dir, ports_file),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Status { admin } => block_on(false, async move {
             print!("{}", berth::cli::status(&admin).await?);
             Ok(ExitCode::SUCCESS)
         }),
@@ -156,194 +161,169 @@ fn main() -> ExitCode {
             admin,
             token_file,
             images,
-        } => run_client(async move {
-            let token = match token_file {
-                Some(p) => Some(
-                    std::fs::read_to_string(&p)
-                        .map_err(|e| format!("--token-file {}: {e}", p.display()))?
-                        .trim()
-                        .to_owned(),
-                ),
-                None => None,
-            };
-            let (report, ok) = berth::cli::warm(&admin, token.as_deref(), &images).await?;
-            print!("{report}");
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }),
+        } => warm(&admin, token_file, &images),
         Command::Gc {
             config,
             to,
             uploads_older_than,
             shared_only,
-        } => run_client(async move {
-            let config = Config::load(&config).map_err(|e| e.to_string())?;
-            if let Some(shared) = &config.storage.shared {
-                berth::install_crypto_provider();
-                let metrics = berth::store::shared::SharedMetrics::default();
-                let tier = berth::store::shared::Shared::new(shared, "berth gc", metrics)?;
-                match tier.abort_stale_uploads(uploads_older_than).await {
-                    Ok(aborted) => println!(
-                        "shared store {}: aborted {aborted} incomplete uploads",
-                        tier.describe()
-                    ),
-                    // The local store can still be cleaned.
-                    Err(e) if !shared_only => eprintln!("warning: {e}"),
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-            if shared_only {
-                return Ok(ExitCode::SUCCESS);
-            }
-            let store = berth::open_store(&config)?;
-            let before = store.used_bytes();
-            let done = store
-                .evict(Some(to.map_or(
-                    (config.storage.max_size.as_u64() as f64 * 0.85) as u64,
-                    |t| t.as_u64(),
-                )))
-                .await
-                .map_err(|e| e.to_string())?;
-            println!(
-                "evicted {} blobs ({}); store {} -> {}",
-                done.blobs,
-                bytesize::ByteSize(done.bytes),
-                bytesize::ByteSize(before),
-                bytesize::ByteSize(store.used_bytes())
-            );
-            Ok(ExitCode::SUCCESS)
-        }),
-        Command::Verify { config } => {
-            let result = Config::load(&config)
-                .map_err(|e| e.to_string())
-                .and_then(|c| berth::open_store(&c))
-                .and_then(|store| store.verify().map_err(|e| e.to_string()));
-            match result {
-                Ok(report) => {
-                    println!(
-                        "checked {} blobs ({}); {} failed and were removed",
-                        report.checked,
-                        bytesize::ByteSize(report.bytes),
-                        report.removed.len()
-                    );
-                    for bad in &report.removed {
-                        println!("removed {bad}");
-                    }
-                    if report.removed.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => block_on(false, gc(config, to, uploads_older_than, shared_only)),
+        Command::Verify { config } => verify(&config),
         Command::ContainerdConfig {
             endpoint,
             out,
             config,
             upstreams,
-        } => {
-            let config = match config {
-                Some(path) => Config::load(&path).map_err(|e| e.to_string()),
-                None => Ok(Config::embedded()),
-            };
-            match config
-                .and_then(|c| berth::cli::containerd_config(&c, &endpoint, &out, &upstreams))
-            {
-                Ok(paths) => {
-                    for p in paths {
-                        println!("wrote {}", p.display());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => containerd_config(config, &endpoint, &out, &upstreams),
         Command::Version => {
             println!("berth {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { file } => {
-            let checked = Config::load(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|c| {
-                    berth::install_crypto_provider();
-                    let metrics = std::sync::Arc::new(berth::metrics::Metrics::new());
-                    berth::upstream::Upstreams::from_config(&c, metrics, Default::default())
-                        .map(|_| c)
-                        .map_err(|e| e.to_string())
-                });
-            match checked {
-                Ok(c) => {
-                    println!(
-                        "{}: ok ({} upstreams, default {}, store {})",
-                        file.display(),
-                        c.upstreams.len(),
-                        c.routing.default_upstream,
-                        c.storage.root.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Serve {
-            config,
-            listen,
-            admin_listen,
-            data_dir,
-            ports_file,
-        } => {
-            let mut config = match config {
-                Some(path) => match Config::load(&path) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                },
-                None => Config::embedded(),
-            };
-            if let Some(l) = listen {
-                config.server.listen = l;
-            }
-            if let Some(a) = admin_listen {
-                config.server.admin_listen = a;
-            }
-            if let Some(d) = data_dir {
-                config.storage.root = d;
-            }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(berth::serve_reporting(config, ports_file.as_deref())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn serve(
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    ports_file: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let mut config = match config {
+        Some(path) => Config::load(&path).map_err(|e| e.to_string())?,
+        None => Config::embedded(),
+    };
+    if let Some(l) = listen {
+        config.server.listen = l;
+    }
+    if let Some(a) = admin_listen {
+        config.server.admin_listen = a;
+    }
+    if let Some(d) = data_dir {
+        config.storage.root = d;
+    }
+    block_on(true, berth::serve_reporting(config, ports_file.as_deref())).map_err(|e| {
+        // In the log as well as on stderr: log collectors see why berth stopped.
+        tracing::error!("{e}");
+        e
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_config(file: &std::path::Path) -> Result<ExitCode, String> {
+    let c = Config::load(file).map_err(|e| e.to_string())?;
+    berth::install_crypto_provider();
+    let metrics = std::sync::Arc::new(berth::metrics::Metrics::new());
+    berth::upstream::Upstreams::from_config(&c, metrics, Default::default())
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}: ok ({} upstreams, default {}, store {})",
+        file.display(),
+        c.upstreams.len(),
+        c.routing.default_upstream,
+        c.storage.root.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn warm(admin: &str, token_file: Option<PathBuf>, images: &[String]) -> Result<ExitCode, String> {
+    let token = match token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(&p)
+                .map_err(|e| format!("--token-file {}: {e}", p.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let (report, ok) = block_on(false, berth::cli::warm(admin, token.as_deref(), images))?;
+    print!("{report}");
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn gc(
+    config: PathBuf,
+    to: Option<bytesize::ByteSize>,
+    uploads_older_than: std::time::Duration,
+    shared_only: bool,
+) -> Result<ExitCode, String> {
+    let config = Config::load(&config).map_err(|e| e.to_string())?;
+    if let Some(shared) = &config.storage.shared {
+        berth::install_crypto_provider();
+        let metrics = berth::store::shared::SharedMetrics::default();
+        let tier = berth::store::shared::Shared::new(shared, "berth gc", metrics)?;
+        match tier.abort_stale_uploads(uploads_older_than).await {
+            Ok(aborted) => println!(
+                "shared store {}: aborted {aborted} incomplete uploads",
+                tier.describe()
+            ),
+            // The local store can still be cleaned.
+            Err(e) if !shared_only => eprintln!("warning: {e}"),
+            Err(e) => return Err(e.to_string()),
         }
     }
+    if shared_only {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let store = berth::open_store(&config)?;
+    let before = store.used_bytes();
+    let done = store
+        .evict(Some(to.map_or(
+            (config.storage.max_size.as_u64() as f64 * 0.85) as u64,
+            |t| t.as_u64(),
+        )))
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "evicted {} blobs ({}); store {} -> {}",
+        done.blobs,
+        bytesize::ByteSize(done.bytes),
+        bytesize::ByteSize(before),
+        bytesize::ByteSize(store.used_bytes())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(config: &std::path::Path) -> Result<ExitCode, String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let store = berth::open_store(&config)?;
+    let report = store.verify().map_err(|e| e.to_string())?;
+    println!(
+        "checked {} blobs ({}); {} failed and were removed",
+        report.checked,
+        bytesize::ByteSize(report.bytes),
+        report.removed.len()
+    );
+    for bad in &report.removed {
+        println!("removed {bad}");
+    }
+    Ok(if report.removed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn containerd_config(
+    config: Option<PathBuf>,
+    endpoint: &str,
+    out: &std::path::Path,
+    upstreams: &[String],
+) -> Result<ExitCode, String> {
+    let config = match config {
+        Some(path) => Config::load(&path).map_err(|e| e.to_string())?,
+        None => Config::embedded(),
+    };
+    for p in berth::cli::containerd_config(&config, endpoint, out, upstreams)? {
+        println!("wrote {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
