@@ -2,9 +2,10 @@
 //!
 //! Where an event happens, its fields are only captured: numbers as they are, strings
 //! and `Display`/`Debug` values copied into a small record, the enclosing spans by
-//! reference (their fields were captured once, when the span was made). One thread,
-//! waking every 10 ms (a request never wakes it), formats what is queued (text or JSON)
-//! and writes it to stderr in one batch. A queue that is full (a stderr nobody reads)
+//! reference (their fields were captured once, when the span was made). One thread
+//! formats what is queued (text or JSON) and writes it to stderr in one batch; a request
+//! wakes it only when it sleeps (see [`Writer`]), so under load no request pays for a
+//! wake, and after a quiet spell a line is written at once. A queue that is full (a stderr nobody reads)
 //! drops lines and counts them in `berth_log_lines_dropped_total`; it never stalls a
 //! request.
 //!
@@ -13,8 +14,9 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
@@ -84,17 +86,39 @@ const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 /// lives as long as the process (the global subscriber keeps its queue open).
 pub struct Guard {
     tx: SyncSender<Msg>,
-    writer: Option<std::thread::Thread>,
+    writer: Arc<Writer>,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
         let (ack, done) = mpsc::sync_channel(1);
         if self.tx.send(Msg::Flush(ack)).is_ok() {
-            if let Some(w) = &self.writer {
-                w.unpark();
-            }
+            self.writer.unpark();
             let _ = done.recv_timeout(FLUSH_AT_EXIT);
+        }
+    }
+}
+
+/// The writer thread, as the senders see it: woken only when it has nothing to do. A
+/// busy writer picks lines up by itself, so under load a request never pays for a wake
+/// (a futex call), while a line logged after a quiet spell is written at once.
+#[derive(Default)]
+struct Writer {
+    idle: AtomicBool,
+    thread: OnceLock<std::thread::Thread>,
+}
+
+impl Writer {
+    /// After a line was queued: wakes the writer if it sleeps (once per quiet spell).
+    fn queued(&self) {
+        if self.idle.swap(false, Ordering::AcqRel) {
+            self.unpark();
+        }
+    }
+
+    fn unpark(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
         }
     }
 }
@@ -117,33 +141,58 @@ pub fn init(format: Format) -> Guard {
 /// The capturing layer and the thread that writes its lines to `out`.
 fn layer(format: Format, out: impl std::io::Write + Send + 'static) -> (OffPath, Guard) {
     let (tx, rx) = mpsc::sync_channel(QUEUE);
+    let writer = Arc::new(Writer::default());
     // Without its thread (it could not be started), lines are dropped and counted.
-    let writer = std::thread::Builder::new()
+    let w = writer.clone();
+    let _ = std::thread::Builder::new()
         .name("berth-log".into())
-        .spawn(move || write_lines(rx, format, out))
-        .ok()
-        .map(|t| t.thread().clone());
-    (OffPath { tx: tx.clone() }, Guard { tx, writer })
+        .spawn(move || write_lines(rx, format, out, &w));
+    (
+        OffPath {
+            tx: tx.clone(),
+            writer: writer.clone(),
+        },
+        Guard { tx, writer },
+    )
 }
 
-/// How often the writer thread looks at the queue. It never waits *on* the queue: a
-/// sender would then wake it (a futex call on the request path) for every line.
-const WRITE_EVERY: Duration = Duration::from_millis(10);
+/// How long the writer lingers after a batch before it calls itself idle: lines logged
+/// meanwhile join the next batch without waking it. Also the most a line waits under load.
+const LINGER: Duration = Duration::from_millis(1);
 
-/// The writer thread: every [`WRITE_EVERY`], formats what is queued into one buffer and
-/// writes it out.
-fn write_lines(rx: Receiver<Msg>, format: Format, out: impl std::io::Write) {
+/// The writer thread: formats what is queued into one buffer, writes it out, lingers,
+/// and sleeps once the queue stays empty, until the next line wakes it.
+fn write_lines(rx: Receiver<Msg>, format: Format, out: impl std::io::Write, writer: &Writer) {
+    let _ = writer.thread.set(std::thread::current());
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut text = String::with_capacity(512);
+    let mut lingered = false;
     loop {
         let mut next = match rx.try_recv() {
             Ok(msg) => Some(msg),
-            Err(mpsc::TryRecvError::Empty) => {
-                std::thread::park_timeout(WRITE_EVERY);
+            Err(mpsc::TryRecvError::Disconnected) => return,
+            Err(mpsc::TryRecvError::Empty) if !lingered => {
+                std::thread::park_timeout(LINGER);
+                lingered = true;
                 continue;
             }
-            Err(mpsc::TryRecvError::Disconnected) => return,
+            Err(mpsc::TryRecvError::Empty) => {
+                // Idle from here: the next line wakes us. Looked at once more after saying
+                // so, as a line queued just before would not have woken us.
+                writer.idle.store(true, Ordering::Release);
+                match rx.try_recv() {
+                    Ok(msg) => Some(msg),
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                    Err(mpsc::TryRecvError::Empty) => {
+                        // Timed, to notice a closed queue (a test's subscriber dropped).
+                        std::thread::park_timeout(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            }
         };
+        writer.idle.store(false, Ordering::Release);
+        lingered = false;
         while let Some(msg) = next {
             match msg {
                 Msg::Line(line) => {
@@ -170,6 +219,7 @@ fn write_lines(rx: Receiver<Msg>, format: Format, out: impl std::io::Write) {
 /// The layer that captures events and hands them to the writer thread.
 pub struct OffPath {
     tx: SyncSender<Msg>,
+    writer: Arc<Writer>,
 }
 
 impl<S> Layer<S> for OffPath
@@ -226,7 +276,7 @@ where
             spans,
         };
         match self.tx.try_send(Msg::Line(line)) {
-            Ok(()) => {}
+            Ok(()) => self.writer.queued(),
             Err(TrySendError::Full(_)) => {
                 DROPPED.inc();
             }
@@ -485,7 +535,10 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_blocking() {
         let (tx, rx) = mpsc::sync_channel(1);
-        let layer = OffPath { tx };
+        let layer = OffPath {
+            tx,
+            writer: Arc::default(),
+        };
         let subscriber = tracing_subscriber::registry().with(layer);
         let before = DROPPED.get();
         tracing::subscriber::with_default(subscriber, || {

@@ -254,21 +254,7 @@ impl Berth {
         }
     }
 
-    /// berth's log so far. berth's log thread writes every 10 ms, so this first waits
-    /// (up to 2 s) until the file has stopped growing across three looks 20 ms apart:
-    /// every line of what the test did before the call is then in it.
     pub fn log(&self) -> String {
-        let len = || std::fs::metadata(&self.log_path).map_or(0, |m| m.len());
-        let (mut last, mut same) = (len(), 0);
-        for _ in 0..100 {
-            std::thread::sleep(Duration::from_millis(20));
-            let now = len();
-            same = if now == last { same + 1 } else { 0 };
-            last = now;
-            if same >= 2 {
-                break;
-            }
-        }
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
