@@ -104,11 +104,7 @@ async fn distribution_holds(proxy: &Registry, digest: &str) {
 /// berth serving its pull API over TLS (HTTP/1.1 and HTTP/2 by ALPN) with `cert`.
 async fn tls_berth(upstream: &str, cert: &SelfSigned) -> Berth {
     let extra = Extra {
-        server: format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"",
-            cert.cert.display(),
-            cert.key.display()
-        ),
+        server: cert.server_lines(),
         ..Extra::default()
     };
     Berth::start_opts(&[UpstreamSpec::docker_hub(upstream)], &extra).await
@@ -690,71 +686,80 @@ async fn bench_herd() {
 // ---------------------------------------------------------------------------------------
 // The rate-limit demo (in-process clients: it counts requests, it times nothing).
 
+/// Runs one curl (an external client, as every client here) and returns its stdout.
+fn curl_out(args: &[&str]) -> String {
+    let out = bench::curl().args(args).output().expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A response's status and one header, from `curl -I` (headers on stdout).
+fn head(url: &str, headers: &[&str], name: &str) -> (u16, Option<String>) {
+    let mut args = vec!["-I"];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(url);
+    let text = curl_out(&args);
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let value = text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    });
+    (status, value)
+}
+
+/// The status of a GET whose body is thrown away.
+fn get_status(url: &str, headers: &[&str]) -> u16 {
+    let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(url);
+    curl_out(&args).trim().parse().unwrap_or(0)
+}
+
 /// One kubelet-style pull straight at Docker Hub: token, HEAD the tag (free), GET the
-/// manifest by digest (counted). Returns the GET's status.
-async fn pull_direct(hub_url: &str, repo: &str) -> u16 {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let token: serde_json::Value = client
-        .get(format!(
-            "{hub_url}/token?service=registry.docker.io&scope=repository:{repo}:pull"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["token"].as_str().unwrap_or_default().to_owned();
-    let accept = support::image::MANIFEST_MEDIA_TYPE;
-    let head = client
-        .head(format!("{hub_url}/v2/{repo}/manifests/v1"))
-        .bearer_auth(&token)
-        .header("accept", accept)
-        .send()
-        .await
-        .unwrap();
-    let digest = head
-        .headers()
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    client
-        .get(format!("{hub_url}/v2/{repo}/manifests/{digest}"))
-        .bearer_auth(&token)
-        .header("accept", accept)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+/// manifest by digest (counted). Returns the GET's status. Blocking (curl processes).
+fn pull_direct(hub_url: &str, repo: &str) -> u16 {
+    let token = curl_out(&[&format!(
+        "{hub_url}/token?service=registry.docker.io&scope=repository:{repo}:pull"
+    )]);
+    let token: serde_json::Value = serde_json::from_str(&token).unwrap_or_default();
+    let auth = format!(
+        "Authorization: Bearer {}",
+        token["token"].as_str().unwrap_or_default()
+    );
+    let accept = format!("Accept: {}", support::image::MANIFEST_MEDIA_TYPE);
+    let headers = [auth.as_str(), accept.as_str()];
+    let (_, digest) = head(
+        &format!("{hub_url}/v2/{repo}/manifests/v1"),
+        &headers,
+        "docker-content-digest",
+    );
+    let digest = digest.unwrap_or_default();
+    get_status(&format!("{hub_url}/v2/{repo}/manifests/{digest}"), &headers)
 }
 
 /// The same pull through berth (containerd's `?ns=docker.io` included).
-async fn pull_via_berth(berth: &str, repo: &str) -> u16 {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let accept = support::image::MANIFEST_MEDIA_TYPE;
-    let head = client
-        .head(format!("{berth}/v2/{repo}/manifests/v1?ns=docker.io"))
-        .header("accept", accept)
-        .send()
-        .await
-        .unwrap();
-    if !head.status().is_success() {
-        return head.status().as_u16();
+fn pull_via_berth(berth: &str, repo: &str) -> u16 {
+    let accept = format!("Accept: {}", support::image::MANIFEST_MEDIA_TYPE);
+    let headers = [accept.as_str()];
+    let (status, digest) = head(
+        &format!("{berth}/v2/{repo}/manifests/v1?ns=docker.io"),
+        &headers,
+        "docker-content-digest",
+    );
+    match digest {
+        Some(d) if (200..300).contains(&status) => get_status(
+            &format!("{berth}/v2/{repo}/manifests/{d}?ns=docker.io"),
+            &headers,
+        ),
+        _ => status,
     }
-    let digest = head.headers()["docker-content-digest"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    client
-        .get(format!("{berth}/v2/{repo}/manifests/{digest}?ns=docker.io"))
-        .header("accept", accept)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
 }
 
 async fn demo_ratelimit() {
@@ -788,11 +793,11 @@ async fn demo_ratelimit() {
         for _ in 0..nodes {
             for repo in images {
                 let target = berth.as_ref().map_or_else(|| front.url(), |b| b.url());
-                tasks.push(tokio::spawn(async move {
+                tasks.push(tokio::task::spawn_blocking(move || {
                     if via_berth {
-                        pull_via_berth(&target, repo).await
+                        pull_via_berth(&target, repo)
                     } else {
-                        pull_direct(&target, repo).await
+                        pull_direct(&target, repo)
                     }
                 }));
             }

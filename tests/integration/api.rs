@@ -284,11 +284,7 @@ async fn tls_serves_both_protocols_from_the_configured_pem_files() {
     use crate::support::berth::{Berth, Extra, UpstreamSpec};
     let cert = crate::support::bench::SelfSigned::new();
     let extra = Extra {
-        server: format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"",
-            cert.cert.display(),
-            cert.key.display()
-        ),
+        server: cert.server_lines(),
         ..Extra::default()
     };
     // /v2/ never asks the upstream.

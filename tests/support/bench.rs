@@ -361,6 +361,15 @@ impl SelfSigned {
         }
     }
 
+    /// The `[server]` lines that make berth serve this certificate.
+    pub fn server_lines(&self) -> String {
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+
     /// The curl options that trust this certificate.
     pub fn curl_args(&self) -> Vec<String> {
         vec!["--cacert".into(), self.cert.display().to_string()]
