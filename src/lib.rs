@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod fleet;
@@ -12,6 +13,7 @@ pub mod fleet;
 pub mod fuzzing;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod oci;
 pub mod proxy;
 pub mod quota;

@@ -7,6 +7,7 @@ mod error;
 pub mod manifest;
 pub mod media;
 mod name;
+pub mod pattern;
 mod route;
 mod text;
 
@@ -14,5 +15,6 @@ pub use digest::{Algorithm, Digest, Hasher, InvalidDigest};
 pub use error::{Error, ErrorCode};
 pub use media::AcceptSet;
 pub use name::{ImageRef, InvalidName, Reference, Repository, Tag};
+pub use pattern::Pattern;
 pub use route::{Endpoint, Route};
 pub use text::{digits, saturating_digits, Quoted};

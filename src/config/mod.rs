@@ -12,8 +12,12 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer};
 
+mod access;
+
+pub use access::{AccessRule, AuthConfig, ANONYMOUS};
+
 /// `config/berth.toml`, compiled in: what `berth serve` runs on without `--config`.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../config/berth.toml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/berth.toml");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +37,14 @@ pub struct Config {
     /// Several replicas that fetch each miss once between them; off when absent.
     #[serde(default)]
     pub fleet: Option<FleetConfig>,
+    /// Who clients of the pull API are (htpasswd, token files, client certificates);
+    /// absent: every client is `anonymous`, as before.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// Which principals (and client networks) may pull which repositories; none: every
+    /// principal may pull everything.
+    #[serde(default)]
+    pub access: Vec<AccessRule>,
 }
 
 /// The replicas of one fleet: who they are, and the secret their requests carry.
@@ -142,6 +154,10 @@ pub struct WarmConfig {
     /// `os/arch[/variant]` to fetch from multi-platform images; empty means all.
     #[serde(default)]
     pub platforms: Vec<String>,
+    /// Also fetch and pin each image's signatures and attestations (cosign's
+    /// `sha256-<digest>.sig` / `.att` tags) and its OCI referrers.
+    #[serde(default)]
+    pub signatures: bool,
 }
 
 fn default_warm_interval() -> Duration {
@@ -237,7 +253,7 @@ pub struct StorageConfig {
     pub local: bool,
 }
 
-fn default_true() -> bool {
+pub(crate) fn default_true() -> bool {
     true
 }
 
@@ -305,6 +321,36 @@ pub struct UpstreamConfig {
     /// and public addresses: CIDRs (`10.0.0.0/8`) or host names (`minio.internal`).
     #[serde(default)]
     pub redirect_allow: Vec<String>,
+    /// Credentials for some repositories of this upstream (`[[upstreams.credentials]]`):
+    /// the most specific matching pattern wins; the rest use the upstream's own
+    /// credentials above (or none).
+    #[serde(default)]
+    pub credentials: Vec<CredentialConfig>,
+}
+
+/// Credentials for the repositories matching `repositories` (patterns below the
+/// upstream: `myorg/*`, `myorg/**`), with their own quota bucket (Docker Hub counts per
+/// account).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    pub repositories: Vec<String>,
+    /// How metrics, logs and the status page name this credential (never the username);
+    /// the first pattern when unset.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub docker_config: Option<PathBuf>,
+    /// This account's quota; by default the upstream's `quota` (a bucket of its own), or
+    /// Docker Hub's 200 manifest GETs per 6 h for an account.
+    #[serde(default)]
+    pub quota: Option<QuotaConfig>,
 }
 
 fn default_body_timeout() -> Duration {
@@ -367,7 +413,7 @@ fn default_fill_deadline() -> Duration {
     Duration::from_secs(3600)
 }
 
-mod duration {
+pub(crate) mod duration {
     use super::*;
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
@@ -529,6 +575,7 @@ impl Config {
         if let Some(fleet) = &self.fleet {
             validate_fleet(fleet)?;
         }
+        access::validate(self)?;
         if !names.contains(&self.routing.default_upstream.to_ascii_lowercase()) {
             return Err(format!(
                 "routing.default_upstream: {:?} is not the host or alias of any [[upstreams]]",
