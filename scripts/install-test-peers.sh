@@ -29,6 +29,7 @@ peers=(
     "umoci umoci"
     "openssl openssl"
     "jq jq"
+    "htpasswd apache2-utils"
     "curl curl"
     "wrk wrk"
     "update-ca-certificates ca-certificates"

@@ -124,16 +124,18 @@ pub fn render(s: &Status) -> String {
     out
 }
 
-/// Asks berth to warm `images`; returns the report lines and whether all succeeded.
+/// Asks berth to warm `images` (with their signatures and referrers if `signatures`);
+/// returns the report lines and whether all succeeded.
 pub async fn warm(
     admin: &str,
     token: Option<&str>,
     images: &[String],
+    signatures: bool,
 ) -> Result<(String, bool), String> {
     let url = format!("{}/admin/warm", admin.trim_end_matches('/'));
     let mut req = client()?
         .post(&url)
-        .json(&serde_json::json!({ "images": images }));
+        .json(&serde_json::json!({ "images": images, "signatures": signatures }));
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -161,6 +163,13 @@ pub async fn warm(
                 w.blobs,
                 human(w.bytes)
             );
+            if signatures {
+                let _ = writeln!(
+                    out,
+                    "        {} signature(s), attestation(s) and SBOM(s), {} referrer(s)",
+                    w.signatures, w.referrers
+                );
+            }
         } else {
             all_ok = false;
             let _ = writeln!(

@@ -64,6 +64,7 @@ pub fn build(config: &Config) -> Result<App, String> {
     };
     let egress = upstream::egress::EgressMetrics::register(metrics.registry_mut());
     let server_metrics = server::ServerMetrics::register(metrics.registry_mut());
+    let access = Arc::new(access::Access::from_config(config, metrics.registry_mut())?);
     metrics.registry_mut().register(
         "log_lines_dropped",
         "Log lines dropped because the log writer fell behind (stderr not read)",
@@ -103,6 +104,7 @@ pub fn build(config: &Config) -> Result<App, String> {
             config.server.max_concurrent_passthroughs,
         ),
         upstreams,
+        access,
         metrics,
         server_metrics,
         started: std::time::Instant::now(),
@@ -153,7 +155,8 @@ pub async fn serve_reporting(
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(cert), Some(key)) => {
             install_crypto_provider();
-            Some(server::tls_acceptor(cert, key)?)
+            let client_ca = config.auth.as_ref().and_then(|a| a.client_ca.as_deref());
+            Some(server::tls_acceptor(cert, key, client_ca)?)
         }
         _ => None,
     };
@@ -199,6 +202,8 @@ pub async fn serve_reporting(
              /metrics, /healthz, /readyz and the status reads stay open");
     }
     tokio::spawn(sample_history(app.clone()));
+    tracing::info!(access = %app.access.describe(), "who may pull what");
+    access::Access::keep_reloading(&app.access);
     if let Some(fleet) = app.proxy.fleet() {
         tracing::info!(me = fleet.me(), peers = ?fleet.peers(), "fleet member");
         tokio::spawn(keep_fleet(app.clone(), fleet.clone()));
@@ -299,7 +304,12 @@ async fn keep_warm(app: Arc<App>, warm: config::WarmConfig) {
         tick.tick().await;
         for report in app
             .proxy
-            .warm_images(&app.upstreams, &warm.images, &app.warm_platforms)
+            .warm_images(
+                &app.upstreams,
+                &warm.images,
+                &app.warm_platforms,
+                warm.signatures,
+            )
             .await
         {
             if report.ok {

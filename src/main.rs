@@ -75,6 +75,10 @@ enum Command {
         /// A file with the admin token (server.admin_token_file on the server).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Also fetch and pin each image's signatures, attestations and SBOMs (cosign's
+        /// sha256-<hex>.sig/.att/.sbom tags) and its OCI referrers.
+        #[arg(long)]
+        signatures: bool,
         /// Image references: docker.io/library/nginx:1.27, ghcr.io/org/app@sha256:...
         #[arg(required = true)]
         images: Vec<String>,
@@ -160,8 +164,9 @@ fn main() -> ExitCode {
         Command::Warm {
             admin,
             token_file,
+            signatures,
             images,
-        } => warm(&admin, token_file, &images),
+        } => warm(&admin, token_file, &images, signatures),
         Command::Gc {
             config,
             to,
@@ -230,7 +235,12 @@ fn check_config(file: &std::path::Path) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn warm(admin: &str, token_file: Option<PathBuf>, images: &[String]) -> Result<ExitCode, String> {
+fn warm(
+    admin: &str,
+    token_file: Option<PathBuf>,
+    images: &[String],
+    signatures: bool,
+) -> Result<ExitCode, String> {
     let token = match token_file {
         Some(p) => Some(
             std::fs::read_to_string(&p)
@@ -240,7 +250,10 @@ fn warm(admin: &str, token_file: Option<PathBuf>, images: &[String]) -> Result<E
         ),
         None => None,
     };
-    let (report, ok) = block_on(false, berth::cli::warm(admin, token.as_deref(), images))?;
+    let (report, ok) = block_on(
+        false,
+        berth::cli::warm(admin, token.as_deref(), images, signatures),
+    )?;
     print!("{report}");
     Ok(if ok {
         ExitCode::SUCCESS

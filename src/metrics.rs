@@ -108,6 +108,21 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
+/// A credential's bucket (`[[upstreams.credentials]]`); the upstream's own account keeps
+/// the `berth_quota_*{upstream}` series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabels {
+    pub upstream: String,
+    pub credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialRefusalLabels {
+    pub upstream: String,
+    pub credential: String,
+    pub reason: QuotaRefusal,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamRequestLabels {
     pub upstream: String,
@@ -137,6 +152,13 @@ pub struct Metrics {
     pub quota_refill_seconds: Family<UpstreamLabels, Gauge>,
     pub ratelimit_limit: Family<UpstreamLabels, Gauge>,
     pub ratelimit_remaining: Family<UpstreamLabels, Gauge>,
+    pub credential_quota_counted: Family<CredentialLabels, Counter>,
+    pub credential_quota_refusals: Family<CredentialRefusalLabels, Counter>,
+    pub credential_quota_tokens: Family<CredentialLabels, Gauge>,
+    pub credential_quota_capacity: Family<CredentialLabels, Gauge>,
+    pub credential_quota_refill_seconds: Family<CredentialLabels, Gauge>,
+    pub credential_ratelimit_limit: Family<CredentialLabels, Gauge>,
+    pub credential_ratelimit_remaining: Family<CredentialLabels, Gauge>,
     pub store_bytes: Gauge,
     pub store_blobs: Gauge,
     pub store_max_bytes: Gauge,
@@ -277,6 +299,49 @@ impl Metrics {
             "The upstream's ratelimit-remaining header, as last seen",
             ratelimit_remaining.clone(),
         );
+        let credential_quota_counted = Family::<CredentialLabels, Counter>::default();
+        registry.register(
+            "credential_quota_counted_requests",
+            "Counted upstream requests sent with one of the upstream's [[upstreams.credentials]], as sent",
+            credential_quota_counted.clone(),
+        );
+        let credential_quota_refusals = Family::<CredentialRefusalLabels, Counter>::default();
+        registry.register(
+            "credential_quota_refusals",
+            "Counted upstream requests not sent because a credential's bucket said no, by reason (empty, reserve, cooldown)",
+            credential_quota_refusals.clone(),
+        );
+        let credential_quota_tokens = Family::<CredentialLabels, Gauge>::default();
+        registry.register(
+            "credential_quota_tokens",
+            "Tokens left in berth's bucket for one credential of the upstream (whole requests)",
+            credential_quota_tokens.clone(),
+        );
+        let credential_quota_capacity = Family::<CredentialLabels, Gauge>::default();
+        registry.register(
+            "credential_quota_capacity",
+            "The size of berth's bucket for one credential of the upstream",
+            credential_quota_capacity.clone(),
+        );
+        let credential_quota_refill_seconds = Family::<CredentialLabels, Gauge>::default();
+        registry.register_with_unit(
+            "credential_quota_refill",
+            "Time until the credential's next token (or the end of an upstream 429 cooldown)",
+            Unit::Seconds,
+            credential_quota_refill_seconds.clone(),
+        );
+        let credential_ratelimit_limit = Family::<CredentialLabels, Gauge>::default();
+        registry.register(
+            "credential_upstream_ratelimit_limit",
+            "The upstream's ratelimit-limit header on answers to requests sent with the credential, as last seen",
+            credential_ratelimit_limit.clone(),
+        );
+        let credential_ratelimit_remaining = Family::<CredentialLabels, Gauge>::default();
+        registry.register(
+            "credential_upstream_ratelimit_remaining",
+            "The upstream's ratelimit-remaining header on answers to requests sent with the credential, as last seen",
+            credential_ratelimit_remaining.clone(),
+        );
         let store_bytes = Gauge::default();
         registry.register_with_unit(
             "store",
@@ -329,6 +394,13 @@ impl Metrics {
             quota_refill_seconds,
             ratelimit_limit,
             ratelimit_remaining,
+            credential_quota_counted,
+            credential_quota_refusals,
+            credential_quota_tokens,
+            credential_quota_capacity,
+            credential_quota_refill_seconds,
+            credential_ratelimit_limit,
+            credential_ratelimit_remaining,
             store_bytes,
             store_blobs,
             store_max_bytes,

@@ -89,7 +89,14 @@ mod tests {
         let v6 = Cidr::parse("fd00::/8").unwrap();
         assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
         assert_eq!(Cidr::parse("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
-        for bad in ["10.0.0.0/33", "10.0.0.0/+8", "10.0.0/8", "host.example", "::/129", ""] {
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0.0/+8",
+            "10.0.0/8",
+            "host.example",
+            "::/129",
+            "",
+        ] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
     }

@@ -93,7 +93,9 @@ pub(super) fn validate(config: &Config) -> Result<(), String> {
             ));
         }
         if rule.repositories.is_empty() {
-            return Err(format!("{at}.repositories: a rule allows at least one pattern"));
+            return Err(format!(
+                "{at}.repositories: a rule allows at least one pattern"
+            ));
         }
         for p in &rule.principals {
             if p.is_empty() || p.chars().any(|c| c.is_control() || c == '/') {

@@ -524,14 +524,7 @@ impl Config {
                 return Err(format!("{at}.tag_ttl must be greater than zero"));
             }
             if let Some(q) = &u.quota {
-                if q.requests == 0 || q.per.is_zero() {
-                    return Err(format!(
-                        "{at}.quota: requests and per must be greater than zero"
-                    ));
-                }
-                if !(0.0..1.0).contains(&q.reserve) {
-                    return Err(format!("{at}.quota.reserve must be at least 0 and below 1"));
-                }
+                validate_quota(&at, q)?;
             }
             let secrets = [
                 u.password_file.is_some(),
@@ -551,6 +544,7 @@ impl Config {
                     "{at}: username needs password_file or password_env"
                 ));
             }
+            validate_credentials(&at, u)?;
         }
         if let Some(b) = &self.client_budgets {
             if b.requests == 0 || b.per.is_zero() {
@@ -584,6 +578,95 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_quota(at: &str, q: &QuotaConfig) -> Result<(), String> {
+    if q.requests == 0 || q.per.is_zero() {
+        return Err(format!(
+            "{at}.quota: requests and per must be greater than zero"
+        ));
+    }
+    if !(0.0..1.0).contains(&q.reserve) {
+        return Err(format!("{at}.quota.reserve must be at least 0 and below 1"));
+    }
+    Ok(())
+}
+
+/// `[[upstreams.credentials]]` of the upstream at `at`: patterns relative to it, one
+/// secret each, a name of its own.
+fn validate_credentials(at: &str, u: &UpstreamConfig) -> Result<(), String> {
+    let mut names = HashSet::new();
+    for (i, c) in u.credentials.iter().enumerate() {
+        let at = format!("{at}.credentials[{i}]");
+        if c.repositories.is_empty() {
+            return Err(format!(
+                "{at}.repositories: at least one pattern is needed (\"myorg/*\")"
+            ));
+        }
+        for p in &c.repositories {
+            let pattern =
+                crate::oci::Pattern::parse(p).map_err(|e| format!("{at}.repositories: {e}"))?;
+            let names_upstream = pattern.first_literal().is_some_and(|first| {
+                std::iter::once(&u.host)
+                    .chain(&u.aliases)
+                    .any(|h| h.eq_ignore_ascii_case(first))
+            });
+            if names_upstream {
+                return Err(format!(
+                    "{at}.repositories: {p:?} names the upstream; patterns are relative to it \
+                     (\"myorg/*\", not \"{}/myorg/*\")",
+                    u.host
+                ));
+            }
+        }
+        let with_password = c.password_file.is_some() || c.password_env.is_some();
+        let secrets = [
+            c.password_file.is_some(),
+            c.password_env.is_some(),
+            c.docker_config.is_some(),
+        ];
+        match secrets.iter().filter(|s| **s).count() {
+            0 => {
+                return Err(format!(
+                    "{at}: set username with password_file or password_env, or docker_config"
+                ))
+            }
+            1 => {}
+            _ => {
+                return Err(format!(
+                    "{at}: set only one of password_file, password_env, docker_config"
+                ))
+            }
+        }
+        if with_password && c.username.is_none() {
+            return Err(format!("{at}: password_file/password_env need username"));
+        }
+        if c.username.is_some() && !with_password {
+            return Err(format!(
+                "{at}: username needs password_file or password_env"
+            ));
+        }
+        let name = c.name.as_deref().unwrap_or(&c.repositories[0]);
+        if name.trim().is_empty() {
+            return Err(format!("{at}.name must not be empty"));
+        }
+        // "default" is how the upstream's own account is named (logs, `credential_name`).
+        if name == "default" {
+            return Err(format!(
+                "{at}.name: \"default\" names the upstream's own credentials; choose another"
+            ));
+        }
+        if !names.insert(name) {
+            return Err(format!(
+                "{at}.name: {name:?} names another credential of this upstream (a credential \
+                 without a name is named by its first pattern)"
+            ));
+        }
+        if let Some(q) = &c.quota {
+            validate_quota(&at, q)?;
+        }
+    }
+    Ok(())
 }
 
 fn validate_shared(s: &SharedConfig) -> Result<(), String> {
@@ -739,6 +822,99 @@ mod tests {
         assert!(c.upstreams[0].negative_ttl.is_zero());
         let e = Config::parse(&with_upstream("negative_ttl = \"soon\""), "t").unwrap_err();
         assert!(e.0.contains("negative_ttl"), "{e}");
+    }
+
+    /// `[[upstreams.credentials]]` blocks after the docker.io upstream's keys.
+    fn with_credentials(blocks: &[&str]) -> Result<Config, ConfigError> {
+        let blocks: String = blocks
+            .iter()
+            .map(|b| format!("[[upstreams.credentials]]\n{b}\n"))
+            .collect();
+        Config::parse(&with_upstream(&blocks), "t")
+    }
+
+    #[test]
+    fn upstream_credentials_parse() {
+        let c = with_credentials(&[
+            "repositories = [\"myorg/*\", \"myorg/**\"]\nname = \"myorg\"\nusername = \"bot\"\n\
+             password_file = \"/run/secrets/myorg\"\nquota = { requests = 50, per = \"6h\" }",
+            "repositories = [\"other/*\"]\ndocker_config = \"/etc/berth/other.json\"",
+        ])
+        .unwrap();
+        let creds = &c.upstreams[0].credentials;
+        assert_eq!(creds.len(), 2);
+        assert_eq!(creds[0].name.as_deref(), Some("myorg"));
+        assert_eq!(creds[0].quota.as_ref().map(|q| q.requests), Some(50));
+        assert!(creds[1].docker_config.is_some() && creds[1].name.is_none());
+    }
+
+    #[test]
+    fn upstream_credential_errors_name_the_key() {
+        let docker_config = "docker_config = \"/x.json\"";
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["repositories = []\ndocker_config = \"/x.json\""],
+                "upstreams[0] (docker.io).credentials[0].repositories: at least one",
+            ),
+            (
+                &[
+                    "repositories = [\"a/*\"]\ndocker_config = \"/x.json\"",
+                    "repositories = [\"b//c\"]\ndocker_config = \"/x.json\"",
+                ],
+                "upstreams[0] (docker.io).credentials[1].repositories: \"b//c\" has an empty segment",
+            ),
+            (
+                &["repositories = [\"docker.io/myorg/*\"]\ndocker_config = \"/x.json\""],
+                "credentials[0].repositories: \"docker.io/myorg/*\" names the upstream",
+            ),
+            (
+                &["repositories = [\"a/*\"]"],
+                "credentials[0]: set username with password_file or password_env, or docker_config",
+            ),
+            (
+                &["repositories = [\"a/*\"]\nusername = \"u\"\npassword_env = \"P\"\n\
+                   docker_config = \"/x.json\""],
+                "credentials[0]: set only one of",
+            ),
+            (
+                &["repositories = [\"a/*\"]\npassword_file = \"/p\""],
+                "credentials[0]: password_file/password_env need username",
+            ),
+            (
+                &["repositories = [\"a/*\"]\nusername = \"u\"\ndocker_config = \"/x.json\""],
+                "credentials[0]: username needs password_file or password_env",
+            ),
+            (
+                &[
+                    "repositories = [\"a/*\"]\nname = \"team\"\ndocker_config = \"/x.json\"",
+                    "repositories = [\"b/*\"]\nname = \"team\"\ndocker_config = \"/y.json\"",
+                ],
+                "credentials[1].name: \"team\" names another credential",
+            ),
+            (
+                // Unnamed: named by the first pattern, which the first entry took.
+                &[
+                    "repositories = [\"a/*\"]\ndocker_config = \"/x.json\"",
+                    "repositories = [\"a/*\", \"b/*\"]\ndocker_config = \"/y.json\"",
+                ],
+                "credentials[1].name: \"a/*\" names another credential",
+            ),
+            (
+                &["repositories = [\"a/*\"]\nname = \"default\"\ndocker_config = \"/x.json\""],
+                "credentials[0].name: \"default\"",
+            ),
+            (
+                &["repositories = [\"a/*\"]\ndocker_config = \"/x.json\"\n\
+                   quota = { requests = 0, per = \"1h\" }"],
+                "credentials[0].quota: requests and per must be greater than zero",
+            ),
+        ];
+        for (blocks, want) in cases {
+            let e = with_credentials(blocks).unwrap_err().to_string();
+            assert!(e.contains(want), "{blocks:?}:\n  got  {e}\n  want {want}");
+        }
+        // The same entries on their own are fine.
+        with_credentials(&[&format!("repositories = [\"a/*\"]\n{docker_config}")]).unwrap();
     }
 
     #[test]

@@ -29,9 +29,10 @@ pub enum ErrorCode {
     RangeInvalid,
     /// Push, delete and anything else a read-only mirror does not do.
     Unsupported,
-    /// The admin API needs a token.
+    /// Credentials are needed (or were wrong): from a pull client, or for the admin API.
     Unauthorized,
-    /// The upstream refused berth's credentials for this repository.
+    /// The upstream refused berth's credentials for this repository, or this client may
+    /// not pull it.
     Denied,
     /// The upstream's quota (or berth's own budget for it) is spent.
     TooManyRequests,
@@ -83,6 +84,8 @@ pub struct Error {
     pub message: String,
     /// Sent as `Retry-After` (429 and 503).
     pub retry_after: Option<Duration>,
+    /// Sent as `WWW-Authenticate` (401): how to authenticate to berth.
+    pub challenge: Option<String>,
 }
 
 impl Error {
@@ -91,11 +94,18 @@ impl Error {
             code,
             message: message.into(),
             retry_after: None,
+            challenge: None,
         }
     }
 
     pub fn retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
+        self
+    }
+
+    /// A 401 that tells the client how to authenticate (`Basic realm="berth"`).
+    pub fn challenge(mut self, challenge: impl Into<String>) -> Self {
+        self.challenge = Some(challenge.into());
         self
     }
 

@@ -206,14 +206,23 @@ mod tests {
 
     #[test]
     fn the_most_specific_match_wins_whatever_the_order() {
-        let all = [p("**"), p("myorg/**"), p("myorg/*"), p("myorg/team-*"), p("myorg/app")];
+        let all = [
+            p("**"),
+            p("myorg/**"),
+            p("myorg/*"),
+            p("myorg/team-*"),
+            p("myorg/app"),
+        ];
         let name_of = |name: &str, order: &[usize]| {
             let ps: Vec<&Pattern> = order.iter().map(|i| &all[*i]).collect();
             most_specific(ps.iter().copied(), name).map(|i| ps[i].as_str().to_owned())
         };
         for order in [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 4, 0, 3, 1]] {
             assert_eq!(name_of("myorg/app", &order).as_deref(), Some("myorg/app"));
-            assert_eq!(name_of("myorg/team-x", &order).as_deref(), Some("myorg/team-*"));
+            assert_eq!(
+                name_of("myorg/team-x", &order).as_deref(),
+                Some("myorg/team-*")
+            );
             assert_eq!(name_of("myorg/other", &order).as_deref(), Some("myorg/*"));
             assert_eq!(name_of("myorg/a/b", &order).as_deref(), Some("myorg/**"));
             assert_eq!(name_of("library/nginx", &order).as_deref(), Some("**"));
@@ -225,7 +234,9 @@ mod tests {
 
     #[test]
     fn the_first_segment_can_be_replaced() {
-        let q = p("index.docker.io/library/*").with_first("docker.io").unwrap();
+        let q = p("index.docker.io/library/*")
+            .with_first("docker.io")
+            .unwrap();
         assert_eq!(q.as_str(), "docker.io/library/*");
         assert_eq!(q.first_literal(), Some("docker.io"));
         assert_eq!(p("*/x").first_literal(), None);

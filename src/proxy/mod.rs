@@ -1,9 +1,9 @@
 //! The pull-through policy: the only place that decides, for each request, between a hit,
 //! a revalidation, a fill, a stale answer or a refusal.
 //!
-//! `proxy` owns the single-flight maps (blob fills by digest, manifest fetches by key) and
-//! calls the store and the upstreams through their narrow interfaces. It answers with
-//! typed results; `server` turns them into HTTP.
+//! `proxy` owns the single-flight maps (blob fills by digest, manifest and list fetches by
+//! key) and calls the store and the upstreams through their narrow interfaces. It answers
+//! with typed results; `server` turns them into HTTP.
 
 mod blobs;
 mod body;
@@ -11,6 +11,7 @@ mod fill;
 mod flight;
 mod flying;
 mod freshness;
+mod listings;
 mod manifests;
 mod negative;
 mod origin;
@@ -23,15 +24,16 @@ use bytes::Bytes;
 
 pub use blobs::BlobAnswer;
 pub use body::{BlobBody, BlobSource, Piece, MAX_FILE_PIECE};
+pub use listings::{Listing, ListingAnswer};
 pub use manifests::{tag_key_prefix, ManifestAnswer};
 pub use warm::WarmReport;
 
 use crate::fleet::Fleet;
-use crate::metrics::{Kind, Metrics};
+use crate::metrics::Metrics;
 use crate::oci::{self, Digest, ErrorCode, Repository};
 use crate::store::shared::Shared;
 use crate::store::Store;
-use crate::upstream::{Passthrough, Upstream};
+use crate::upstream::Upstream;
 
 pub struct Proxy {
     store: Store,
@@ -45,7 +47,10 @@ pub struct Proxy {
     manifest_flights: flight::Flights<String, (Result<ManifestAnswer, oci::Error>, Option<String>)>,
     /// Tags upstreams said they do not have, for their `negative_ttl`.
     negative: Arc<negative::NegativeCache>,
-    /// Places for uncached relays (tags lists, referrers): beyond them, 503.
+    /// Tags-list and referrers fetches by key (`listings.rs`).
+    listing_flights: flight::Flights<String, Result<ListingAnswer, oci::Error>>,
+    /// Places for upstream fetches of tags lists and referrers: beyond them, the kept
+    /// answer (stale) or 503.
     passthroughs: Arc<tokio::sync::Semaphore>,
 }
 
@@ -79,12 +84,14 @@ impl Proxy {
             metrics,
             manifest_flights: flight::Flights::default(),
             negative: Arc::new(negative::NegativeCache::new(negative::CAPACITY)),
+            listing_flights: flight::Flights::default(),
             passthroughs: Arc::new(tokio::sync::Semaphore::new(DEFAULT_PASSTHROUGHS)),
         }
     }
 
-    /// Caps concurrent blob fills (more wait their turn) and uncached relays (more are
-    /// refused with 503): `server.max_concurrent_fills`, `max_concurrent_passthroughs`.
+    /// Caps concurrent blob fills (more wait their turn) and tags-list and referrers
+    /// fetches (more get the kept answer, or 503): `server.max_concurrent_fills`,
+    /// `max_concurrent_passthroughs`.
     pub fn with_limits(mut self, fills: usize, passthroughs: usize) -> Self {
         self.fills.limit(fills, self.metrics.clone());
         self.passthroughs = Arc::new(tokio::sync::Semaphore::new(passthroughs));
@@ -117,32 +124,6 @@ impl Proxy {
 
     pub fn store(&self) -> &Store {
         &self.store
-    }
-
-    /// Relays a tags list or referrers request; these change too often to cache usefully
-    /// and cost nothing on Docker Hub.
-    pub async fn passthrough(
-        &self,
-        upstream: &Upstream,
-        repo: &Repository,
-        path: &str,
-        query: Option<&str>,
-        kind: Kind,
-    ) -> Result<Passthrough, oci::Error> {
-        // Relays hold an upstream connection and up to 16 MiB each; a flood of them must
-        // not crowd out pulls. Refused rather than queued: they are retried cheaply.
-        let Ok(_place) = self.passthroughs.try_acquire() else {
-            return Err(oci::Error::new(
-                ErrorCode::Unavailable,
-                "too many uncached requests (tags lists, referrers) in flight to upstreams \
-                 (server.max_concurrent_passthroughs); retry shortly",
-            )
-            .retry_after(std::time::Duration::from_secs(1)));
-        };
-        upstream
-            .passthrough(repo, path, query, kind)
-            .await
-            .map_err(|e| e.to_oci(upstream.host()))
     }
 }
 

@@ -1,5 +1,6 @@
-//! The upstream's pull quota, spent like money: a token bucket per upstream (and so per
-//! credential: an upstream has one), sized from configuration and corrected by the
+//! The upstream's pull quota, spent like money: a token bucket per upstream account (the
+//! upstream's own credentials or anonymous access, and each `[[upstreams.credentials]]`
+//! entry: Docker Hub counts per account), sized from configuration and corrected by the
 //! `ratelimit-limit` / `ratelimit-remaining` headers whenever the upstream sends them.
 //!
 //! Only counted requests take a token (on Docker Hub: manifest GETs). A 429 empties the
@@ -14,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
+use super::report::{self, BucketId};
 use crate::config::{CountedRequest, QuotaConfig};
-use crate::metrics::{Metrics, QuotaRefusal, UpstreamLabels};
+use crate::metrics::{Metrics, QuotaRefusal};
 
 /// Why a counted request is wanted: the reserve is kept for `New`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +78,8 @@ struct State {
 }
 
 pub struct Quota {
-    upstream: String,
+    /// Whose bucket: names its metrics and log lines.
+    id: BucketId,
     counted: Vec<CountedRequest>,
     /// Fraction of the capacity kept for `Purpose::New`.
     reserve: f64,
@@ -88,9 +91,25 @@ pub struct Quota {
 const DEFAULT_COOLDOWN: Duration = Duration::from_secs(60);
 
 impl Quota {
-    /// `config: None` is unlimited until the upstream's headers say otherwise.
+    /// The bucket of an upstream's own account. `config: None` is unlimited until the
+    /// upstream's headers say otherwise.
     pub fn new(
         upstream: &str,
+        config: Option<QuotaConfig>,
+        default_counted: Vec<CountedRequest>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let id = BucketId {
+            upstream: upstream.to_owned(),
+            credential: None,
+        };
+        Self::for_account(id, config, default_counted, metrics)
+    }
+
+    /// The bucket of any account: the upstream's own (`credential: None`) or one of its
+    /// `[[upstreams.credentials]]`.
+    pub fn for_account(
+        id: BucketId,
         config: Option<QuotaConfig>,
         default_counted: Vec<CountedRequest>,
         metrics: Arc<Metrics>,
@@ -100,7 +119,7 @@ impl Quota {
             per: q.per,
         });
         let q = Quota {
-            upstream: upstream.to_owned(),
+            id,
             counted: config
                 .as_ref()
                 .and_then(|q| q.counts.clone())
@@ -124,10 +143,9 @@ impl Quota {
         q
     }
 
-    fn labels(&self) -> UpstreamLabels {
-        UpstreamLabels {
-            upstream: self.upstream.clone(),
-        }
+    /// Whose bucket this is.
+    pub fn id(&self) -> &BucketId {
+        &self.id
     }
 
     /// Whether a request of this method to this kind of endpoint spends quota.
@@ -178,7 +196,7 @@ impl Quota {
             }
         };
         if let Err(d) = &result {
-            self.metrics.quota_refused(&self.upstream, d.reason);
+            report::refused(&self.metrics, &self.id, d.reason);
         }
         self.publish();
         result
@@ -186,10 +204,7 @@ impl Quota {
 
     /// Counts a counted request that reached the upstream.
     pub fn spent(&self) {
-        self.metrics
-            .quota_counted
-            .get_or_create(&self.labels())
-            .inc();
+        report::counted(&self.metrics, &self.id);
     }
 
     /// Gives back a token for a counted request that never reached the upstream.
@@ -218,10 +233,6 @@ impl Quota {
                 s.header_limit = Some(limit);
                 s.header_per = window.or(s.header_per);
                 resize(&mut s);
-                self.metrics
-                    .ratelimit_limit
-                    .get_or_create(&self.labels())
-                    .set(i64::try_from(limit).unwrap_or(i64::MAX));
             }
             if let Some((remaining, _)) = remaining {
                 s.header_remaining = Some(remaining);
@@ -234,12 +245,14 @@ impl Quota {
                 if let Some(size) = s.size {
                     s.tokens = s.tokens.min(size.capacity);
                 }
-                self.metrics
-                    .ratelimit_remaining
-                    .get_or_create(&self.labels())
-                    .set(i64::try_from(remaining).unwrap_or(i64::MAX));
             }
         }
+        report::ratelimit(
+            &self.metrics,
+            &self.id,
+            limit.map(|(l, _)| l),
+            remaining.map(|(r, _)| r),
+        );
         self.publish();
     }
 
@@ -272,7 +285,9 @@ impl Quota {
             s.refilled = now;
             s.cooldown_until = Some(now.checked_add(wait).unwrap_or(now));
             if !was_cooling {
-                tracing::warn!(upstream = %self.upstream, retry_after_s = wait.as_secs(),
+                tracing::warn!(upstream = %self.id.upstream,
+                    credential = self.id.credential.as_deref().unwrap_or("default"),
+                    retry_after_s = wait.as_secs(),
                     "upstream answered 429: no counted requests until the cooldown ends; serving cached copies");
             }
             wait
@@ -284,21 +299,12 @@ impl Quota {
     /// Updates the quota gauges (also called at scrape time, so refills show).
     pub fn publish(&self) {
         let snap = self.snapshot();
-        let labels = self.labels();
-        if let (Some(t), Some(c)) = (snap.tokens, snap.capacity) {
-            self.metrics
-                .quota_tokens
-                .get_or_create(&labels)
-                .set(t as i64);
-            self.metrics
-                .quota_capacity
-                .get_or_create(&labels)
-                .set(c as i64);
-        }
-        self.metrics
-            .quota_refill_seconds
-            .get_or_create(&labels)
-            .set(snap.refill_seconds as i64);
+        report::gauges(
+            &self.metrics,
+            &self.id,
+            snap.tokens.zip(snap.capacity),
+            snap.refill_seconds,
+        );
     }
 
     /// The bucket now, for the status page and `berth status`.

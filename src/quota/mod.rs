@@ -14,11 +14,13 @@
 
 mod bucket;
 mod budgets;
+mod report;
 
 use std::sync::Arc;
 
 pub use bucket::{secs, Denied, Purpose, Quota, QuotaSnapshot};
 pub use budgets::Budgets;
+pub use report::BucketId;
 
 use crate::config::{ClientBudgetConfig, CountedRequest};
 use crate::metrics::Metrics;

@@ -158,6 +158,9 @@ fn check_token(expected: Option<&str>, headers: &HeaderMap) -> Result<(), Refusa
 #[derive(serde::Deserialize)]
 struct WarmRequest {
     images: Vec<String>,
+    /// Also each image's signatures, attestations, SBOMs and referrers.
+    #[serde(default)]
+    signatures: bool,
 }
 
 async fn warm(app: &App, req: Request<Incoming>) -> Response<Body> {
@@ -173,13 +176,21 @@ async fn warm(app: &App, req: Request<Incoming>) -> Response<Body> {
         Err(e) => {
             return admin_error(
                 StatusCode::BAD_REQUEST,
-                &format!("expected {{\"images\": [\"docker.io/library/nginx:1.27\", ...]}}: {e}"),
+                &format!(
+                    "expected {{\"images\": [\"docker.io/library/nginx:1.27\", ...], \
+                     \"signatures\": false}}: {e}"
+                ),
             )
         }
     };
     let results = app
         .proxy
-        .warm_images(&app.upstreams, &request.images, &app.warm_platforms)
+        .warm_images(
+            &app.upstreams,
+            &request.images,
+            &app.warm_platforms,
+            request.signatures,
+        )
         .await;
     json(StatusCode::OK, &serde_json::json!({ "results": results }))
 }
@@ -208,7 +219,9 @@ async fn delete_tag(app: &App, image: &str) -> Response<Body> {
 /// OpenMetrics when the scraper asks for it (Prometheus does), classic text otherwise.
 fn metrics<B>(app: &App, req: &Request<B>) -> Response<Body> {
     for up in app.upstreams.all() {
-        up.quota().publish();
+        for (_, quota) in up.quotas() {
+            quota.publish();
+        }
     }
     if let Ok((blobs, bytes)) = app.proxy.store().totals() {
         app.metrics.store_blobs.set(blobs as i64);

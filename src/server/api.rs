@@ -12,13 +12,19 @@ use super::range::{self, RangeAnswer};
 use super::response::{self, Body, API_VERSION};
 use super::splice::{SplicedBody, Splicer};
 use super::App;
+use crate::access::Principal;
 use crate::metrics::{Kind, Outcome};
 use crate::metrics::{Source, SourceLabels};
 use crate::oci::{self, AcceptSet, Endpoint, ErrorCode, Route};
-use crate::proxy::{BlobAnswer, BlobBody, BlobSource, Caller, ManifestAnswer};
+use crate::proxy::{
+    BlobAnswer, BlobBody, BlobSource, Caller, Listing, ListingAnswer, ManifestAnswer,
+};
 
 /// What the log line and the metrics say about a request.
 struct Summary {
+    principal: Principal,
+    /// Refused by authentication or an access rule.
+    refused: bool,
     kind: Kind,
     outcome: Outcome,
     upstream: String,
@@ -30,6 +36,8 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: SocketAddr) -> Resp
     let started = Instant::now();
     let head = req.method() == http::Method::HEAD;
     let mut summary = Summary {
+        principal: Principal::Anonymous,
+        refused: false,
         kind: Kind::Other,
         outcome: Outcome::Rejected,
         upstream: String::new(),
@@ -39,7 +47,11 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: SocketAddr) -> Resp
     let mut resp = match serve(&app, &req, peer, &mut summary).await {
         Ok(resp) => resp,
         Err(e) => {
-            summary.outcome = outcome_of_error(&e);
+            // An access refusal is DENIED like an upstream's refusal of berth's
+            // credentials, but it is the client's, not a failure.
+            if !summary.refused {
+                summary.outcome = outcome_of_error(&e);
+            }
             response::error(&e, head)
         }
     };
@@ -48,12 +60,15 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: SocketAddr) -> Resp
     let elapsed = started.elapsed();
     app.metrics
         .observe_request(summary.kind, summary.outcome, elapsed);
+    app.access
+        .count(&summary.principal, summary.outcome, summary.refused);
     let bytes = hyper::body::Body::size_hint(resp.body())
         .exact()
         .unwrap_or(0);
     tracing::info!(
         method = %req.method(),
         ns = req.uri().query().and_then(ns_param).unwrap_or_default(),
+        principal = summary.principal.name(),
         upstream = %summary.upstream,
         repository = %summary.repository,
         reference = %summary.reference,
@@ -109,7 +124,18 @@ async fn serve<B>(
             Kind::Referrers
         }
     };
+    let caller = caller(app, req, peer)?;
+    // A replica forwarding a miss checked its client already; its signature says so.
+    if !caller.forwarded {
+        summary.refused = true;
+        let cert = req.extensions().get::<crate::access::cert::ClientCert>();
+        summary.principal = app.access.identify(req.headers(), cert).await?;
+        summary.refused = false;
+    }
     if route.endpoint == Endpoint::Base {
+        if !caller.forwarded {
+            app.access.base(&summary.principal, req.headers())?;
+        }
         summary.outcome = Outcome::Hit;
         let mut resp = Response::new(if route.head {
             Body::empty()
@@ -123,7 +149,6 @@ async fn serve<B>(
         return Ok(resp);
     }
     let (up, repo) = app.upstreams.resolve(route.ns.as_deref(), route.name)?;
-    let caller = caller(app, req, peer)?;
     // The host a path-prefix client named (`/v2/ghcr.io/org/app/...`), if any.
     let prefix = route
         .ns
@@ -133,6 +158,12 @@ async fn serve<B>(
         .filter(|first| app.upstreams.get(first).is_some());
     summary.upstream = up.host().to_owned();
     summary.repository = repo.to_string();
+    if !caller.forwarded {
+        summary.refused = true;
+        app.access
+            .authorize(&summary.principal, peer.ip(), up.host(), repo.as_str())?;
+        summary.refused = false;
+    }
     let mut resp = match route.endpoint {
         // Answered above, before an upstream is resolved.
         Endpoint::Base => Response::new(Body::empty()),
@@ -166,47 +197,22 @@ async fn serve<B>(
             )?
         }
         Endpoint::TagsList { n, last } => {
-            // (A block: the serializer is not Send, and must not live across an await.)
-            let query = {
-                let mut q = form_urlencoded::Serializer::new(String::new());
-                if let Some(n) = n {
-                    q.append_pair("n", &n.to_string());
-                }
-                if let Some(last) = last {
-                    q.append_pair("last", &last);
-                }
-                Some(q.finish()).filter(|q| !q.is_empty())
-            };
-            let path = format!("{repo}/tags/list");
-            let p =
-                Box::pin(
-                    app.proxy
-                        .passthrough(&up, &repo, &path, query.as_deref(), Kind::Tags),
-                )
-                .await?;
-            summary.outcome = Outcome::Passthrough;
-            passthrough_response(p, route.head, prefix)
+            let listing = Listing::Tags { n, last };
+            let answer = Box::pin(app.proxy.listing(&up, &repo, listing)).await?;
+            summary.outcome = answer.outcome;
+            listing_response(answer, route.head, prefix)
         }
         Endpoint::Referrers {
             digest,
             artifact_type,
         } => {
-            let query = artifact_type.map(|t| {
-                form_urlencoded::Serializer::new(String::new())
-                    .append_pair("artifactType", &t)
-                    .finish()
-            });
-            let path = format!("{repo}/referrers/{digest}");
-            let p = Box::pin(app.proxy.passthrough(
-                &up,
-                &repo,
-                &path,
-                query.as_deref(),
-                Kind::Referrers,
-            ))
-            .await?;
-            summary.outcome = Outcome::Passthrough;
-            passthrough_response(p, route.head, prefix)
+            let listing = Listing::Referrers {
+                digest,
+                artifact_type,
+            };
+            let answer = Box::pin(app.proxy.listing(&up, &repo, listing)).await?;
+            summary.outcome = answer.outcome;
+            listing_response(answer, route.head, prefix)
         }
     };
     if let Some(ns) = &route.ns {
@@ -270,23 +276,29 @@ fn manifest_response(answer: ManifestAnswer, head: bool) -> Response<Body> {
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     digest_headers(h, &answer.digest);
-    if let Some(w) = answer.warning {
-        let text: String = w
-            .chars()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    '?'
-                }
-            })
-            .filter(|c| *c != '"' && *c != '\\')
-            .collect();
-        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"berth: {text}\"")) {
-            h.insert(header::WARNING, v);
-        }
+    if let Some(w) = &answer.warning {
+        warning(h, w);
     }
     resp
+}
+
+/// `Warning: 299 - "berth: <text>"` on an answer served stale: what went wrong upstream,
+/// as a header value can carry it (printable ASCII, no quotes or backslashes).
+fn warning(h: &mut HeaderMap, text: &str) {
+    let text: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .filter(|c| *c != '"' && *c != '\\')
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&format!("299 - \"berth: {text}\"")) {
+        h.insert(header::WARNING, v);
+    }
 }
 
 fn blob_response(
@@ -378,21 +390,18 @@ fn blob_response(
     Ok(resp)
 }
 
-/// `prefix`: the upstream host a path-prefix client put before the name; the upstream's
-/// `Link` (next page) is rewritten to carry it, or the next page would go elsewhere.
-fn passthrough_response(
-    p: crate::upstream::Passthrough,
-    head: bool,
-    prefix: Option<&str>,
-) -> Response<Body> {
-    let len = p.body.len();
+/// A tags list or referrers list, relayed or kept. `prefix`: the upstream host a
+/// path-prefix client put before the name; the upstream's `Link` (next page) is rewritten
+/// to carry it, or the next page would go elsewhere.
+fn listing_response(answer: ListingAnswer, head: bool, prefix: Option<&str>) -> Response<Body> {
+    let len = answer.body.len();
     let mut resp = Response::new(if head {
         Body::empty()
     } else {
-        Body::bytes(p.body)
+        Body::bytes(answer.body)
     });
-    *resp.status_mut() = p.status;
-    *resp.headers_mut() = p.headers;
+    *resp.status_mut() = answer.status;
+    *resp.headers_mut() = answer.headers;
     if let Some(host) = prefix {
         let link = resp
             .headers()
@@ -404,6 +413,9 @@ fn passthrough_response(
             }
         }
     }
+    if let Some(w) = &answer.warning {
+        warning(resp.headers_mut(), w);
+    }
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     resp
@@ -414,26 +426,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_keeps_the_path_prefix() {
+    fn link_keeps_the_path_prefix_and_a_stale_list_says_so() {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::LINK,
             HeaderValue::from_static("</v2/org/app/tags/list?n=2&last=b>; rel=\"next\""),
         );
-        let p = crate::upstream::Passthrough {
+        let answer = ListingAnswer {
             status: StatusCode::OK,
             headers,
             body: Bytes::from_static(b"{}"),
+            outcome: Outcome::Hit,
+            warning: None,
         };
-        let resp = passthrough_response(p.clone(), false, Some("ghcr.io"));
+        let resp = listing_response(answer.clone(), false, Some("ghcr.io"));
         assert_eq!(
             resp.headers()[header::LINK],
             "</v2/ghcr.io/org/app/tags/list?n=2&last=b>; rel=\"next\""
         );
-        let resp = passthrough_response(p, false, None);
+        assert!(resp.headers().get(header::WARNING).is_none());
+        let stale = ListingAnswer {
+            outcome: Outcome::Stale,
+            warning: Some("upstream ghcr.io: \"down\"\n".into()),
+            ..answer
+        };
+        let resp = listing_response(stale, true, None);
         assert_eq!(
             resp.headers()[header::LINK],
             "</v2/org/app/tags/list?n=2&last=b>; rel=\"next\""
         );
+        assert_eq!(
+            resp.headers()[header::WARNING],
+            "299 - \"berth: upstream ghcr.io: down?\""
+        );
+        assert_eq!(resp.headers()[header::CONTENT_LENGTH], "2");
     }
 }

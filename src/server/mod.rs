@@ -27,6 +27,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::access::cert::ClientCert;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::upstream::Upstreams;
@@ -36,6 +37,8 @@ pub use response::Body;
 /// Everything a request handler needs.
 pub struct App {
     pub proxy: Proxy,
+    /// Who clients are and what each may pull (`[auth]`, `[[access]]`).
+    pub access: Arc<crate::access::Access>,
     pub upstreams: Upstreams,
     pub metrics: Arc<Metrics>,
     pub server_metrics: ServerMetrics,
@@ -140,15 +143,21 @@ pub async fn serve(
             }
             Some(acceptor) => (Accepted::Tls(stream, acceptor.clone()), None),
         };
+        // The principal of the client's certificate, known once the TLS handshake is done.
+        let client_cert = Arc::new(std::sync::OnceLock::<Option<ClientCert>>::new());
         let handler = {
             let app = app.clone();
             let activity = activity.clone();
+            let client_cert = client_cert.clone();
             tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let guard = activity.begin();
                 if let Some(splicer) = &splicer {
                     if req.version() <= http::Version::HTTP_11 {
                         req.extensions_mut().insert(splicer.clone());
                     }
+                }
+                if let Some(Some(cert)) = client_cert.get() {
+                    req.extensions_mut().insert(cert.clone());
                 }
                 let app = app.clone();
                 // Boxed: the handler's future is large, and every layer of the stack and
@@ -182,6 +191,14 @@ pub async fn serve(
                             return;
                         }
                     };
+                    let cert = tls.get_ref().1.peer_certificates().and_then(|chain| {
+                        let principal = chain.first().and_then(crate::access::cert::principal);
+                        if principal.is_none() {
+                            tracing::info!(%peer, "client certificate without a usable common name: not a principal");
+                        }
+                        principal.map(ClientCert)
+                    });
+                    let _ = client_cert.set(cert);
                     let conn = builder
                         .serve_connection(TokioIo::new(tls), svc)
                         .into_owned();
@@ -208,6 +225,7 @@ pub async fn serve(
 pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
 ) -> Result<tokio_rustls::TlsAcceptor, String> {
     // rustls-pki-types' PEM reader (rustls-pemfile is archived).
     use rustls::pki_types::pem::PemObject;
@@ -223,8 +241,12 @@ pub fn tls_acceptor(
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("server.tls_key {}: {e}", key.display()))?;
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        Some(ca) => builder.with_client_cert_verifier(crate::access::cert::verifier(ca)?),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| format!("server TLS: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

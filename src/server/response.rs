@@ -101,6 +101,13 @@ pub fn error(e: &oci::Error, head: bool) -> Response<Body> {
             HeaderValue::from(after.as_secs().max(1)),
         );
     }
+    if let Some(v) = e
+        .challenge
+        .as_deref()
+        .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        h.insert(header::WWW_AUTHENTICATE, v);
+    }
     resp
 }
 

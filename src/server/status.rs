@@ -29,6 +29,9 @@ pub struct Status {
     /// The shared tier, when configured.
     #[serde(default)]
     pub shared: Option<SharedStatus>,
+    /// Clients by principal since start (only with `[auth]`).
+    #[serde(default)]
+    pub principals: Vec<crate::access::PrincipalStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,8 +82,19 @@ pub struct StoreStatus {
 pub struct UpstreamStatus {
     pub host: String,
     pub url: String,
+    /// The bucket of the upstream's own account (its top-level credentials, or anonymous).
     pub quota: QuotaSnapshot,
     pub last_error: Option<LastError>,
+    /// The buckets of its `[[upstreams.credentials]]`, in the order configured.
+    #[serde(default)]
+    pub credentials: Vec<CredentialStatus>,
+}
+
+/// One `[[upstreams.credentials]]` account: its name (never its username) and bucket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialStatus {
+    pub name: String,
+    pub quota: QuotaSnapshot,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,6 +189,15 @@ pub fn status(app: &App) -> Status {
             last_error: u
                 .last_error()
                 .map(|(message, unix)| LastError { message, unix }),
+            credentials: u
+                .quotas()
+                .filter_map(|(name, quota)| {
+                    Some(CredentialStatus {
+                        name: name?.to_owned(),
+                        quota: quota.snapshot(),
+                    })
+                })
+                .collect(),
         })
         .collect();
     Status {
@@ -212,5 +235,6 @@ pub fn status(app: &App) -> Status {
                 error,
             }
         }),
+        principals: app.access.principals(),
     }
 }

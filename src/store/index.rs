@@ -53,7 +53,7 @@ pub fn now_secs() -> u64 {
 /// An index error: storage failures of redb, reported as I/O errors to callers.
 pub type Result<T> = std::result::Result<T, std::io::Error>;
 
-fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
+pub(super) fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
     std::io::Error::other(format!("index: {e}"))
 }
 
@@ -107,9 +107,15 @@ impl Index {
             txn.open_table(TAGS).map_err(io)?;
             txn.open_table(LINKS).map_err(io)?;
             txn.open_table(PINS).map_err(io)?;
+            super::documents::create_tables(&txn)?;
         }
         txn.commit().map_err(io)?;
         Ok(Index { db })
+    }
+
+    /// For the tables kept in other files of the store (`documents.rs`).
+    pub(super) fn db(&self) -> &Database {
+        &self.db
     }
 
     pub fn insert_blob(&self, digest: &Digest, size: u64, media_type: Option<&str>) -> Result<()> {

@@ -7,6 +7,7 @@
 //! Bytes are written to a temp file while being hashed, verified, fsynced, then renamed
 //! into place; a temp file that is not committed is removed when dropped.
 
+mod documents;
 mod evict;
 pub mod index;
 mod memo;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use documents::Document;
 pub use evict::{Evicted, Limits, VerifyReport};
 pub use index::Index;
 use index::OpenError;

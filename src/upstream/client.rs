@@ -1,10 +1,10 @@
-//! One upstream registry: an HTTP client with its auth state and timeouts, and the few
-//! requests berth makes (manifest GET/HEAD, blob GET/HEAD, pass-through GETs).
+//! One upstream registry: an HTTP client with its accounts (`account.rs`: credentials,
+//! tokens and quota bucket, chosen per repository) and timeouts, and the few requests
+//! berth makes (manifest GET/HEAD, blob GET/HEAD, pass-through GETs).
 //!
 //! Redirects (CDNs) are followed by reqwest, whose policy drops `Authorization` when the
 //! next hop is another host, so credentials never leave the upstream that asked for them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +13,11 @@ use http::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, Response, StatusCode, Url};
 use tracing::Instrument;
 
-use super::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
-use super::credentials::Credentials;
+use super::account::{Account, Accounts, Link};
 use super::egress::{self, Egress};
-use super::error::{describe, from_reqwest, Error};
-use super::wire::{header_digest, header_str, parse_content_range, read_limited, retry_after};
-use crate::config::{ConfigError, CountedRequest, QuotaConfig, UpstreamConfig};
+use super::error::{describe, Error};
+use super::wire::{header_digest, header_str, parse_content_range, read_limited};
+use crate::config::{ConfigError, CountedRequest, UpstreamConfig};
 use crate::metrics::{Kind, Metrics, UpstreamLabels};
 use crate::oci::media::MAX_MANIFEST_BYTES;
 use crate::oci::{AcceptSet, Digest, Reference, Repository};
@@ -74,29 +73,21 @@ pub struct Passthrough {
 }
 
 pub struct Upstream {
-    host: String,
     docker_hub: bool,
-    base: Url,
-    http: reqwest::Client,
-    egress: Arc<Egress>,
-    credentials: Option<Credentials>,
-    tokens: TokenCache,
-    /// The upstream asked for Basic auth: send credentials up front from now on.
-    basic: AtomicBool,
+    /// The client, the address and the limits every account sends with.
+    link: Link,
+    /// Who berth is to this upstream, per repository.
+    accounts: Accounts,
     pub tag_ttl: Duration,
     pub negative_ttl: Duration,
     pub response_timeout: Duration,
     pub stall_timeout: Duration,
     pub fill_deadline: Duration,
-    /// No buffered body (manifest, token, relay) takes longer than this in all.
-    body_timeout: Duration,
-    quota: Quota,
-    /// Decides, with `quota`, whether a counted request may go (shared by all upstreams:
-    /// per-client budgets span them).
+    /// Decides, with the account's bucket, whether a counted request may go (shared by
+    /// all upstreams: per-client budgets span them).
     ledger: Arc<Ledger>,
     /// The last failure talking to this upstream, for the status page.
     last_error: std::sync::Mutex<Option<(String, u64)>>,
-    metrics: Arc<Metrics>,
 }
 
 /// The longest pass-through body berth relays (tags lists of huge repositories).
@@ -151,60 +142,65 @@ impl Upstream {
         let docker_hub = std::iter::once(&config.host)
             .chain(&config.aliases)
             .any(|h| h == "docker.io" || h.ends_with(".docker.io"));
-        let credentials = Credentials::load(config)?;
-        // Docker Hub counts manifest GETs: 100 per 6 h anonymously, 200 with an account.
-        let quota_config = config.quota.clone().or_else(|| {
-            docker_hub.then(|| QuotaConfig {
-                requests: if credentials.is_some() { 200 } else { 100 },
-                per: Duration::from_secs(6 * 3600),
-                reserve: 0.2,
-                counts: None,
-            })
-        });
-        let quota = Quota::new(
-            &config.host,
-            quota_config,
-            vec![CountedRequest::ManifestGet],
-            metrics.clone(),
-        );
+        let accounts = Accounts::new(config, docker_hub, &metrics)?;
         Ok(Upstream {
-            host: config.host.clone(),
             docker_hub,
-            base,
-            http,
-            egress,
-            credentials,
-            quota,
+            link: Link {
+                host: config.host.clone(),
+                base,
+                http,
+                egress,
+                response_timeout: config.response_timeout,
+                stall_timeout: config.stall_timeout,
+                body_timeout: config.body_timeout,
+                metrics,
+            },
+            accounts,
             ledger,
             last_error: std::sync::Mutex::new(None),
-            tokens: TokenCache::default(),
-            basic: AtomicBool::new(false),
             tag_ttl: config.tag_ttl,
             negative_ttl: config.negative_ttl,
             response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
             fill_deadline: config.fill_deadline,
-            body_timeout: config.body_timeout,
-            metrics,
         })
     }
 
     /// The configured host name, as used in metrics, logs and index keys.
     pub fn host(&self) -> &str {
-        &self.host
+        &self.link.host
     }
 
     pub fn is_docker_hub(&self) -> bool {
         self.docker_hub
     }
 
+    /// The bucket of the upstream's own account (its top-level credentials, or anonymous
+    /// access): what the `berth_quota_*{upstream}` series describe.
     pub fn quota(&self) -> &Quota {
-        &self.quota
+        self.accounts.default_account().quota()
+    }
+
+    /// Every account's bucket, the upstream's own first, then each
+    /// `[[upstreams.credentials]]` entry's with its name.
+    pub fn quotas(&self) -> impl Iterator<Item = (Option<&str>, &Quota)> {
+        self.accounts.all().map(|a| (a.name(), a.quota()))
+    }
+
+    /// The name of the account requests for `repo` go out with: the entry's `name` (or
+    /// first pattern); for the upstream's own account `"default"` when it has credentials,
+    /// `None` when it is anonymous.
+    pub fn credential_name(&self, repo: &Repository) -> Option<&str> {
+        let account = self.accounts.for_repo(repo);
+        match account.name() {
+            Some(name) => Some(name),
+            None => account.has_credentials().then_some("default"),
+        }
     }
 
     /// The configured URL (no credentials are ever part of it).
     pub fn url_str(&self) -> &str {
-        self.base.as_str()
+        self.link.base.as_str()
     }
 
     fn remember(&self, message: String) {
@@ -221,7 +217,7 @@ impl Upstream {
     }
 
     fn url(&self, path: &str, query: Option<&str>) -> Url {
-        let mut url = self.base.clone();
+        let mut url = self.link.base.clone();
         let base_path = url.path().trim_end_matches('/').to_owned();
         url.set_path(&format!("{base_path}/v2/{path}"));
         url.set_query(query);
@@ -230,12 +226,12 @@ impl Upstream {
 
     fn labels(&self) -> UpstreamLabels {
         UpstreamLabels {
-            upstream: self.host.clone(),
+            upstream: self.link.host.clone(),
         }
     }
 
-    /// Sends one request with auth: a cached token or Basic credentials up front; on a 401
-    /// challenge, authenticates and retries once.
+    /// Sends one request for `repo` with the account its repository uses, charging that
+    /// account's bucket when the request is `counted`.
     async fn send(
         &self,
         method: Method,
@@ -245,17 +241,20 @@ impl Upstream {
         kind: Kind,
         counted: Option<(CountedRequest, &Payer)>,
     ) -> Result<Response, Error> {
+        let account: &Account = self.accounts.for_repo(repo);
         let charge = match counted {
             Some((request, payer)) => self
                 .ledger
-                .charge(&self.quota, &self.host, request, payer)
+                .charge(account.quota(), &self.link.host, request, payer)
                 .map_err(Error::Quota)?,
             None => None,
         };
-        // Log lines of the call name the upstream, inside the request's span.
-        let span = tracing::info_span!("upstream", host = %self.host);
-        let result = self
-            .send_authenticated(method, url, headers, repo, kind)
+        // Log lines of the call name the upstream and the account (never its username),
+        // inside the request's span.
+        let span =
+            tracing::info_span!("upstream", host = %self.link.host, credential = account.label());
+        let result = account
+            .send(&self.link, method, url, headers, repo, kind)
             .instrument(span)
             .await;
         match &result {
@@ -269,169 +268,6 @@ impl Upstream {
             charge.settle(!matches!(&result, Err(e) if !e.reached_upstream()));
         }
         result
-    }
-
-    async fn send_authenticated(
-        &self,
-        method: Method,
-        url: Url,
-        headers: HeaderMap,
-        repo: &Repository,
-        kind: Kind,
-    ) -> Result<Response, Error> {
-        let scope = format!("repository:{repo}:pull");
-        let mut retried = false;
-        // The token for the retry: the one just fetched, not whatever the shared cache
-        // holds by then (a concurrent request may have replaced it).
-        let mut fresh: Option<String> = None;
-        loop {
-            let mut req = self
-                .http
-                .request(method.clone(), url.clone())
-                .headers(headers.clone());
-            let used = fresh.take().or_else(|| self.tokens.get(&scope));
-            if let Some(token) = &used {
-                req = req.bearer_auth(token);
-            } else if let (true, Some(c)) = (self.basic.load(Ordering::Relaxed), &self.credentials)
-            {
-                req = req.basic_auth(&c.username, Some(&c.password));
-            }
-            let sent = tokio::time::timeout(self.response_timeout, req.send()).await;
-            let resp = match sent {
-                Err(_) => {
-                    self.metrics
-                        .upstream_request(&self.host, method.as_str(), kind, None);
-                    return Err(Error::Timeout("waiting for response headers"));
-                }
-                Ok(Err(e)) => {
-                    self.metrics
-                        .upstream_request(&self.host, method.as_str(), kind, None);
-                    return Err(if e.is_timeout() {
-                        Error::Timeout("connecting")
-                    } else {
-                        from_reqwest(&e, Error::Connect)
-                    });
-                }
-                Ok(Ok(resp)) => resp,
-            };
-            let status = resp.status();
-            self.metrics
-                .upstream_request(&self.host, method.as_str(), kind, Some(status.as_u16()));
-            self.quota.observe(resp.headers());
-            match status {
-                // Only the upstream itself may send berth to a token realm: a challenge
-                // from a host a redirect led to (a CDN) would get the credentials.
-                StatusCode::UNAUTHORIZED
-                    if !retried && resp.url().origin() == self.base.origin() =>
-                {
-                    retried = true;
-                    // Another request may have refreshed the token meanwhile: use theirs.
-                    let current = self.tokens.get(&scope);
-                    if current.is_some() && current != used {
-                        fresh = current;
-                        continue;
-                    }
-                    // Forget only the token this request found stale, never a newer one.
-                    if let Some(stale) = &used {
-                        self.tokens.forget_if(&scope, stale);
-                    }
-                    let challenge = resp
-                        .headers()
-                        .get(header::WWW_AUTHENTICATE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_challenge);
-                    match challenge {
-                        Some(Challenge::Bearer { realm, service, .. }) => {
-                            fresh =
-                                Some(self.fetch_token(&realm, service.as_deref(), &scope).await?);
-                        }
-                        Some(Challenge::Basic) if self.credentials.is_some() => {
-                            self.basic.store(true, Ordering::Relaxed);
-                        }
-                        _ => return Err(self.unauthorized()),
-                    }
-                }
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(self.unauthorized()),
-                StatusCode::TOO_MANY_REQUESTS => {
-                    let after = self.quota.too_many_requests(retry_after(resp.headers()));
-                    return Err(Error::TooManyRequests {
-                        retry_after: Some(after),
-                    });
-                }
-                _ => return Ok(resp),
-            }
-        }
-    }
-
-    /// Registries (Docker Hub among them) answer 401 both for a repository that needs
-    /// credentials and for one that does not exist; the message says so.
-    fn unauthorized(&self) -> Error {
-        Error::Unauthorized(super::credentials::denied_message(
-            self.credentials.as_ref(),
-        ))
-    }
-
-    async fn fetch_token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-    ) -> Result<String, Error> {
-        let mut url = Url::parse(realm).map_err(|_| {
-            Error::Protocol(format!(
-                "token realm {} is not a URL",
-                crate::oci::Quoted(realm, 200)
-            ))
-        })?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(Error::Protocol("token realm is not http(s)".into()));
-        }
-        // A realm is a hop like a redirect: the same policy decides where it may lead.
-        self.egress.check_url(&url).map_err(Error::Refused)?;
-        // Credentials never go in clear text to a realm of an upstream reached over TLS.
-        if self.credentials.is_some() && self.base.scheme() == "https" && url.scheme() != "https" {
-            return Err(Error::Protocol(
-                "token realm is plain http under an https upstream; refusing to send credentials"
-                    .into(),
-            ));
-        }
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(s) = service {
-                q.append_pair("service", s);
-            }
-            q.append_pair("scope", scope);
-        }
-        let mut req = self.http.get(url);
-        if let Some(c) = &self.credentials {
-            req = req.basic_auth(&c.username, Some(&c.password));
-        }
-        let resp = tokio::time::timeout(self.response_timeout, req.send())
-            .await
-            .map_err(|_| Error::Timeout("waiting for the token endpoint"))?
-            .map_err(|e| from_reqwest(&e, |m| Error::Connect(format!("token endpoint: {m}"))))?;
-        self.metrics
-            .upstream_request(&self.host, "GET", Kind::Other, Some(resp.status().as_u16()));
-        match resp.status() {
-            s if s.is_success() => {}
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(self.unauthorized()),
-            StatusCode::TOO_MANY_REQUESTS => {
-                return Err(Error::TooManyRequests {
-                    retry_after: retry_after(resp.headers()),
-                })
-            }
-            s => return Err(Error::Status { status: s.as_u16() }),
-        }
-        let body = read_limited(resp, 64 * 1024, self.stall_timeout, self.body_timeout).await?;
-        let token: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| Error::Protocol(format!("token endpoint answered invalid JSON: {e}")))?;
-        let value = token
-            .token
-            .or(token.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::Protocol("token endpoint answered without a token".into()))?;
-        self.tokens.put(scope, value.clone(), token.expires_in);
-        Ok(value)
     }
 
     fn accept_headers(accept: AcceptSet) -> HeaderMap {
@@ -481,7 +317,7 @@ impl Upstream {
             resp,
             MAX_MANIFEST_BYTES,
             self.stall_timeout,
-            self.body_timeout,
+            self.link.body_timeout,
         )
         .await?;
         let media_type = match media_type {
@@ -645,7 +481,7 @@ impl Upstream {
             resp,
             MAX_PASSTHROUGH_BYTES,
             self.stall_timeout,
-            self.body_timeout,
+            self.link.body_timeout,
         )
         .await?;
         Ok(Passthrough {
@@ -657,7 +493,8 @@ impl Upstream {
 
     /// Counts bytes received from this upstream.
     pub fn count_fetched(&self, n: u64) {
-        self.metrics
+        self.link
+            .metrics
             .upstream_bytes
             .get_or_create(&self.labels())
             .inc_by(n);

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use base64::Engine as _;
 
-use crate::config::{ConfigError, UpstreamConfig};
+use crate::config::{ConfigError, CredentialConfig, UpstreamConfig};
 
 #[derive(Clone)]
 pub struct Credentials {
@@ -25,30 +25,71 @@ impl fmt::Debug for Credentials {
 }
 
 /// What a pull client (and the open status page) is told when the upstream refuses a
-/// request: whether credentials are configured, never whose they are.
-pub(super) fn denied_message(credentials: Option<&Credentials>) -> String {
-    match credentials {
-        Some(_) => "the upstream refused the configured credentials (or the repository does \
-                    not exist, or they do not grant access to it)"
+/// request: whether credentials are configured (and which entry, by its name), never
+/// whose they are.
+pub(super) fn denied_message(credentials: Option<&Credentials>, name: Option<&str>) -> String {
+    match (credentials, name) {
+        (Some(_), Some(name)) => format!(
+            "the upstream refused the configured credentials {} (or the repository does not \
+             exist, or they do not grant access to it)",
+            crate::oci::Quoted(name, 100)
+        ),
+        (Some(_), None) => "the upstream refused the configured credentials (or the repository \
+                            does not exist, or they do not grant access to it)"
             .into(),
-        None => "the repository does not exist or needs credentials; configure them for \
-                 this upstream if it is private"
+        (None, _) => "the repository does not exist or needs credentials; configure them for \
+                      this upstream if it is private"
             .into(),
     }
 }
 
+/// Where one account's secret comes from: the upstream's own keys or those of one
+/// `[[upstreams.credentials]]` entry (the same four keys, the same rules).
+#[derive(Clone, Copy, Debug)]
+pub struct SecretSource<'a> {
+    pub username: Option<&'a str>,
+    pub password_file: Option<&'a Path>,
+    pub password_env: Option<&'a str>,
+    pub docker_config: Option<&'a Path>,
+}
+
+impl<'a> SecretSource<'a> {
+    pub fn of_upstream(config: &'a UpstreamConfig) -> Self {
+        SecretSource {
+            username: config.username.as_deref(),
+            password_file: config.password_file.as_deref(),
+            password_env: config.password_env.as_deref(),
+            docker_config: config.docker_config.as_deref(),
+        }
+    }
+
+    pub fn of_credential(config: &'a CredentialConfig) -> Self {
+        SecretSource {
+            username: config.username.as_deref(),
+            password_file: config.password_file.as_deref(),
+            password_env: config.password_env.as_deref(),
+            docker_config: config.docker_config.as_deref(),
+        }
+    }
+}
+
 impl Credentials {
-    /// Loads what `config` names; `None` means anonymous.
-    pub fn load(config: &UpstreamConfig) -> Result<Option<Credentials>, ConfigError> {
-        let at = format!("upstreams ({})", config.host);
-        if let Some(path) = &config.docker_config {
-            return from_docker_config(path, config)
+    /// Loads what `secret` names; `None` means anonymous. A docker config is searched for
+    /// `upstream`'s host, aliases and URL host; `at` names the keys in messages
+    /// (`upstreams (docker.io).credentials[1]`).
+    pub fn load(
+        secret: SecretSource<'_>,
+        upstream: &UpstreamConfig,
+        at: &str,
+    ) -> Result<Option<Credentials>, ConfigError> {
+        if let Some(path) = secret.docker_config {
+            return from_docker_config(path, upstream)
                 .map_err(|e| ConfigError(format!("{at}.docker_config: {e}")));
         }
-        let Some(username) = config.username.clone() else {
+        let Some(username) = secret.username.map(str::to_owned) else {
             return Ok(None);
         };
-        let password = if let Some(path) = &config.password_file {
+        let password = if let Some(path) = secret.password_file {
             std::fs::read_to_string(path)
                 .map_err(|e| {
                     ConfigError(format!(
@@ -58,7 +99,7 @@ impl Credentials {
                 })?
                 .trim_end_matches(['\r', '\n'])
                 .to_owned()
-        } else if let Some(var) = &config.password_env {
+        } else if let Some(var) = secret.password_env {
             std::env::var(var).map_err(|_| {
                 ConfigError(format!(
                     "{at}.password_env: environment variable {var} is not set"
@@ -228,7 +269,7 @@ mod tests {
             path.display().to_string()
         ))
         .unwrap();
-        Credentials::load(&config)
+        Credentials::load(SecretSource::of_upstream(&config), &config, "upstreams")
     }
 
     fn user(upstream_toml: &str, auths: &str) -> String {
@@ -356,6 +397,51 @@ mod tests {
     }
 
     #[test]
+    fn a_credential_entry_loads_like_the_upstream_and_names_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".dockerconfigjson");
+        std::fs::write(
+            &path,
+            format!(
+                "{{\"auths\":{{{}}}}}",
+                entry("https://index.docker.io/v1/", "orgbot")
+            ),
+        )
+        .unwrap();
+        let config: UpstreamConfig = toml::from_str(&format!(
+            "{HUB}\n[[credentials]]\nrepositories = [\"myorg/*\"]\ndocker_config = {:?}\n\
+             [[credentials]]\nrepositories = [\"other/*\"]\nusername = \"u\"\n\
+             password_file = \"/nonexistent/berth-test\"\n",
+            path.display().to_string()
+        ))
+        .unwrap();
+        let at = "upstreams (docker.io).credentials[0]";
+        let c = Credentials::load(
+            SecretSource::of_credential(&config.credentials[0]),
+            &config,
+            at,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.username, "orgbot");
+        let at = "upstreams (docker.io).credentials[1]";
+        let e = Credentials::load(
+            SecretSource::of_credential(&config.credentials[1]),
+            &config,
+            at,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("upstreams (docker.io).credentials[1].password_file: cannot read"),
+            "{e}"
+        );
+        // The upstream itself has no credentials of its own.
+        let own = Credentials::load(SecretSource::of_upstream(&config), &config, "upstreams");
+        assert!(own.unwrap().is_none());
+    }
+
+    #[test]
     fn secrets_stay_out_of_debug_and_denial_messages() {
         let c = Credentials {
             username: "alice".into(),
@@ -366,9 +452,12 @@ mod tests {
             !debug.contains("alice") && !debug.contains("hunter2"),
             "{debug}"
         );
-        let message = denied_message(Some(&c));
-        assert!(!message.contains("alice") && !message.contains("hunter2"));
-        assert!(message.contains("configured credentials"), "{message}");
-        assert!(denied_message(None).contains("needs credentials"));
+        for name in [None, Some("myorg")] {
+            let message = denied_message(Some(&c), name);
+            assert!(!message.contains("alice") && !message.contains("hunter2"));
+            assert!(message.contains("configured credentials"), "{message}");
+        }
+        assert!(denied_message(Some(&c), Some("myorg")).contains("myorg"));
+        assert!(denied_message(None, None).contains("needs credentials"));
     }
 }

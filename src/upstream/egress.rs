@@ -30,6 +30,7 @@ use prometheus_client::registry::Registry;
 
 use crate::config::ConfigError;
 use crate::metrics::UpstreamLabels;
+use crate::net::{canonical, Cidr};
 
 /// Refused hops, by upstream.
 #[derive(Clone, Default)]
@@ -68,28 +69,15 @@ impl std::error::Error for Refused {}
 /// One `redirect_allow` entry.
 #[derive(Debug, Clone, PartialEq)]
 enum Allow {
-    Net { addr: IpAddr, prefix: u8 },
+    Net(Cidr),
     Host(String),
 }
 
 impl Allow {
     fn parse(s: &str) -> Result<Allow, String> {
         let s = s.trim();
-        if let Some((addr, prefix)) = s.split_once('/') {
-            let addr: IpAddr = addr
-                .parse()
-                .map_err(|_| format!("{s:?} is not a CIDR (address/prefix)"))?;
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            let prefix: u8 = prefix
-                .parse()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: the prefix must be 0..={max}"))?;
-            return Ok(Allow::Net { addr, prefix });
-        }
-        if let Ok(addr) = s.parse::<IpAddr>() {
-            let prefix = if addr.is_ipv4() { 32 } else { 128 };
-            return Ok(Allow::Net { addr, prefix });
+        if s.contains('/') || s.parse::<IpAddr>().is_ok() {
+            return Cidr::parse(s).map(Allow::Net);
         }
         let valid = !s.is_empty()
             && s.len() <= 253
@@ -104,37 +92,7 @@ impl Allow {
     }
 
     fn covers_ip(&self, ip: IpAddr) -> bool {
-        match (self, canonical(ip)) {
-            (
-                Allow::Net {
-                    addr: IpAddr::V4(net),
-                    prefix,
-                },
-                IpAddr::V4(ip),
-            ) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
-                u32::from(*net) & mask == u32::from(ip) & mask
-            }
-            (
-                Allow::Net {
-                    addr: IpAddr::V6(net),
-                    prefix,
-                },
-                IpAddr::V6(ip),
-            ) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(*prefix)).unwrap_or(0);
-                u128::from(*net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) is the IPv4 address it maps.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
+        matches!(self, Allow::Net(net) if net.contains(ip))
     }
 }
 

@@ -5,12 +5,16 @@
 //! and knows nothing of the store or of caching policy: `proxy` decides *whether* to ask,
 //! this module only asks.
 
+mod account;
 pub(crate) mod auth;
 mod client;
 mod credentials;
 pub mod egress;
 mod error;
 pub(crate) mod wire;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,10 +73,12 @@ impl Upstreams {
         })
     }
 
-    /// Splits every upstream's quota across a fleet of `replicas`.
+    /// Splits every upstream's quota (each account's bucket) across a fleet of `replicas`.
     pub fn share_quota(&self, replicas: usize) {
         for u in &self.all {
-            u.quota().share(replicas);
+            for (_, quota) in u.quotas() {
+                quota.share(replicas);
+            }
         }
     }
 

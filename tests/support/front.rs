@@ -3,12 +3,14 @@
 //! bytes, a registry that ignores `Range`, an oversized manifest.
 //!
 //! Tests point berth at the front and count upstream requests from its log; everything
-//! that is not a fault is the real registry's answer, byte for byte.
+//! that is not a fault is the real registry's answer, byte for byte. One addition is not
+//! a fault: the OCI referrers API, which distribution 2.8 lacks, answered on demand from
+//! the real registry's content (see [`Front::emulate_referrers`]).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -66,6 +68,7 @@ pub struct Front {
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Mutex<Faults>>,
     hub: Arc<Mutex<Option<Arc<Hub>>>>,
+    referrers: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -83,23 +86,25 @@ impl Front {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let faults = Arc::new(Mutex::new(Faults::default()));
         let hub = Arc::new(Mutex::new(None));
+        let referrers = Arc::new(AtomicBool::new(false));
         let state = Arc::new(State {
             upstream: upstream.trim_end_matches('/').to_owned(),
             client: super::http(),
             seen: seen.clone(),
             faults: faults.clone(),
             hub: hub.clone(),
+            referrers: referrers.clone(),
         });
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let state = state.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(state.forward(req).await) }
+                        async move { Ok::<_, Infallible>(state.forward(req, peer.ip()).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -112,8 +117,19 @@ impl Front {
             seen,
             faults,
             hub,
+            referrers,
             task,
         }
+    }
+
+    /// Answers `GET /v2/<name>/referrers/<alg>:<hex>[?artifactType=]` as a registry with
+    /// the referrers API would. distribution 2.8 has none, and no real peer here does, so
+    /// the front builds the answer from what clients push to such registries instead (the
+    /// distribution-spec 1.1 "referrers tag schema"): an index tagged `<alg>-<hex>` in the
+    /// repository, listing each referrer's descriptor with its `artifactType`. No such tag
+    /// is an empty list; the registry down is a 502, as for everything else.
+    pub fn emulate_referrers(&self) {
+        self.referrers.store(true, Ordering::Relaxed);
     }
 
     pub fn url(&self) -> String {
@@ -178,10 +194,63 @@ struct State {
     seen: Arc<Mutex<Vec<Seen>>>,
     faults: Arc<Mutex<Faults>>,
     hub: Arc<Mutex<Option<Arc<Hub>>>>,
+    referrers: Arc<AtomicBool>,
 }
 
+const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+
 impl State {
-    async fn forward(&self, req: Request<Incoming>) -> Response<ChannelBody> {
+    /// See [`Front::emulate_referrers`]; `None` when `path` is not a referrers request.
+    async fn referrers(&self, path: &str) -> Option<(u16, Response<ChannelBody>)> {
+        let url = reqwest::Url::parse(&format!("http://front{path}")).ok()?;
+        let (name, digest) = url
+            .path()
+            .strip_prefix("/v2/")?
+            .rsplit_once("/referrers/")?;
+        let (algorithm, hex) = digest.split_once(':')?;
+        let wanted = url
+            .query_pairs()
+            .find(|(k, _)| k == "artifactType")
+            .map(|(_, v)| v.into_owned());
+        let tag = format!("{}/v2/{name}/manifests/{algorithm}-{hex}", self.upstream);
+        let answer = self
+            .client
+            .get(tag)
+            .header("accept", INDEX_MEDIA_TYPE)
+            .send()
+            .await;
+        let listed: Vec<serde_json::Value> = match answer {
+            Ok(r) if r.status() == 404 => Vec::new(),
+            Ok(r) if r.status().is_success() => {
+                let index: serde_json::Value = r.json().await.unwrap_or_default();
+                index["manifests"].as_array().cloned().unwrap_or_default()
+            }
+            Ok(r) => return Some(empty(r.status().as_u16())),
+            Err(_) => return Some(empty(502)),
+        };
+        let manifests: Vec<serde_json::Value> = listed
+            .into_iter()
+            .filter(|m| wanted.as_ref().is_none_or(|t| m["artifactType"] == **t))
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": INDEX_MEDIA_TYPE,
+            "manifests": manifests,
+        }))
+        .expect("referrers JSON");
+        let mut resp = Response::builder()
+            .header("content-type", INDEX_MEDIA_TYPE)
+            .header("content-length", body.len());
+        if wanted.is_some() {
+            resp = resp.header("oci-filters-applied", "artifactType");
+        }
+        Some((
+            200,
+            resp.body(ChannelBody::full(Bytes::from(body))).unwrap(),
+        ))
+    }
+
+    async fn forward(&self, req: Request<Incoming>, peer: IpAddr) -> Response<ChannelBody> {
         let faults = self.faults.lock().unwrap().clone();
         let method = req.method().clone();
         let path = req
@@ -204,10 +273,16 @@ impl State {
                 sent: sent_counter.clone(),
             });
         };
+        if self.referrers.load(Ordering::Relaxed) && method == hyper::Method::GET {
+            if let Some((status, resp)) = self.referrers(&path).await {
+                record(status);
+                return resp;
+            }
+        }
         let hub = self.hub.lock().unwrap().clone();
         let mut identity = None;
         if let Some(hub) = &hub {
-            match hub.judge(&method, &path, req.headers()) {
+            match hub.judge(&method, &path, req.headers(), peer) {
                 Verdict::Answer(resp) => {
                     record(resp.status().as_u16());
                     return resp;
@@ -247,7 +322,9 @@ impl State {
             format!("{}{}", self.upstream, upstream_path),
         );
         for (name, value) in req.headers() {
-            let hub_auth = hub.is_some() && name == "authorization";
+            // The emulator's own tokens stop here; the registry's go on (`registry_tokens`).
+            let hub_auth =
+                name == "authorization" && hub.as_ref().is_some_and(|h| !h.passes_auth_on());
             if name == "host" || hub_auth || (faults.ignore_range && name == "range") {
                 continue;
             }
@@ -370,6 +447,14 @@ impl State {
             })
             .unwrap()
     }
+}
+
+fn empty(status: u16) -> (u16, Response<ChannelBody>) {
+    let resp = Response::builder()
+        .status(status)
+        .body(ChannelBody::full(Bytes::new()))
+        .unwrap();
+    (status, resp)
 }
 
 /// A response body fed by a task; an error aborts the connection mid-body.

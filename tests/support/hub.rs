@@ -3,9 +3,12 @@
 //! (GET and HEAD) carries `ratelimit-limit: N;w=S` and `ratelimit-remaining: R;w=S`, and
 //! past the limit GETs get Docker Hub's 429 body (with `Retry-After` when asked). With
 //! `auth`, requests need a Bearer token from the emulator's own token endpoint, reached
-//! through Docker Hub's challenge shape.
+//! through Docker Hub's challenge shape. With `registry_tokens`, the real registry behind
+//! the front checks the tokens of the test token issuer instead, and the emulator only
+//! counts: per account named in the token, or per client address for anonymous pulls.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,12 @@ pub struct HubRules {
     pub auth: bool,
     /// Accepted `(user, password)` pairs; anyone else is anonymous.
     pub users: Vec<(String, String)>,
+    /// The registry behind the front does the auth (`auth: token`, the test token
+    /// issuer): `Authorization` is passed on, and a manifest GET counts against the
+    /// account its JWT names (`sub`), or the client's address when the token is
+    /// anonymous, as Docker Hub counts. A GET without a token is not counted (the registry
+    /// answers it 401). `auth` is ignored.
+    pub registry_tokens: bool,
 }
 
 impl HubRules {
@@ -38,6 +47,16 @@ impl HubRules {
             retry_after: true,
             auth: true,
             users: Vec::new(),
+            registry_tokens: false,
+        }
+    }
+
+    /// Counting only, in front of a registry that checks the token issuer's tokens.
+    pub fn with_registry_tokens(limit: u32, window: Duration) -> Self {
+        HubRules {
+            auth: false,
+            registry_tokens: true,
+            ..HubRules::new(limit, window)
         }
     }
 }
@@ -47,6 +66,8 @@ struct Counts {
     /// identity → (window start, manifest GETs counted in it)
     windows: HashMap<String, (Instant, u32)>,
     counted: u32,
+    /// (identity, path) of every manifest GET counted, in order.
+    counted_log: Vec<(String, String)>,
     refused: u32,
     tokens_issued: u32,
 }
@@ -60,7 +81,8 @@ pub struct Hub {
 /// What the front should do with a request.
 pub enum Verdict {
     Answer(Response<ChannelBody>),
-    /// Forward it; decorate manifest responses with the headers for `identity`.
+    /// Forward it; decorate manifest responses with the headers for `identity` (none when
+    /// it is empty: a request without a token, with `registry_tokens`).
     Forward {
         identity: String,
     },
@@ -79,6 +101,31 @@ impl Hub {
     /// those answered with the manifest.
     pub fn counted(&self) -> u32 {
         self.counts.lock().unwrap().counted
+    }
+
+    /// The paths of the manifest GETs counted against `identity` (an account's name, or
+    /// a client address for anonymous pulls with `registry_tokens`), oldest first.
+    pub fn counted_for(&self, identity: &str) -> Vec<String> {
+        let c = self.counts.lock().unwrap();
+        c.counted_log
+            .iter()
+            .filter(|(id, _)| id == identity)
+            .map(|(_, path)| path.clone())
+            .collect()
+    }
+
+    /// Every identity that has been counted, sorted.
+    pub fn identities(&self) -> Vec<String> {
+        let c = self.counts.lock().unwrap();
+        let mut ids: Vec<String> = c.counted_log.iter().map(|(id, _)| id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Whether the front passes `Authorization` on to the registry (`registry_tokens`).
+    pub fn passes_auth_on(&self) -> bool {
+        self.rules.registry_tokens
     }
 
     /// 429s sent.
@@ -130,7 +177,40 @@ impl Hub {
         }
     }
 
-    pub fn judge(&self, method: &Method, path: &str, headers: &HeaderMap) -> Verdict {
+    /// Who a request counts against when the registry checks the tokens: the JWT's `sub`,
+    /// or `peer` for an anonymous token; `None` without a token (not counted).
+    fn registry_identity(headers: &HeaderMap, peer: IpAddr) -> Option<String> {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))?;
+        let claims = token.split('.').nth(1).and_then(|c| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(c.trim_end_matches('='))
+                .ok()
+        });
+        let sub = claims
+            .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
+            .and_then(|v| v["sub"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        Some(if sub.is_empty() {
+            peer.to_string()
+        } else {
+            sub
+        })
+    }
+
+    /// Decides what the front does with a request from `peer`.
+    pub fn judge(&self, method: &Method, path: &str, headers: &HeaderMap, peer: IpAddr) -> Verdict {
+        if self.rules.registry_tokens {
+            // No token: the registry answers 401, which carries no rate-limit headers.
+            let Some(identity) = Self::registry_identity(headers, peer) else {
+                return Verdict::Forward {
+                    identity: String::new(),
+                };
+            };
+            return self.count(method, path, identity);
+        }
         if path.starts_with("/token") {
             let identity = match self.user_of(headers) {
                 Ok(Some(u)) => format!("user-{u}"),
@@ -185,6 +265,11 @@ impl Hub {
         } else {
             "anonymous".to_owned()
         };
+        self.count(method, path, identity)
+    }
+
+    /// Counts a manifest GET against `identity`, or refuses it past the limit.
+    fn count(&self, method: &Method, path: &str, identity: String) -> Verdict {
         if *method == Method::GET && path.contains("/manifests/") {
             let mut c = self.counts.lock().unwrap();
             let now = Instant::now();
@@ -213,6 +298,7 @@ impl Hub {
             }
             entry.1 += 1;
             c.counted += 1;
+            c.counted_log.push((identity.clone(), path.to_owned()));
         }
         Verdict::Forward { identity }
     }
@@ -230,8 +316,9 @@ impl Hub {
     }
 
     /// Adds the rate-limit headers to a forwarded manifest response (GET and HEAD).
+    /// An empty `identity` (a request without a token) gets none.
     pub fn decorate(&self, path: &str, identity: &str, h: &mut HeaderMap) {
-        if path.contains("/manifests/") {
+        if path.contains("/manifests/") && !identity.is_empty() {
             let remaining = self.remaining(identity);
             self.decorate_with(h, remaining);
         }

@@ -3,7 +3,8 @@
 //! This module owns a signing key and a self-signed certificate (made by the `openssl` CLI
 //! in a tempdir; the registry's `rootcertbundle` is that certificate), a small hyper server
 //! answering `GET /token?service=..&scope=..` like Docker Hub's auth service, and the record
-//! of every request it answered, so tests can prove that a client caches its tokens.
+//! of every request it answered, so tests can prove that a client caches its tokens (and
+//! which account asked for which scope).
 //! Tokens are RS256 JWTs whose header carries the certificate in `x5c`; they are signed by
 //! `openssl dgst`, because speed does not matter here and no JWT crate is allowed.
 //! It also holds the client half that tests use by hand: parsing a challenge, fetching one.
@@ -34,8 +35,12 @@ pub const ISSUER: &str = "berth-test-token-issuer";
 pub struct TokenPolicy {
     /// Anyone may pull repositories whose name starts with one of these (e.g. `"public/"`).
     pub anonymous_pull_prefixes: Vec<String>,
-    /// `(name, password)`: each user gets every action asked for, on every repository.
+    /// `(name, password)`: each user gets every action asked for, on every repository,
+    /// unless `user_pull_prefixes` limits it.
     pub users: Vec<(String, String)>,
+    /// `(name, prefixes)`: this user may only pull, and only repositories whose name
+    /// starts with one of the prefixes (e.g. `"myorg/"`).
+    pub user_pull_prefixes: Vec<(String, Vec<String>)>,
     /// The tokens' lifetime, reported as `expires_in` and signed as `exp`.
     pub expires_in: Duration,
 }
@@ -45,6 +50,7 @@ impl Default for TokenPolicy {
         TokenPolicy {
             anonymous_pull_prefixes: Vec::new(),
             users: Vec::new(),
+            user_pull_prefixes: Vec::new(),
             expires_in: Duration::from_secs(300),
         }
     }
@@ -59,6 +65,25 @@ impl TokenPolicy {
     pub fn user(mut self, name: &str, password: &str) -> Self {
         self.users.push((name.to_owned(), password.to_owned()));
         self
+    }
+
+    /// A user who may only pull repositories starting with one of `prefixes` (a robot
+    /// account of one organisation).
+    pub fn user_pulling(mut self, name: &str, password: &str, prefixes: &[&str]) -> Self {
+        self.users.push((name.to_owned(), password.to_owned()));
+        self.user_pull_prefixes.push((
+            name.to_owned(),
+            prefixes.iter().map(|p| (*p).to_owned()).collect(),
+        ));
+        self
+    }
+
+    /// What `user` may do on repository `name`: `None` for everything.
+    fn limits_of(&self, user: &str) -> Option<&[String]> {
+        self.user_pull_prefixes
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, p)| p.as_slice())
     }
 
     pub fn expires_in(mut self, lifetime: Duration) -> Self {
@@ -228,8 +253,8 @@ async fn handle(
 
     let policy = &state.policy;
     let authenticated = match &basic {
-        None => false,
-        Some(pair) if policy.users.contains(pair) => true,
+        None => None,
+        Some(pair) if policy.users.contains(pair) => Some(pair.0.as_str()),
         Some(_) => {
             let body = json!({"details": "incorrect username or password"});
             return Ok(reply(StatusCode::UNAUTHORIZED, body));
@@ -267,20 +292,25 @@ fn parse_basic(header: &str) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-/// The access entry granted for one `type:name:actions` scope, or `None` for nothing.
-fn grant(policy: &TokenPolicy, authenticated: bool, scope: &str) -> Option<Value> {
+/// The access entry granted to `user` (`None`: anonymous) for one `type:name:actions`
+/// scope, or `None` for nothing.
+fn grant(policy: &TokenPolicy, user: Option<&str>, scope: &str) -> Option<Value> {
     let (kind, rest) = scope.split_once(':')?;
     let (name, actions) = rest.rsplit_once(':')?;
+    let pull_under = |prefixes: &[String], action: &str| {
+        kind == "repository"
+            && action == "pull"
+            && prefixes
+                .iter()
+                .any(|prefix| name.starts_with(prefix.as_str()))
+    };
     let granted: Vec<&str> = actions
         .split(',')
-        .filter(|action| {
-            authenticated
-                || (kind == "repository"
-                    && *action == "pull"
-                    && policy
-                        .anonymous_pull_prefixes
-                        .iter()
-                        .any(|prefix| name.starts_with(prefix.as_str())))
+        .filter(|action| match user {
+            Some(user) => policy
+                .limits_of(user)
+                .is_none_or(|prefixes| pull_under(prefixes, action)),
+            None => pull_under(&policy.anonymous_pull_prefixes, action),
         })
         .collect();
     if granted.is_empty() {

@@ -1,0 +1,270 @@
+//! Small documents relayed from upstreams and kept for their outages: tags lists and
+//! referrers lists. Unlike manifests they have no digest; they are kept by the key the
+//! proxy gives them (upstream, repository, the request's query) in two redb tables of
+//! the index: the documents themselves, and their sizes and ages.
+//!
+//! Bounded: the documents together stay under [`MAX_BYTES`] and [`MAX_COUNT`]. A write
+//! past either removes the documents written longest ago (a document in use is rewritten
+//! at each revalidation, so this is least recently used at `tag_ttl` granularity), never a
+//! pinned one (the warm list's referrers) and never the one just written.
+
+use std::io;
+
+use bytes::Bytes;
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{blocking, index, Store};
+
+/// key → 4-byte big-endian length of the JSON [`Meta`], the meta, then the body.
+const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
+/// key → (body and meta bytes, unix seconds written, pinned)
+const DOCUMENT_SIZES: TableDefinition<&str, (u64, u64, bool)> =
+    TableDefinition::new("document_sizes");
+
+/// The most bytes all documents may take in the index.
+pub const MAX_BYTES: u64 = 64 << 20;
+/// The most documents kept.
+pub const MAX_COUNT: u64 = 50_000;
+
+/// A kept answer of an upstream: its status, the headers berth relays, its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    pub status: u16,
+    /// (name, value) of the relayed headers (`Content-Type`, `Link`, `OCI-Filters-Applied`).
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// Unix seconds of the last time the upstream sent it (or confirmed it).
+    pub validated_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    status: u16,
+    headers: Vec<(String, String)>,
+    validated_at: u64,
+}
+
+pub(super) fn create_tables(txn: &WriteTransaction) -> io::Result<()> {
+    txn.open_table(DOCUMENTS).map_err(index::io)?;
+    txn.open_table(DOCUMENT_SIZES).map_err(index::io)?;
+    Ok(())
+}
+
+fn encode(doc: &Document) -> io::Result<Vec<u8>> {
+    let meta = serde_json::to_vec(&Meta {
+        status: doc.status,
+        headers: doc.headers.clone(),
+        validated_at: doc.validated_at,
+    })
+    .map_err(index::io)?;
+    let len = u32::try_from(meta.len()).map_err(index::io)?;
+    let mut out = Vec::with_capacity(4 + meta.len() + doc.body.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(&doc.body);
+    Ok(out)
+}
+
+/// `None` for bytes that do not decode: the document is then fetched again and replaced.
+fn decode(bytes: &[u8]) -> Option<Document> {
+    let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let meta: Meta = serde_json::from_slice(bytes.get(4..4usize.checked_add(len)?)?).ok()?;
+    Some(Document {
+        status: meta.status,
+        headers: meta.headers,
+        body: Bytes::copy_from_slice(&bytes[4 + len..]),
+        validated_at: meta.validated_at,
+    })
+}
+
+impl index::Index {
+    pub fn document(&self, key: &str) -> io::Result<Option<Document>> {
+        let txn = self.db().begin_read().map_err(index::io)?;
+        let t = txn.open_table(DOCUMENTS).map_err(index::io)?;
+        Ok(t.get(key)
+            .map_err(index::io)?
+            .and_then(|v| decode(v.value())))
+    }
+
+    /// Writes `doc` under `key` (pinned if `pin`, or if it was), then removes the oldest
+    /// unpinned documents while over the bounds; returns how many it removed.
+    pub fn put_document(&self, key: &str, doc: &Document, pin: bool) -> io::Result<usize> {
+        self.put_document_bounded(key, doc, pin, MAX_BYTES, MAX_COUNT)
+    }
+
+    fn put_document_bounded(
+        &self,
+        key: &str,
+        doc: &Document,
+        pin: bool,
+        max_bytes: u64,
+        max_count: u64,
+    ) -> io::Result<usize> {
+        let value = encode(doc)?;
+        let txn = self.db().begin_write().map_err(index::io)?;
+        let mut removed = 0;
+        {
+            let mut docs = txn.open_table(DOCUMENTS).map_err(index::io)?;
+            let mut sizes = txn.open_table(DOCUMENT_SIZES).map_err(index::io)?;
+            let pinned = pin
+                || sizes
+                    .get(key)
+                    .map_err(index::io)?
+                    .is_some_and(|v| v.value().2);
+            docs.insert(key, value.as_slice()).map_err(index::io)?;
+            sizes
+                .insert(key, (value.len() as u64, index::now_secs(), pinned))
+                .map_err(index::io)?;
+            let (mut bytes, mut count) = (0u64, 0u64);
+            let mut candidates = Vec::new();
+            for entry in sizes.iter().map_err(index::io)? {
+                let (k, v) = entry.map_err(index::io)?;
+                let (size, written, pinned) = v.value();
+                bytes += size;
+                count += 1;
+                if !pinned && k.value() != key {
+                    candidates.push((written, size, k.value().to_owned()));
+                }
+            }
+            candidates.sort();
+            for (_, size, k) in candidates {
+                if bytes <= max_bytes && count <= max_count {
+                    break;
+                }
+                docs.remove(k.as_str()).map_err(index::io)?;
+                sizes.remove(k.as_str()).map_err(index::io)?;
+                bytes -= size;
+                count -= 1;
+                removed += 1;
+            }
+        }
+        txn.commit().map_err(index::io)?;
+        Ok(removed)
+    }
+
+    /// Forgets a document (the upstream said it has no such thing any more).
+    pub fn remove_document(&self, key: &str) -> io::Result<()> {
+        let txn = self.db().begin_write().map_err(index::io)?;
+        {
+            let mut docs = txn.open_table(DOCUMENTS).map_err(index::io)?;
+            docs.remove(key).map_err(index::io)?;
+            let mut sizes = txn.open_table(DOCUMENT_SIZES).map_err(index::io)?;
+            sizes.remove(key).map_err(index::io)?;
+        }
+        txn.commit().map_err(index::io)
+    }
+
+    /// Pins a stored document against removal by the bounds; false when none is stored.
+    pub fn pin_document(&self, key: &str) -> io::Result<bool> {
+        let txn = self.db().begin_write().map_err(index::io)?;
+        let found;
+        {
+            let mut sizes = txn.open_table(DOCUMENT_SIZES).map_err(index::io)?;
+            let entry = sizes.get(key).map_err(index::io)?.map(|v| v.value());
+            found = entry.is_some();
+            if let Some((size, written, _)) = entry {
+                sizes
+                    .insert(key, (size, written, true))
+                    .map_err(index::io)?;
+            }
+        }
+        txn.commit().map_err(index::io)?;
+        Ok(found)
+    }
+}
+
+impl Store {
+    /// A kept document; `None` when none is kept under `key`.
+    pub async fn document(&self, key: &str) -> io::Result<Option<Document>> {
+        let (s, key) = (self.clone(), key.to_owned());
+        blocking(move || s.inner.index.document(&key)).await
+    }
+
+    /// Keeps `doc` under `key`, within the bounds (see the module's doc).
+    pub async fn put_document(&self, key: String, doc: Document) -> io::Result<()> {
+        let s = self.clone();
+        let removed = blocking(move || s.inner.index.put_document(&key, &doc, false)).await?;
+        if removed > 0 {
+            tracing::debug!(
+                removed,
+                "removed the oldest kept tags lists and referrers lists (over the bound)"
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn remove_document(&self, key: String) -> io::Result<()> {
+        let s = self.clone();
+        blocking(move || s.inner.index.remove_document(&key)).await
+    }
+
+    /// Pins a kept document (the warm list's referrers) against the bounds.
+    pub async fn pin_document(&self, key: String) -> io::Result<bool> {
+        let s = self.clone();
+        blocking(move || s.inner.index.pin_document(&key)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(body: &'static [u8], at: u64) -> Document {
+        Document {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from_static(body),
+            validated_at: at,
+        }
+    }
+
+    #[tokio::test]
+    async fn documents_survive_a_restart_and_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = doc(b"{\"tags\":[\"v1\"]}", 7);
+        store.put_document("a".into(), d.clone()).await.unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.document("a").await.unwrap(), Some(d.clone()));
+        assert_eq!(store.document("b").await.unwrap(), None);
+
+        // Bounds of two documents: a third removes the oldest unpinned one.
+        let index = &store.inner.index;
+        assert!(index.pin_document("a").unwrap());
+        assert!(!index.pin_document("nothing").unwrap());
+        index
+            .put_document_bounded("b", &d, false, u64::MAX, 2)
+            .unwrap();
+        assert_eq!(
+            index
+                .put_document_bounded("c", &d, false, u64::MAX, 2)
+                .unwrap(),
+            1
+        );
+        assert!(index.document("a").unwrap().is_some(), "pinned");
+        assert!(index.document("b").unwrap().is_none(), "oldest unpinned");
+        assert!(index.document("c").unwrap().is_some(), "just written");
+        // Rewriting a pinned document keeps it pinned.
+        index
+            .put_document_bounded("a", &d, false, u64::MAX, 2)
+            .unwrap();
+        index
+            .put_document_bounded("d", &d, false, u64::MAX, 2)
+            .unwrap();
+        assert!(index.document("a").unwrap().is_some());
+        assert!(index.document("c").unwrap().is_none());
+        store.remove_document("a".into()).await.unwrap();
+        assert_eq!(store.document("a").await.unwrap(), None);
+    }
+
+    #[test]
+    fn damaged_bytes_decode_to_nothing() {
+        let bytes = encode(&doc(b"body", 1)).unwrap();
+        assert_eq!(decode(&bytes).unwrap().body, Bytes::from_static(b"body"));
+        assert!(decode(&bytes[..3]).is_none());
+        assert!(decode(&[0, 0, 0, 200, b'{']).is_none());
+        assert!(decode(&[0xff, 0xff, 0xff, 0xff]).is_none());
+    }
+}
