@@ -6,7 +6,8 @@
 # For each values set (the chart's defaults; charts/berth/ci/*-values.yaml: all-on switches
 # on every optional part, fleet is three replicas on an S3-compatible bucket; and a few
 # fleet variants written by this script: IRSA with a generated secret, a claim per pod
-# with hard anti-affinity, GCS, Azure, replicas without shared storage):
+# with hard anti-affinity, GCS, Azure, replicas without shared storage; and tenancy alone:
+# tokens, rules and a per-repository robot account):
 #   1. lint the chart strictly (`helm lint --strict` when a helm binary is on PATH, and
 #      always helm-python-sdk's lint with strict=true: Helm's own Go code, no binary);
 #   2. render it (helm-python-sdk, offline) and check what the chart promises: probes,
@@ -17,16 +18,27 @@
 #      also the replica count, the headless peers Service, BERTH_FLEET_ADVERTISE from the
 #      pod IP, the bucket credentials, the fleet secret and its mount, [storage.shared] and
 #      [fleet] (peers_dns naming the headless Service) in berth.toml, anti-affinity, the
-#      PodDisruptionBudget and the NetworkPolicy rule between replicas;
+#      PodDisruptionBudget and the NetworkPolicy rule between replicas; for tenancy the
+#      upstream credentials volume at /etc/berth/secrets (one projected volume: the shared
+#      Secret at .dockerconfigjson, each credentials.perRepository Secret at
+#      <name>/.dockerconfigjson) and its [[upstreams.credentials]] blocks (quota.requests an
+#      integer), the auth.* Secrets mounted under /etc/berth/auth with [auth] tokens_dir,
+#      htpasswd and client_ca pointing at them (client_ca only with server.tls_*), no
+#      checksum annotation for them (berth re-reads tokens in place), and config.auth /
+#      config.access passed through unchanged ([[access]] as an array of tables);
 #   3. validate every rendered manifest with `kubernetes-validate --strict` against the
 #      schemas it bundles for Kubernetes $KUBE_VERSION. The ServiceMonitor is skipped: it
 #      is a CRD (monitoring.coreos.com/v1) with no bundled schema; its fields are checked
 #      in step 2 instead;
 #   4. take berth.toml out of the rendered ConfigMap and run `berth check-config` on it,
-#      with the files it names (credentials, admin token, fleet secret) taken from the
-#      rendered Secrets, or placeholders for Secrets named by existingSecret values.
+#      with the files it names (credentials, admin token, fleet secret, auth files, TLS)
+#      taken from the rendered Secrets, or placeholders for Secrets named by existingSecret
+#      values and extraVolumes (shaped by the key naming them: a tokens directory laid out
+#      as a Secret volume, a bcrypt htpasswd line, PEM from openssl, a dockerconfigjson with
+#      an entry per upstream host).
 # Then values mistakes (a missing bucket, an unknown store kind, a fleet configured by hand,
-# ...) must fail to render with a message. A summary lists every step, pass or FAIL.
+# a per-repository credential for an unknown upstream, a client CA without TLS, ...) must
+# fail to render with a message. A summary lists every step, pass or FAIL.
 #
 # Python tools live in a venv under ${BERTH_PEERS_CACHE:-~/.cache/berth-test-peers}/venv,
 # installed from PyPI when missing. Set BERTH_BIN to use a prebuilt berth binary instead
@@ -77,7 +89,7 @@ trap 'rm -rf "$work"' EXIT
 # those values); chart.py runs them on one values file.
 cat >"$work/checks.py" <<'PY'
 # Shared by chart.py and variants.py: render the chart and check what it promises.
-import base64, os, re
+import base64, json, os, re, subprocess
 import yaml  # PyYAML, a dependency of kubernetes-validate
 import helm_python as helm
 
@@ -270,6 +282,9 @@ def check(docs, notes, values, chart_dir, problems):
                 need(re.fullmatch(r"[A-Za-z0-9]{32}", raw) is not None, "generated admin token is not 32 alphanumerics")
     need(at_secret in notes, f"NOTES.txt does not say the admin token is in the Secret {at_secret}")
 
+    # --- tenancy: upstream credentials, client authentication, rules ---------------------
+    check_tenancy(v, wl, toml, notes, need)
+
     # --- the node DaemonSet keeps pointing at the pull Service ---------------------------
     for ds in kinds.get("DaemonSet", []):
         args = ds["spec"]["template"]["spec"]["initContainers"][0]["args"]
@@ -396,36 +411,212 @@ def check(docs, notes, values, chart_dir, problems):
     return wl, toml_text
 
 
-def write_config_files(docs, wl, out, problems):
+# Where the chart mounts the tenancy Secrets, and the berth.toml keys pointing there.
+TOKENS_DIR = "/etc/berth/auth/tokens"
+HTPASSWD_FILE = "/etc/berth/auth/htpasswd/htpasswd"
+CLIENT_CA_FILE = "/etc/berth/auth/client-ca/ca.crt"
+CHART_AUTH_KEYS = {"tokens_dir", "htpasswd", "client_ca"}
+ROLLING_CHECKSUMS = {"checksum/config", "checksum/secret", "checksum/fleet-secret", "checksum/admin-token"}
+
+
+def secret_sources(vol):
+    """[(Secret name, items or None)] of a secret or projected volume."""
+    if "secret" in vol:
+        return [(vol["secret"]["secretName"], vol["secret"].get("items"))]
+    if "projected" in vol:
+        return [(src["secret"]["name"], src["secret"].get("items"))
+                for src in vol["projected"].get("sources") or [] if "secret" in src]
+    return []
+
+
+def check_tenancy(v, wl, toml, notes, need):
+    """credentials.perRepository, auth.* Secrets, config.auth / config.access pass-through."""
+    cred, auth = v["credentials"], v.get("auth") or {}
+    per_repo = cred.get("perRepository") or []
+    shared = cred["existingSecret"] or (f"{FULLNAME}-credentials" if cred["dockerconfigjson"] else "")
+    cfg_auth = dict(v["config"].get("auth") or {})
+    if wl:
+        spec = wl["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {vol["name"]: vol for vol in spec.get("volumes", [])}
+        # Upstream credentials: one projected volume at /etc/berth/secrets (no nested mounts).
+        want = []
+        if shared:
+            want.append((shared, [{"key": ".dockerconfigjson", "path": ".dockerconfigjson"}]))
+        for e in per_repo:
+            want.append((e["existingSecret"], [{"key": ".dockerconfigjson", "path": f"{e['name']}/.dockerconfigjson"}]))
+        if want:
+            need(mounts.get("/etc/berth/secrets") == "credentials", "upstream credentials not mounted at /etc/berth/secrets")
+            got = secret_sources(volumes.get("credentials", {}))
+            need(got == want, f"credentials volume sources: {got}, expected {want}")
+        else:
+            need("credentials" not in volumes and "/etc/berth/secrets" not in mounts, "credentials volume without credentials")
+        nested = [m for m in mounts if m.startswith("/etc/berth/secrets/")]
+        need(not nested, f"mounts nested in the credentials volume: {nested}")
+        # Client authentication Secrets.
+        for secret, vname, mount, items in (
+            (auth.get("tokensSecret"), "auth-tokens", TOKENS_DIR, None),
+            (auth.get("htpasswdSecret"), "auth-htpasswd", os.path.dirname(HTPASSWD_FILE),
+             [{"key": auth.get("htpasswdKey"), "path": "htpasswd"}]),
+            (auth.get("clientCASecret"), "auth-client-ca", os.path.dirname(CLIENT_CA_FILE),
+             [{"key": auth.get("clientCAKey"), "path": "ca.crt"}]),
+        ):
+            if secret:
+                need(mounts.get(mount) == vname, f"{vname} not mounted at {mount}")
+                vs = volumes.get(vname, {}).get("secret", {})
+                need(vs.get("secretName") == secret and vs.get("items") == items,
+                     f"{vname} volume: {vs}, expected the Secret {secret} with items {items}")
+                need(secret in notes, f"NOTES.txt does not name the Secret {secret}")
+            else:
+                need(vname not in volumes and mount not in mounts, f"{vname} volume or mount without its value")
+        # The tokens and htpasswd are re-read in place: no checksum (and no rollout) for them.
+        ann = wl["spec"]["template"]["metadata"].get("annotations") or {}
+        extra = sorted(k for k in ann if k.startswith("checksum/") and k not in ROLLING_CHECKSUMS)
+        need(not extra, f"unexpected checksum annotations (token changes must not roll the pods): {extra}")
+    if toml is None:
+        return
+    # [auth]: the chart's keys pointing at the mounts, the rest as written in config.auth.
+    want_auth = dict(cfg_auth)
+    if auth.get("tokensSecret"):
+        want_auth["tokens_dir"] = TOKENS_DIR
+    if auth.get("htpasswdSecret"):
+        want_auth["htpasswd"] = HTPASSWD_FILE
+    if auth.get("clientCASecret"):
+        want_auth["client_ca"] = CLIENT_CA_FILE
+        srv = toml.get("server", {})
+        need(srv.get("tls_cert") and srv.get("tls_key"), "auth.client_ca without server.tls_cert/tls_key")
+    if want_auth:
+        need(toml.get("auth") == want_auth, f"[auth]: {toml.get('auth')}, expected {want_auth}")
+    else:
+        need("auth" not in toml, f"[auth] in berth.toml without auth values: {toml.get('auth')}")
+    # [[access]]: an array of tables, exactly as written.
+    want_access = v["config"].get("access") or []
+    need((toml.get("access") or []) == want_access, f"[[access]]: {toml.get('access')}, expected {want_access}")
+    # [[upstreams.credentials]]: the ones written in config, then one per perRepository entry.
+    hosts = {u["host"]: u for u in toml.get("upstreams", [])}
+    for written in v["config"].get("upstreams") or []:
+        got = hosts.get(written["host"], {}).get("credentials") or []
+        entries = [e for e in per_repo if e["upstream"] == written["host"]]
+        want = [dict(c) for c in written.get("credentials") or []]
+        for e in entries:
+            w = {"name": e["name"], "repositories": e["repositories"],
+                 "docker_config": f"/etc/berth/secrets/{e['name']}/.dockerconfigjson"}
+            if e.get("quota"):
+                w["quota"] = dict(e["quota"])
+            want.append(w)
+        for w in want:
+            if isinstance(w.get("quota"), dict) and "requests" in w["quota"]:
+                w["quota"]["requests"] = int(w["quota"]["requests"])
+        need(got == want, f"upstreams ({written['host']}).credentials: {got}, expected {want}")
+        for g in got:
+            q = g.get("quota") or {}
+            need(not isinstance(q.get("requests"), float),
+                 f"upstreams ({written['host']}).credentials ({g.get('name')}).quota.requests is a float")
+        if shared and written["host"] in cred["upstreams"]:
+            need(hosts.get(written["host"], {}).get("docker_config") == "/etc/berth/secrets/.dockerconfigjson",
+                 f"upstreams ({written['host']}): docker_config is not /etc/berth/secrets/.dockerconfigjson")
+    for e in per_repo:
+        need(f"{e['upstream']} {e['name']}:" in notes, f"NOTES.txt does not list the account {e['upstream']} {e['name']}")
+
+
+# Placeholders for files of Secrets that exist before the install (existingSecret values),
+# shaped by the berth.toml key naming them. The htpasswd line is `htpasswd -Bbn placeholder
+# placeholder`.
+PLACEHOLDER_HTPASSWD = b"placeholder:$2y$05$Zg8vvvvNB8XplDxFs8SYXOXvxEDceVoHTu4iPwz7tTNLPX3h6TccW\n"
+PLACEHOLDER_TEXT = b"placeholder-for-an-existing-secret"
+
+
+def placeholder_pems(out):
+    """A self-signed certificate and its key (PEM), made with openssl; PEM-shaped text when
+    openssl is missing (check-config does not parse it today)."""
+    cert, key = os.path.join(out, "placeholder.crt"), os.path.join(out, "placeholder.key")
+    if not os.path.exists(cert):
+        try:
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-days", "2", "-subj", "/CN=berth-check-chart", "-keyout", key, "-out", cert],
+                           check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            print(f"  note: no openssl ({e}): PEM-shaped placeholders instead of a real certificate")
+            with open(cert, "w") as f:
+                f.write("-----BEGIN CERTIFICATE-----\nplaceholder\n-----END CERTIFICATE-----\n")
+            with open(key, "w") as f:
+                f.write("-----BEGIN PRIVATE KEY-----\nplaceholder\n-----END PRIVATE KEY-----\n")
+    return open(cert, "rb").read(), open(key, "rb").read()
+
+
+def write_placeholder(key, local, hosts, out):
+    """Writes the placeholder for the berth.toml key `key` (None: unknown) at `local`."""
+    if key == "tokens_dir":
+        # A Secret volume's layout: ..data -> ..<timestamp>/, one symlink per key; berth
+        # skips the hidden entries and follows the links.
+        stamp = os.path.join(local, "..2024_01_01_00_00_00.000000000")
+        os.makedirs(stamp, exist_ok=True)
+        with open(os.path.join(stamp, "team-a"), "w") as f:
+            f.write("placeholder-token-0123456789abcdef\n")
+        if not os.path.lexists(os.path.join(local, "..data")):
+            os.symlink(os.path.basename(stamp), os.path.join(local, "..data"))
+        if not os.path.lexists(os.path.join(local, "team-a")):
+            os.symlink("..data/team-a", os.path.join(local, "team-a"))
+        return
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    if key == "docker_config" or local.endswith(".dockerconfigjson"):
+        auth = base64.b64encode(b"placeholder:placeholder").decode()
+        content = json.dumps({"auths": {h: {"auth": auth} for h in hosts}}).encode()
+    elif key == "htpasswd":
+        content = PLACEHOLDER_HTPASSWD
+    elif key in ("client_ca", "tls_cert", "ca_file"):
+        content = placeholder_pems(out)[0]
+    elif key == "tls_key":
+        content = placeholder_pems(out)[1]
+    else:
+        content = PLACEHOLDER_TEXT
+    with open(local, "wb") as fh:
+        fh.write(content)
+
+
+def write_config_files(docs, wl, toml_text, out, problems):
     """The files berth.toml names under /etc/berth, for `berth check-config`: taken from the
     rendered Secrets the pod mounts there, or placeholders for Secrets that exist before the
-    install (existingSecret values)."""
+    install (existingSecret values, extraVolumes): a tokens directory with one token, a
+    bcrypt htpasswd line, PEM certificates and key, a dockerconfigjson with an entry for
+    every upstream host."""
     if not wl:
         return
+    toml_text = toml_text or ""
+    named = re.findall(r'^\s*([A-Za-z_]+) = "(/etc/berth/[^"]*)"', toml_text, re.M)
+    key_of = {path: key for key, path in named}
+    hosts = re.findall(r'^\s*host = "([^"]+)"', toml_text, re.M)
+    local_of = lambda path: os.path.join(out, "etc-berth", path[len("/etc/berth/"):])  # noqa: E731
     secrets = {s["metadata"]["name"]: s for s in by_kind(docs).get("Secret", [])}
     spec = wl["spec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
     for vol in spec.get("volumes", []):
         mount = mounts.get(vol["name"], "")
-        if "secret" not in vol or not mount.startswith("/etc/berth/"):
+        if not mount.startswith("/etc/berth/"):
             continue
-        sec = secrets.get(vol["secret"]["secretName"])
-        items = vol["secret"].get("items") or [{"key": k, "path": k} for k in ((sec or {}).get("data") or {})]
-        directory = os.path.join(out, "etc-berth", mount[len("/etc/berth/"):])
-        os.makedirs(directory, exist_ok=True)
-        for it in items:
+        for name, items in secret_sources(vol):
+            sec = secrets.get(name)
+            os.makedirs(local_of(mount), exist_ok=True)
             if sec is not None:
-                data = (sec.get("data") or {}).get(it["key"])
-                if data is None:
-                    problems.append(f"Secret {sec['metadata']['name']} has no key {it['key']!r} that the pod mounts")
-                    continue
-                content = base64.b64decode(data)
-            elif it["path"].endswith(".dockerconfigjson"):
-                content = b'{"auths":{}}'
+                for it in items or [{"key": k, "path": k} for k in (sec.get("data") or {})]:
+                    data = (sec.get("data") or {}).get(it["key"])
+                    if data is None:
+                        problems.append(f"Secret {name} has no key {it['key']!r} that the pod mounts")
+                        continue
+                    local = local_of(f"{mount}/{it['path']}")
+                    os.makedirs(os.path.dirname(local), exist_ok=True)
+                    with open(local, "wb") as fh:
+                        fh.write(base64.b64decode(data))
+            elif items:
+                for it in items:
+                    path = f"{mount}/{it['path']}"
+                    write_placeholder(key_of.get(path), local_of(path), hosts, out)
             else:
-                content = b"placeholder-for-an-existing-secret"
-            with open(os.path.join(directory, it["path"]), "wb") as fh:
-                fh.write(content)
+                # The whole Secret: the files berth.toml names in (or as) the mount.
+                for key, path in named:
+                    if path == mount or path.startswith(mount + "/"):
+                        write_placeholder(key, local_of(path), hosts, out)
 PY
 
 cat >"$work/chart.py" <<'PY'
@@ -444,7 +635,7 @@ wl, toml_text = checks.check(docs, notes, values, chart_dir, problems)
 if toml_text is not None:
     with open(os.path.join(out, "berth.toml"), "w") as f:
         f.write(toml_text)
-checks.write_config_files(docs, wl, out, problems)
+checks.write_config_files(docs, wl, toml_text, out, problems)
 
 kinds = checks.by_kind(docs)
 print(f"rendered {len(docs)} manifests: " + ", ".join(f"{k}×{len(v)}" for k, v in sorted(kinds.items())))
@@ -501,7 +692,7 @@ for v in "$chart"/ci/*-values.yaml; do
     check_values "$(basename "$v" .yaml)" "$v" || failures=$((failures + 1))
 done
 
-# --- variants of the fleet (and of replicaCount) that the CI values files do not cover ---
+# --- variants of the fleet (and of replicaCount, and tenancy alone) that the CI values files do not cover ---
 # Same steps as above; written here rather than as ci/ files so the chart's test values
 # stay a few readable examples.
 mkdir -p "$work/variants"
@@ -574,6 +765,26 @@ cat >"$work/variants/replicas-without-shared.yaml" <<'YAML'
 # pod), with a warning in NOTES.txt.
 replicaCount: 3
 YAML
+cat >"$work/variants/tenancy-tokens-robot.yaml" <<'YAML'
+# Tenancy without the rest: team tokens, rules, and an org robot account for docker.io/myorg
+# from an existing Secret (no shared credentials Secret, no TLS).
+auth:
+  tokensSecret: berth-tokens
+credentials:
+  perRepository:
+    - upstream: docker.io
+      name: myorg-robot
+      repositories: ["myorg/*"]
+      existingSecret: dockerhub-myorg
+config:
+  auth:
+    anonymous: false
+  access:
+    - principals: ["*"]
+      repositories: ["docker.io/library/*"]
+    - principals: ["platform", "payments"]
+      repositories: ["docker.io/myorg/*"]
+YAML
 for v in "$work"/variants/*.yaml; do
     check_values "variant-$(basename "$v" .yaml)" "$v" || failures=$((failures + 1))
 done
@@ -615,6 +826,20 @@ expect_failure admin-token-twice 'adminToken: set existingSecret or value, not b
     "$(printf 'adminToken:\n  existingSecret: berth-admin\n  value: inline')"
 expect_failure fleet-static-peers 'leave peers and advertise out' \
     "$(printf 'sharedStorage:\n  enabled: true\n  bucket: b\nconfig:\n  fleet:\n    peers: ["http://10.0.0.7:5000"]')"
+expect_failure per-repository-unknown-upstream 'credentials.perRepository[0] (myorg): upstream "nope.example" is not a host in config.upstreams' \
+    "$(printf 'credentials:\n  perRepository:\n    - { upstream: nope.example, name: myorg, repositories: ["myorg/*"], existingSecret: s }')"
+expect_failure per-repository-duplicate-name 'credentials.perRepository[1] (myorg): the name is also credentials.perRepository[0]' \
+    "$(printf 'credentials:\n  perRepository:\n    - { upstream: docker.io, name: myorg, repositories: ["myorg/*"], existingSecret: s }\n    - { upstream: ghcr.io, name: myorg, repositories: ["myorg/*"], existingSecret: t }')"
+expect_failure per-repository-bad-name 'credentials.perRepository[0] (My_Org): name must be lowercase letters' \
+    "$(printf 'credentials:\n  perRepository:\n    - { upstream: docker.io, name: My_Org, repositories: ["myorg/*"], existingSecret: s }')"
+expect_failure per-repository-no-name 'credentials.perRepository[0]: name is required' \
+    "$(printf 'credentials:\n  perRepository:\n    - { upstream: docker.io, repositories: ["myorg/*"], existingSecret: s }')"
+expect_failure per-repository-no-secret 'credentials.perRepository[0] (myorg): existingSecret is required' \
+    "$(printf 'credentials:\n  perRepository:\n    - { upstream: docker.io, name: myorg, repositories: ["myorg/*"] }')"
+expect_failure client-ca-without-tls 'auth.clientCASecret: client certificates need TLS on the pull API; set config.server.tls_cert and config.server.tls_key' \
+    "$(printf 'auth:\n  clientCASecret: berth-client-ca')"
+expect_failure tokens-dir-twice 'config.auth.tokens_dir: leave it out when auth.tokensSecret is set' \
+    "$(printf 'auth:\n  tokensSecret: berth-tokens\nconfig:\n  auth:\n    tokens_dir: /elsewhere')"
 
 echo
 say "summary:"

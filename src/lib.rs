@@ -80,24 +80,7 @@ pub fn build(config: &Config) -> Result<App, String> {
         upstreams.share_quota(f.size());
     }
     let store = open_store(config)?;
-    let admin_token = match &config.server.admin_token_file {
-        Some(path) => {
-            let token = std::fs::read_to_string(path)
-                .map_err(|e| format!("server.admin_token_file {}: {e}", path.display()))?
-                .trim()
-                .to_owned();
-            // An empty file would leave the admin API shut with a message saying to set
-            // the very key that is set: say what is wrong instead.
-            if token.is_empty() {
-                return Err(format!(
-                    "server.admin_token_file {}: the file is empty",
-                    path.display()
-                ));
-            }
-            Some(token)
-        }
-        None => None,
-    };
+    let admin_token = admin_token(config)?;
     Ok(App {
         proxy: Proxy::new(store, metrics.clone(), shared, fleet, config.storage.local).with_limits(
             config.server.max_concurrent_fills,
@@ -116,6 +99,52 @@ pub fn build(config: &Config) -> Result<App, String> {
             .map(|w| w.platforms.clone())
             .unwrap_or_default(),
     })
+}
+
+/// The admin token from `server.admin_token_file`, if configured.
+fn admin_token(config: &Config) -> Result<Option<String>, String> {
+    let Some(path) = &config.server.admin_token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("server.admin_token_file {}: {e}", path.display()))?
+        .trim()
+        .to_owned();
+    // An empty file would leave the admin API shut with a message saying to set the very
+    // key that is set: say what is wrong instead.
+    if token.is_empty() {
+        return Err(format!(
+            "server.admin_token_file {}: the file is empty",
+            path.display()
+        ));
+    }
+    Ok(Some(token))
+}
+
+/// The TLS acceptor, when `server.tls_cert` is set: reads the certificate, its key and
+/// `auth.client_ca`.
+fn tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) else {
+        return Ok(None);
+    };
+    install_crypto_provider();
+    let client_ca = config.auth.as_ref().and_then(|a| a.client_ca.as_deref());
+    server::tls_acceptor(cert, key, client_ca).map(Some)
+}
+
+/// What `berth check-config` checks beyond the file itself: every file the configuration
+/// names is read (upstream credentials and CAs, the admin token, TLS certificate and key,
+/// htpasswd, tokens, client CA) and the upstream clients and access rules are built. The
+/// store is not opened (a running berth holds its lock).
+pub fn check(config: &Config) -> Result<(), String> {
+    install_crypto_provider();
+    let mut metrics = Metrics::new();
+    access::Access::from_config(config, metrics.registry_mut())?;
+    Upstreams::from_config(config, Arc::new(metrics), Default::default())
+        .map_err(|e| e.to_string())?;
+    admin_token(config)?;
+    tls(config)?;
+    Ok(())
 }
 
 /// Opens the configured store (taking its lock) with its size limits.
@@ -152,14 +181,7 @@ pub async fn serve_reporting(
     config: Config,
     ports_file: Option<&std::path::Path>,
 ) -> Result<(), String> {
-    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-        (Some(cert), Some(key)) => {
-            install_crypto_provider();
-            let client_ca = config.auth.as_ref().and_then(|a| a.client_ca.as_deref());
-            Some(server::tls_acceptor(cert, key, client_ca)?)
-        }
-        _ => None,
-    };
+    let tls = tls(&config)?;
     let app = Arc::new(build(&config)?);
     if let Some(fleet) = app.proxy.fleet() {
         fleet.resolve_now().await;

@@ -221,10 +221,7 @@ fn serve(
 
 fn check_config(file: &std::path::Path) -> Result<ExitCode, String> {
     let c = Config::load(file).map_err(|e| e.to_string())?;
-    berth::install_crypto_provider();
-    let metrics = std::sync::Arc::new(berth::metrics::Metrics::new());
-    berth::upstream::Upstreams::from_config(&c, metrics, Default::default())
-        .map_err(|e| e.to_string())?;
+    berth::check(&c)?;
     println!(
         "{}: ok ({} upstreams, default {}, store {})",
         file.display(),

@@ -737,3 +737,61 @@ async fn private_content_stays_private_in_the_cache() {
         front.content_requests()
     );
 }
+
+/// `berth check-config` reads the files `[auth]` names, as `serve` would: a missing tokens
+/// directory or a malformed htpasswd file is reported with its key before a rollout.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_reads_the_auth_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = htpasswd(dir.path(), &[("alice", "pw")]);
+    let bad = dir.path().join("bad-htpasswd");
+    std::fs::write(&bad, "alice-without-a-hash\n").unwrap();
+    let tokens = tokens(dir.path(), &[("ci", "tok")]);
+    let check = |auth: String| {
+        let config = dir.path().join(format!(
+            "berth-{}.toml",
+            crate::support::image::sha256_hex(auth.as_bytes())
+        ));
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [storage]\nroot = \"{}\"\n\
+                 [[upstreams]]\nhost = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\n{auth}",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(crate::support::berth::binary());
+        cmd.args(["check-config"]).arg(&config);
+        run_with_timeout_async(cmd, Duration::from_secs(20))
+    };
+    let ok = check(format!(
+        "[auth]\nhtpasswd = \"{}\"\ntokens_dir = \"{}\"\n",
+        good.display(),
+        tokens.display()
+    ))
+    .await;
+    assert!(ok.status.success(), "{ok:?}");
+    for (auth, key) in [
+        (
+            format!(
+                "[auth]\ntokens_dir = \"{}\"\n",
+                dir.path().join("nope").display()
+            ),
+            "auth.tokens_dir",
+        ),
+        (
+            format!("[auth]\nhtpasswd = \"{}\"\n", bad.display()),
+            "auth.htpasswd",
+        ),
+        (
+            format!("[auth]\nclient_ca = \"{}\"\n", good.display()),
+            "auth.client_ca needs TLS",
+        ),
+    ] {
+        let out = check(auth).await;
+        assert!(!out.status.success(), "{key}: {out:?}");
+        assert!(out.stderr.contains(key), "{key}: {}", out.stderr);
+    }
+}

@@ -82,7 +82,8 @@ mutations without a token. */}}
 
 {{/*
 berth.toml: .Values.config with what the chart adds (docker_config on the upstreams in
-credentials.upstreams, server.admin_token_file always), as TOML.
+credentials.upstreams, [[upstreams.credentials]] for credentials.perRepository, the
+config.auth keys of the auth.* Secrets, server.admin_token_file always), as TOML.
 */}}
 {{- define "berth.config" -}}
 {{- $cfg := deepCopy .Values.config }}
@@ -96,7 +97,10 @@ credentials.upstreams, server.admin_token_file always), as TOML.
 {{- with $cfg.client_budgets }}{{ if hasKey . "requests" }}{{ $_ := set . "requests" (int64 .requests) }}{{ end }}{{ end }}
 {{- range $u := $upstreams }}
 {{- if kindIs "map" $u.quota }}{{ if hasKey $u.quota "requests" }}{{ $_ := set $u.quota "requests" (int64 $u.quota.requests) }}{{ end }}{{ end }}
+{{- if kindIs "slice" $u.credentials }}{{ range $c := $u.credentials }}{{ if and (kindIs "map" $c) (kindIs "map" $c.quota) }}{{ if hasKey $c.quota "requests" }}{{ $_ := set $c.quota "requests" (int64 $c.quota.requests) }}{{ end }}{{ end }}{{ end }}{{ end }}
 {{- end }}
+{{- include "berth.perRepositoryConfig" (dict "upstreams" $upstreams "values" .Values) }}
+{{- include "berth.authConfig" (dict "cfg" $cfg "values" .Values) }}
 {{- if include "berth.credentialsSecret" . }}
 {{- range $host := .Values.credentials.upstreams }}
 {{- $found := false }}
@@ -237,5 +241,123 @@ access_key_file: "/etc/berth/bucket/access-key"
 {{- printf "http://%s:%v" .Values.service.clusterIP .Values.service.port }}
 {{- else }}
 {{- fail "nodeConfig.enabled needs nodeConfig.endpoint or a fixed service.clusterIP: nodes cannot resolve cluster DNS names" }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the pod mounts upstream credentials at /etc/berth/secrets (the shared
+credentials Secret, per-repository Secrets, or both, in one projected volume). */}}
+{{- define "berth.upstreamCredentialsVolume" -}}
+{{- if or (include "berth.credentialsSecret" .) .Values.credentials.perRepository }}
+{{- print "true" }}
+{{- end }}
+{{- end }}
+
+{{/* Validates credentials.perRepository and appends an [[upstreams.credentials]] block per
+entry to its upstream. Called by berth.config with (dict "upstreams" <the copied
+config.upstreams> "values" .Values); renders nothing. */}}
+{{- define "berth.perRepositoryConfig" -}}
+{{- $upstreams := .upstreams }}
+{{- $list := .values.credentials.perRepository | default list }}
+{{- if not (kindIs "slice" $list) }}
+{{- fail "credentials.perRepository must be a list of {upstream, name, repositories, existingSecret, quota}" }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $i, $p := $list }}
+{{- $at := printf "credentials.perRepository[%d]" $i }}
+{{- if not (kindIs "map" $p) }}
+{{- fail (printf "%s must be a map {upstream, name, repositories, existingSecret, quota}" $at) }}
+{{- end }}
+{{- range $k, $_ := $p }}
+{{- if not (has $k (list "upstream" "name" "repositories" "existingSecret" "quota")) }}
+{{- fail (printf "%s: unknown key %q (keys: upstream, name, repositories, existingSecret, quota)" $at $k) }}
+{{- end }}
+{{- end }}
+{{- if not $p.name }}
+{{- fail (printf "%s: name is required (lowercase letters, digits and '-'; it names the account and its directory /etc/berth/secrets/<name>)" $at) }}
+{{- end }}
+{{- $name := toString $p.name }}
+{{- $at = printf "%s (%s)" $at $name }}
+{{- if or (gt (len $name) 63) (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $name)) }}
+{{- fail (printf "%s: name must be lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters (it becomes the directory /etc/berth/secrets/<name>)" $at) }}
+{{- end }}
+{{- if eq $name "default" }}
+{{- fail (printf "%s: the name \"default\" is taken (it names an upstream's own credentials)" $at) }}
+{{- end }}
+{{- if hasKey $seen $name }}
+{{- fail (printf "%s: the name is also credentials.perRepository[%v]'s; names must be unique" $at (get $seen $name)) }}
+{{- end }}
+{{- $_ := set $seen $name $i }}
+{{- if not $p.existingSecret }}
+{{- fail (printf "%s: existingSecret is required (a Secret of type kubernetes.io/dockerconfigjson)" $at) }}
+{{- end }}
+{{- if or (not (kindIs "slice" $p.repositories)) (not $p.repositories) }}
+{{- fail (printf "%s: repositories must list at least one pattern below the upstream, e.g. [\"myorg/*\"]" $at) }}
+{{- end }}
+{{- $entry := dict "name" $name "repositories" $p.repositories "docker_config" (printf "/etc/berth/secrets/%s/.dockerconfigjson" $name) }}
+{{- if $p.quota }}
+{{- if not (kindIs "map" $p.quota) }}
+{{- fail (printf "%s: quota must be a map, e.g. { requests: 5000, per: 1d }" $at) }}
+{{- end }}
+{{- $quota := deepCopy $p.quota }}
+{{- if hasKey $quota "requests" }}{{ $_ := set $quota "requests" (int64 $quota.requests) }}{{ end }}
+{{- $_ := set $entry "quota" $quota }}
+{{- end }}
+{{- $found := false }}
+{{- range $u := $upstreams }}
+{{- if and (kindIs "map" $u) (eq (toString $u.host) (toString $p.upstream)) }}
+{{- $creds := $u.credentials | default list }}
+{{- if not (kindIs "slice" $creds) }}
+{{- fail (printf "config.upstreams (%s).credentials must be a list" $u.host) }}
+{{- end }}
+{{- $_ := set $u "credentials" (append $creds $entry) }}
+{{- $found = true }}
+{{- end }}
+{{- end }}
+{{- if not $found }}
+{{- fail (printf "%s: upstream %q is not a host in config.upstreams" $at (toString $p.upstream)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Sets config.auth's tokens_dir, htpasswd and client_ca from the auth.* Secrets, after
+checking them. Called by berth.config with (dict "cfg" <the copied config> "values"
+.Values); renders nothing. */}}
+{{- define "berth.authConfig" -}}
+{{- $cfg := .cfg }}
+{{- $v := .values.auth | default dict }}
+{{- if or $v.tokensSecret $v.htpasswdSecret $v.clientCASecret }}
+{{- $auth := $cfg.auth | default dict }}
+{{- if not (kindIs "map" $auth) }}
+{{- fail "config.auth must be a map (berth.toml's [auth])" }}
+{{- end }}
+{{- if $v.tokensSecret }}
+{{- if hasKey $auth "tokens_dir" }}
+{{- fail "config.auth.tokens_dir: leave it out when auth.tokensSecret is set; the chart mounts the Secret at /etc/berth/auth/tokens and sets it" }}
+{{- end }}
+{{- $_ := set $auth "tokens_dir" "/etc/berth/auth/tokens" }}
+{{- end }}
+{{- if $v.htpasswdSecret }}
+{{- if hasKey $auth "htpasswd" }}
+{{- fail "config.auth.htpasswd: leave it out when auth.htpasswdSecret is set; the chart mounts the Secret at /etc/berth/auth/htpasswd/ and sets it" }}
+{{- end }}
+{{- if not $v.htpasswdKey }}
+{{- fail "auth.htpasswdKey must name the key of auth.htpasswdSecret that holds the htpasswd file" }}
+{{- end }}
+{{- $_ := set $auth "htpasswd" "/etc/berth/auth/htpasswd/htpasswd" }}
+{{- end }}
+{{- if $v.clientCASecret }}
+{{- if hasKey $auth "client_ca" }}
+{{- fail "config.auth.client_ca: leave it out when auth.clientCASecret is set; the chart mounts the Secret at /etc/berth/auth/client-ca/ and sets it" }}
+{{- end }}
+{{- if not $v.clientCAKey }}
+{{- fail "auth.clientCAKey must name the key of auth.clientCASecret that holds the CA certificates" }}
+{{- end }}
+{{- $server := $cfg.server | default dict }}
+{{- if not (and $server.tls_cert $server.tls_key) }}
+{{- fail "auth.clientCASecret: client certificates need TLS on the pull API; set config.server.tls_cert and config.server.tls_key (PEM files you mount with extraVolumes/extraVolumeMounts, e.g. a kubernetes.io/tls Secret at /etc/berth/tls)" }}
+{{- end }}
+{{- $_ := set $auth "client_ca" "/etc/berth/auth/client-ca/ca.crt" }}
+{{- end }}
+{{- $_ := set $cfg "auth" $auth }}
 {{- end }}
 {{- end }}
