@@ -57,7 +57,13 @@ pub enum Rejected {
     Token,
     /// An `Authorization` header berth cannot read.
     Malformed,
+    /// Too many passwords are waiting for a bcrypt check: not checked (a flood of wrong
+    /// passwords must not hold every login).
+    Busy,
 }
+
+/// Passwords that may wait for a bcrypt check at once; more are answered 503.
+const MAX_WAITING_CHECKS: usize = 32;
 
 /// The authenticated principal, or why not; `Ok(None)`: no credentials were sent.
 pub type Verdict = Result<Option<Arc<str>>, Rejected>;
@@ -66,8 +72,9 @@ pub(super) struct Identities {
     current: RwLock<Arc<Sources>>,
     /// user → (the hash it was verified against, SHA-256 of the password).
     verified: Mutex<HashMap<String, (String, [u8; 32])>>,
-    /// bcrypt checks running at once; more wait.
+    /// bcrypt checks running at once; more wait, up to [`MAX_WAITING_CHECKS`].
     checks: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
     config: AuthConfig,
 }
 
@@ -78,6 +85,7 @@ impl Identities {
             current: RwLock::new(Arc::new(sources)),
             verified: Mutex::new(HashMap::new()),
             checks: tokio::sync::Semaphore::new(2),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             config,
         })
     }
@@ -114,33 +122,19 @@ impl Identities {
         let Some(value) = authorization else {
             return Ok(None);
         };
-        let value = std::str::from_utf8(value).map_err(|_| Rejected::Malformed)?;
-        let (scheme, rest) = value.trim().split_once(' ').ok_or(Rejected::Malformed)?;
-        let rest = rest.trim();
-        if scheme.eq_ignore_ascii_case("bearer") {
-            let digest: [u8; 32] = Sha256::digest(rest.as_bytes()).into();
-            return self
-                .sources()
-                .tokens
-                .get(&digest)
-                .cloned()
-                .map(Some)
-                .ok_or(Rejected::Token);
+        match parse_authorization(value).ok_or(Rejected::Malformed)? {
+            Sent::Nothing => Ok(None),
+            Sent::Bearer(token) => {
+                let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                self.sources()
+                    .tokens
+                    .get(&digest)
+                    .cloned()
+                    .map(Some)
+                    .ok_or(Rejected::Token)
+            }
+            Sent::Basic { user, password } => self.password(&user, &password).await.map(Some),
         }
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return Err(Rejected::Malformed);
-        }
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(rest)
-            .map_err(|_| Rejected::Malformed)?;
-        let raw = String::from_utf8(raw).map_err(|_| Rejected::Malformed)?;
-        let (user, password) = raw.split_once(':').ok_or(Rejected::Malformed)?;
-        // containers/image (skopeo, podman, CRI-O) answers a Basic challenge with an
-        // empty user and password when it has none: that is no credentials.
-        if user.is_empty() && password.is_empty() {
-            return Ok(None);
-        }
-        self.password(user, password).await.map(Some)
     }
 
     /// A Basic login: an htpasswd user and password, or a token principal's name and
@@ -174,13 +168,23 @@ impl Identities {
             }
         }
         let ok = {
-            let Ok(_turn) = self.checks.acquire().await else {
-                return Err(wrong());
-            };
+            use std::sync::atomic::Ordering;
+            if self.waiting.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING_CHECKS {
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                return Err(Rejected::Busy);
+            }
+            let turn = self.checks.acquire().await;
             let (hash, password) = (hash.clone(), password.to_owned());
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+            let ok = match turn {
+                Ok(_turn) => tokio::task::spawn_blocking(move || {
+                    bcrypt::verify(password, &hash).unwrap_or(false)
+                })
                 .await
-                .unwrap_or(false)
+                .unwrap_or(false),
+                Err(_) => false,
+            };
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            ok
         };
         if !ok {
             return Err(wrong());
@@ -191,6 +195,40 @@ impl Identities {
             .insert(user.to_owned(), (hash.clone(), given));
         Ok(Arc::from(user))
     }
+}
+
+/// What an `Authorization` header carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Basic with an empty user and password: containers/image (skopeo, podman, CRI-O)
+    /// answers a Basic challenge so when it has no credentials.
+    Nothing,
+    Bearer(String),
+    Basic { user: String, password: String },
+}
+
+/// Reads an `Authorization` value (`Basic <base64 user:password>`, `Bearer <token>`,
+/// schemes in any case); `None` when it is neither.
+pub fn parse_authorization(value: &[u8]) -> Option<Sent> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return (!rest.is_empty()).then(|| Sent::Bearer(rest.to_owned()));
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    let (user, password) = raw.split_once(':')?;
+    if user.is_empty() && password.is_empty() {
+        return Some(Sent::Nothing);
+    }
+    Some(Sent::Basic {
+        user: user.to_owned(),
+        password: password.to_owned(),
+    })
 }
 
 /// A name a principal may have: printable, no `/` (it is a file name), not `anonymous`.
@@ -407,6 +445,22 @@ mod tests {
         std::fs::remove_file(dir.path().join("htpasswd")).unwrap();
         assert!(ids.reload().is_err());
         assert!(ids.verify(Some(&basic("alice", "n3w"))).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_password_checks_is_turned_away_not_queued() {
+        let (_dir, ids) = setup();
+        ids.waiting
+            .store(MAX_WAITING_CHECKS, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            ids.verify(Some(&basic("alice", "wrong"))).await,
+            Err(Rejected::Busy)
+        );
+        // Tokens are never waited for.
+        assert!(ids.verify(Some(b"Bearer token-a")).await.is_ok());
+        ids.waiting.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(ids.verify(Some(&basic("alice", "s3cret"))).await.is_ok());
+        assert_eq!(ids.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[test]

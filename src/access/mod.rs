@@ -10,6 +10,8 @@
 pub mod cert;
 mod identity;
 
+pub use identity::{parse_authorization, Sent};
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Weak};
@@ -50,6 +52,8 @@ enum Reason {
     CredentialsMissing,
     CredentialsInvalid,
     NotAllowed,
+    /// Too many passwords waiting for a check.
+    Busy,
 }
 
 impl Reason {
@@ -58,6 +62,7 @@ impl Reason {
             Reason::CredentialsMissing => "credentials_missing",
             Reason::CredentialsInvalid => "credentials_invalid",
             Reason::NotAllowed => "not_allowed",
+            Reason::Busy => "busy",
         }
     }
 }
@@ -117,6 +122,27 @@ impl Rule {
             .is_none_or(|names| names.iter().any(|n| n == principal.name()));
         let from = self.networks.is_empty() || self.networks.iter().any(|c| c.contains(peer));
         who && from
+    }
+}
+
+/// Docker Hub names official images with one segment (`nginx`), and berth resolves them
+/// to `library/nginx` before rules see them: a one-segment pattern under a Docker Hub
+/// upstream (`docker.io/nginx`, `docker.io/*`) is read the same way.
+fn docker_hub_library(
+    upstreams: &[crate::config::UpstreamConfig],
+    host: &str,
+    pattern: Pattern,
+) -> Result<Pattern, String> {
+    let hub = upstreams
+        .iter()
+        .filter(|u| u.host == host)
+        .flat_map(|u| std::iter::once(&u.host).chain(&u.aliases))
+        .any(|h| h == "docker.io" || h.ends_with(".docker.io"));
+    match pattern.as_str().split_once('/') {
+        Some((first, rest)) if hub && !rest.contains('/') && rest != "**" => {
+            Pattern::parse(&format!("{first}/library/{rest}"))
+        }
+        _ => Ok(pattern),
     }
 }
 
@@ -189,7 +215,8 @@ impl Access {
                             "{at}.repositories: {p:?} does not start with a configured upstream"
                         )
                     })?;
-                repositories.push(pattern.with_first(&host)?);
+                let pattern = pattern.with_first(&host)?;
+                repositories.push(docker_hub_library(&config.upstreams, &host, pattern)?);
             }
             rules.push(Rule {
                 principals,
@@ -293,13 +320,21 @@ impl Access {
                 self.refused(ANONYMOUS, Reason::CredentialsMissing);
                 Err(self.unauthorized("authentication required".into()))
             }
+            Err(Rejected::Busy) => {
+                self.refused("", Reason::Busy);
+                Err(oci::Error::new(
+                    ErrorCode::Unavailable,
+                    "too many logins waiting for a password check; retry shortly",
+                )
+                .retry_after(std::time::Duration::from_secs(1)))
+            }
             Err(rejected) => {
                 let (who, message) = match rejected {
                     Rejected::Password { user } => {
                         (user.unwrap_or_default(), "invalid username or password")
                     }
                     Rejected::Token => (String::new(), "invalid bearer token"),
-                    Rejected::Malformed => (
+                    Rejected::Malformed | Rejected::Busy => (
                         String::new(),
                         "unreadable Authorization header (Basic or Bearer expected)",
                     ),
@@ -368,12 +403,13 @@ impl Access {
         }
     }
 
-    /// Counts an answered request under its principal (a refusal was counted as one by
-    /// `refused` already, under the principal it named).
+    /// Counts an answered request under its principal. A refusal was counted already, by
+    /// `refused`, under the principal its credentials named.
     pub fn count(&self, principal: &Principal, outcome: Outcome, refused: bool) {
-        if !refused {
-            self.tally(principal.name(), |t| t.requests += 1);
+        if refused {
+            return;
         }
+        self.tally(principal.name(), |t| t.requests += 1);
         self.metrics
             .requests
             .get_or_create(&PrincipalLabels {
@@ -507,6 +543,20 @@ mod tests {
                 .map(|e| e.status().as_u16());
             assert_eq!(got, *refused, "{who:?} from {from} pulling {host}/{repo}");
         }
+        // Docker Hub's one-segment names are official images, in rules too.
+        let hub = access(
+            "[[access]]\nprincipals=[\"*\"]\nrepositories=[\"docker.io/alpine\", \"docker.io/team-*\"]\n",
+        );
+        let who = Principal::Anonymous;
+        assert!(hub
+            .authorize(&who, ip(AWAY), "docker.io", "library/alpine")
+            .is_ok());
+        assert!(hub
+            .authorize(&who, ip(AWAY), "docker.io", "library/team-x")
+            .is_ok());
+        assert!(hub
+            .authorize(&who, ip(AWAY), "docker.io", "team-x/app")
+            .is_err());
         // No [auth]: an anonymous refusal is a 403 (there is nothing to log in with).
         let e = a
             .authorize(&Principal::Anonymous, ip(AWAY), "docker.io", "teama/app")

@@ -371,6 +371,14 @@ impl Config {
             let header_ok = b.key.strip_prefix("header:").is_some_and(|h| {
                 !h.is_empty() && http::HeaderName::from_bytes(h.as_bytes()).is_ok()
             });
+            // A credential must never become a client's name (kept in memory, sent to
+            // fleet peers): with [auth], clients are told apart by their principal anyway.
+            if b.key.eq_ignore_ascii_case("header:authorization") {
+                return Err(
+                    "client_budgets.key: the Authorization header holds credentials; use \"address\" or another header"
+                        .into(),
+                );
+            }
             if b.key != "address" && !header_ok {
                 return Err(format!(
                     "client_budgets.key: {:?} must be \"address\" or \"header:<name>\"",

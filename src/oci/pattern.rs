@@ -43,7 +43,14 @@ impl Pattern {
             return Err(format!("{s:?} has an empty segment"));
         }
         let mut segments = Vec::new();
-        for seg in s.split('/') {
+        for (i, seg) in s.split('/').enumerate() {
+            // Repository names are lower case; a host (an access rule's first segment)
+            // is compared without case.
+            if i > 0 && seg.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(format!(
+                    "{s:?}: repository names are lower case, so {seg:?} would never match"
+                ));
+            }
             if seg == "**" {
                 segments.push(Segment::Any);
                 continue;
@@ -199,7 +206,9 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_refused() {
-        for bad in ["", "/a", "a/", "a//b", "a/***", "a/b**", "a/B c", "a/$"] {
+        for bad in [
+            "", "/a", "a/", "a//b", "a/***", "a/b**", "a/B c", "a/$", "a/Upper",
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad:?}");
         }
     }

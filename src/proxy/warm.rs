@@ -247,7 +247,15 @@ impl Proxy {
             digest: subject.clone(),
             artifact_type: None,
         };
-        let list = self.listing(up, repo, listing.clone()).await?;
+        // An upstream whose referrers API fails (a 5xx, berth's relay cap) leaves the
+        // image warmed with its signatures; the next warm tries again.
+        let list = match self.listing(up, repo, listing.clone()).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "referrers not warmed");
+                return Ok(());
+            }
+        };
         // 404: the upstream has no referrers API (distribution 2.x); nothing to warm.
         if list.status != http::StatusCode::OK {
             return Ok(());

@@ -25,6 +25,8 @@ struct Summary {
     principal: Principal,
     /// Refused by authentication or an access rule.
     refused: bool,
+    /// Forwarded by another replica of the fleet.
+    forwarded: bool,
     kind: Kind,
     outcome: Outcome,
     upstream: String,
@@ -38,6 +40,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: SocketAddr) -> Resp
     let mut summary = Summary {
         principal: Principal::Anonymous,
         refused: false,
+        forwarded: false,
         kind: Kind::Other,
         outcome: Outcome::Rejected,
         upstream: String::new(),
@@ -60,8 +63,11 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, peer: SocketAddr) -> Resp
     let elapsed = started.elapsed();
     app.metrics
         .observe_request(summary.kind, summary.outcome, elapsed);
-    app.access
-        .count(&summary.principal, summary.outcome, summary.refused);
+    // A forwarded request was counted by the replica that took it from its client.
+    if !summary.forwarded {
+        app.access
+            .count(&summary.principal, summary.outcome, summary.refused);
+    }
     let bytes = hyper::body::Body::size_hint(resp.body())
         .exact()
         .unwrap_or(0);
@@ -125,6 +131,7 @@ async fn serve<B>(
         }
     };
     let caller = caller(app, req, peer)?;
+    summary.forwarded = caller.forwarded;
     // A replica forwarding a miss checked its client already; its signature says so.
     if !caller.forwarded {
         summary.refused = true;

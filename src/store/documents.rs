@@ -3,10 +3,12 @@
 //! proxy gives them (upstream, repository, the request's query) in two redb tables of
 //! the index: the documents themselves, and their sizes and ages.
 //!
-//! Bounded: the documents together stay under [`MAX_BYTES`] and [`MAX_COUNT`]. A write
-//! past either removes the documents written longest ago (a document in use is rewritten
-//! at each revalidation, so this is least recently used at `tag_ttl` granularity), never a
-//! pinned one (the warm list's referrers) and never the one just written.
+//! Bounded: the documents together stay under [`MAX_BYTES`] (keys counted) and
+//! [`MAX_COUNT`]. A write past either removes the documents written longest ago (a
+//! document in use is rewritten at each revalidation, so this is least recently used at
+//! `tag_ttl` granularity; writes are numbered, so the order is exact), never a pinned one (the warm list's referrers) and never the
+//! one just written. Totals and an index by age are kept with the documents, so a write
+//! costs O(log n) and each removal as much, whatever the number of documents.
 
 use std::io;
 
@@ -18,14 +20,24 @@ use super::{blocking, index, Store};
 
 /// key → 4-byte big-endian length of the JSON [`Meta`], the meta, then the body.
 const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
-/// key → (body and meta bytes, unix seconds written, pinned)
+/// key → (bytes it takes, keys included; write sequence number; pinned)
 const DOCUMENT_SIZES: TableDefinition<&str, (u64, u64, bool)> =
     TableDefinition::new("document_sizes");
+/// (write sequence number, key) of every unpinned document: the order of removal.
+const DOCUMENT_AGES: TableDefinition<(u64, &str), ()> = TableDefinition::new("document_ages");
+/// `TOTALS` → (bytes, count) of all documents, pinned ones included, and the next write
+/// sequence number.
+const DOCUMENT_TOTALS: TableDefinition<&str, (u64, u64, u64)> =
+    TableDefinition::new("document_totals");
+const TOTALS: &str = "all";
 
 /// The most bytes all documents may take in the index.
 pub const MAX_BYTES: u64 = 64 << 20;
 /// The most documents kept.
 pub const MAX_COUNT: u64 = 50_000;
+/// A key longer than this is not kept (the answer is relayed only): a client chooses
+/// part of it (`last`, `artifactType`).
+pub const MAX_KEY_BYTES: usize = 1024;
 
 /// A kept answer of an upstream: its status, the headers berth relays, its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,8 +59,32 @@ struct Meta {
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> io::Result<()> {
     txn.open_table(DOCUMENTS).map_err(index::io)?;
-    txn.open_table(DOCUMENT_SIZES).map_err(index::io)?;
+    let sizes = txn.open_table(DOCUMENT_SIZES).map_err(index::io)?;
+    let mut ages = txn.open_table(DOCUMENT_AGES).map_err(index::io)?;
+    let mut totals = txn.open_table(DOCUMENT_TOTALS).map_err(index::io)?;
+    // Totals and ages missing (an index written before they existed): count once.
+    if totals.get(TOTALS).map_err(index::io)?.is_none() {
+        let (mut bytes, mut count, mut next) = (0, 0, 0);
+        for entry in sizes.iter().map_err(index::io)? {
+            let (k, v) = entry.map_err(index::io)?;
+            let (size, seq, pinned) = v.value();
+            bytes += size;
+            count += 1;
+            next = next.max(seq + 1);
+            if !pinned {
+                ages.insert((seq, k.value()), ()).map_err(index::io)?;
+            }
+        }
+        totals
+            .insert(TOTALS, (bytes, count, next))
+            .map_err(index::io)?;
+    }
     Ok(())
+}
+
+/// What a document under `key` takes: its bytes, and its key in three tables.
+fn footprint(key: &str, value: &[u8]) -> u64 {
+    (value.len() + 3 * key.len()) as u64
 }
 
 fn encode(doc: &Document) -> io::Result<Vec<u8>> {
@@ -107,37 +143,51 @@ impl index::Index {
         {
             let mut docs = txn.open_table(DOCUMENTS).map_err(index::io)?;
             let mut sizes = txn.open_table(DOCUMENT_SIZES).map_err(index::io)?;
-            let pinned = pin
-                || sizes
-                    .get(key)
-                    .map_err(index::io)?
-                    .is_some_and(|v| v.value().2);
-            docs.insert(key, value.as_slice()).map_err(index::io)?;
-            sizes
-                .insert(key, (value.len() as u64, index::now_secs(), pinned))
-                .map_err(index::io)?;
-            let (mut bytes, mut count) = (0u64, 0u64);
-            let mut candidates = Vec::new();
-            for entry in sizes.iter().map_err(index::io)? {
-                let (k, v) = entry.map_err(index::io)?;
-                let (size, written, pinned) = v.value();
-                bytes += size;
-                count += 1;
-                if !pinned && k.value() != key {
-                    candidates.push((written, size, k.value().to_owned()));
-                }
+            let mut ages = txn.open_table(DOCUMENT_AGES).map_err(index::io)?;
+            let mut totals = txn.open_table(DOCUMENT_TOTALS).map_err(index::io)?;
+            let (mut bytes, mut count, seq) = totals
+                .get(TOTALS)
+                .map_err(index::io)?
+                .map_or((0, 0, 0), |v| v.value());
+            let old = sizes.get(key).map_err(index::io)?.map(|v| v.value());
+            let mut pinned = pin;
+            if let Some((size, written, was_pinned)) = old {
+                bytes = bytes.saturating_sub(size);
+                count = count.saturating_sub(1);
+                ages.remove((written, key)).map_err(index::io)?;
+                pinned |= was_pinned;
             }
-            candidates.sort();
-            for (_, size, k) in candidates {
-                if bytes <= max_bytes && count <= max_count {
+            let size = footprint(key, &value);
+            docs.insert(key, value.as_slice()).map_err(index::io)?;
+            sizes.insert(key, (size, seq, pinned)).map_err(index::io)?;
+            if !pinned {
+                ages.insert((seq, key), ()).map_err(index::io)?;
+            }
+            bytes += size;
+            count += 1;
+            // The oldest unpinned documents go first; the one just written is the newest,
+            // so reaching it means nothing else can go.
+            while bytes > max_bytes || count > max_count {
+                let Some(oldest) = ages.first().map_err(index::io)? else {
+                    break;
+                };
+                let (written, k) = oldest.0.value();
+                if k == key {
                     break;
                 }
+                let k = k.to_owned();
+                drop(oldest);
+                ages.remove((written, k.as_str())).map_err(index::io)?;
                 docs.remove(k.as_str()).map_err(index::io)?;
-                sizes.remove(k.as_str()).map_err(index::io)?;
-                bytes -= size;
-                count -= 1;
+                if let Some(v) = sizes.remove(k.as_str()).map_err(index::io)? {
+                    bytes = bytes.saturating_sub(v.value().0);
+                }
+                count = count.saturating_sub(1);
                 removed += 1;
             }
+            totals
+                .insert(TOTALS, (bytes, count, seq + 1))
+                .map_err(index::io)?;
         }
         txn.commit().map_err(index::io)?;
         Ok(removed)
@@ -150,7 +200,18 @@ impl index::Index {
             let mut docs = txn.open_table(DOCUMENTS).map_err(index::io)?;
             docs.remove(key).map_err(index::io)?;
             let mut sizes = txn.open_table(DOCUMENT_SIZES).map_err(index::io)?;
-            sizes.remove(key).map_err(index::io)?;
+            let old = sizes.remove(key).map_err(index::io)?.map(|v| v.value());
+            if let Some((size, written, _)) = old {
+                let mut ages = txn.open_table(DOCUMENT_AGES).map_err(index::io)?;
+                ages.remove((written, key)).map_err(index::io)?;
+                let mut totals = txn.open_table(DOCUMENT_TOTALS).map_err(index::io)?;
+                let (bytes, count, seq) = totals
+                    .get(TOTALS)
+                    .map_err(index::io)?
+                    .map_or((0, 0, 0), |v| v.value());
+                let left = (bytes.saturating_sub(size), count.saturating_sub(1), seq);
+                totals.insert(TOTALS, left).map_err(index::io)?;
+            }
         }
         txn.commit().map_err(index::io)
     }
@@ -167,6 +228,8 @@ impl index::Index {
                 sizes
                     .insert(key, (size, written, true))
                     .map_err(index::io)?;
+                let mut ages = txn.open_table(DOCUMENT_AGES).map_err(index::io)?;
+                ages.remove((written, key)).map_err(index::io)?;
             }
         }
         txn.commit().map_err(index::io)?;
@@ -181,8 +244,13 @@ impl Store {
         blocking(move || s.inner.index.document(&key)).await
     }
 
-    /// Keeps `doc` under `key`, within the bounds (see the module's doc).
+    /// Keeps `doc` under `key`, within the bounds (see the module's doc). A key over
+    /// [`MAX_KEY_BYTES`] is not kept.
     pub async fn put_document(&self, key: String, doc: Document) -> io::Result<()> {
+        if key.len() > MAX_KEY_BYTES {
+            tracing::debug!(bytes = key.len(), "list not kept: its key is too long");
+            return Ok(());
+        }
         let s = self.clone();
         let removed = blocking(move || s.inner.index.put_document(&key, &doc, false)).await?;
         if removed > 0 {
@@ -257,6 +325,50 @@ mod tests {
         assert!(index.document("c").unwrap().is_none());
         store.remove_document("a".into()).await.unwrap();
         assert_eq!(store.document("a").await.unwrap(), None);
+        // Keys count: a byte bound that fits two documents' bodies but not their keys.
+        let long = "k".repeat(300);
+        let size = encode(&d).unwrap().len() as u64;
+        for i in 0..3 {
+            index
+                .put_document_bounded(&format!("{long}{i}"), &d, false, 2 * size + 1000, 100)
+                .unwrap();
+        }
+        let kept = (0..3)
+            .filter(|i| index.document(&format!("{long}{i}")).unwrap().is_some())
+            .count();
+        assert_eq!(kept, 1, "keys were not counted");
+    }
+
+    /// Totals stay right through rewrites, pins and removals: many writes under a small
+    /// bound keep exactly the bound.
+    #[test]
+    fn the_bound_holds_through_rewrites_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = &store.inner.index;
+        let d = doc(b"{}", 1);
+        for round in 0..3 {
+            for i in 0..20 {
+                index
+                    .put_document_bounded(
+                        &format!("k{}", (i * 7 + round) % 30),
+                        &d,
+                        false,
+                        u64::MAX,
+                        10,
+                    )
+                    .unwrap();
+            }
+        }
+        index.remove_document("k0").unwrap();
+        let kept = (0..30)
+            .filter(|i| index.document(&format!("k{i}")).unwrap().is_some())
+            .count();
+        assert!((9..=10).contains(&kept), "{kept}");
+        let txn = index.db().begin_read().unwrap();
+        let totals = txn.open_table(DOCUMENT_TOTALS).unwrap();
+        let (_, count, _) = totals.get(TOTALS).unwrap().unwrap().value();
+        assert_eq!(count as usize, kept);
     }
 
     #[test]
