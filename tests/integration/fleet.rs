@@ -976,3 +976,74 @@ async fn a_silent_bucket_is_bounded_by_its_timeout() {
     assert_eq!(ready_status, 200);
     assert!(ready_text.contains("degraded"), "{ready_text}");
 }
+
+/// Tenancy in a fleet: the replica a client reaches checks its credentials and the rules;
+/// a miss it forwards to the key's owner is signed, and the owner serves it without the
+/// client's credentials (which never leave the first replica) and without counting it
+/// again. A request straight to the owner is checked there as anywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_checks_clients_where_they_arrive_and_forwards_signed() {
+    let tokens = tempfile::tempdir().unwrap();
+    std::fs::write(tokens.path().join("team-a"), "tok-a\n").unwrap();
+    let w = FleetWorld::start_with(
+        "",
+        "",
+        &format!(
+            "[auth]\ntokens_dir = \"{}\"\nanonymous = false\n\
+             [[access]]\nprincipals = [\"team-a\"]\nrepositories = [\"docker.io/library/*\"]\n",
+            tokens.path().display()
+        ),
+    )
+    .await;
+    let img = w
+        .push_image("library/tenant", "v1", &[128 * KIB], 300)
+        .await;
+    let owner = w.fleet.owner_of("docker.io/library/tenant:v1#");
+    let asker = (owner + 1) % 3;
+    let get = |replica: usize, path: String, token: Option<&'static str>| {
+        let url = format!("{}/v2/{path}?ns=docker.io", w.url(replica));
+        async move {
+            let req = http().get(url).header("accept", ACCEPT_ALL);
+            let req = match token {
+                Some(t) => req.bearer_auth(t),
+                None => req,
+            };
+            req.send().await.expect("GET")
+        }
+    };
+    let r = get(asker, "library/tenant/manifests/v1".into(), Some("tok-a")).await;
+    assert_eq!(r.status(), 200, "{}", w.fleet.replicas[owner].log());
+    for (digest, _) in &img.layers {
+        let r = get(
+            asker,
+            format!("library/tenant/blobs/{digest}"),
+            Some("tok-a"),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    // The owner served the forwarded tag without counting anyone for it...
+    let owner_metrics = w.fleet.replicas[owner].metrics().await;
+    let served: f64 = owner_metrics
+        .lines()
+        .filter(|l| l.starts_with("berth_requests_total{kind=\"manifest\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        served >= 1.0,
+        "the tag was not forwarded to its owner: {owner_metrics}"
+    );
+    assert!(
+        !owner_metrics.contains("berth_principal_requests_total{principal=\"anonymous\""),
+        "{owner_metrics}"
+    );
+    assert!(
+        !owner_metrics.contains("berth_access_refusals_total{"),
+        "the owner refused a forwarded request: {owner_metrics}"
+    );
+    // ... and still checks its own clients.
+    let r = get(owner, "library/tenant/manifests/v1".into(), None).await;
+    assert_eq!(r.status(), 401);
+    let r = get(asker, "other/thing/manifests/v1".into(), Some("tok-a")).await;
+    assert_eq!(r.status(), 403);
+}
