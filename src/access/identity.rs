@@ -204,7 +204,10 @@ pub enum Sent {
     /// answers a Basic challenge so when it has no credentials.
     Nothing,
     Bearer(String),
-    Basic { user: String, password: String },
+    Basic {
+        user: String,
+        password: String,
+    },
 }
 
 /// Reads an `Authorization` value (`Basic <base64 user:password>`, `Bearer <token>`,
@@ -219,7 +222,9 @@ pub fn parse_authorization(value: &[u8]) -> Option<Sent> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let raw = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(rest)
+        .ok()?;
     let raw = String::from_utf8(raw).ok()?;
     let (user, password) = raw.split_once(':')?;
     if user.is_empty() && password.is_empty() {
