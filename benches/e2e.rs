@@ -10,6 +10,10 @@
 //! - `manifest`: cached manifest requests per second (wrk) by tag and by digest through
 //!   berth and through distribution's proxy vs nginx serving the same bytes as a file, and
 //!   berth by digest over TLS vs nginx over TLS.
+//! - `access`: what client authentication and `[[access]]` rules cost a cached manifest by
+//!   tag (wrk), against berth without `[auth]` in the same rounds: a bearer token
+//!   (`tokens_dir`), htpasswd Basic credentials (bcrypt cost 10, verified once), and a
+//!   token with 20 rules, the matching one last.
 //! - `herd`: N concurrent cold pulls (curl processes) of one 256 MiB blob through berth vs
 //!   through distribution's own proxy mode, behind an upstream limited per connection (a
 //!   CDN): upstream bytes, wall time until every client has the whole blob, proxy peak RSS.
@@ -18,8 +22,8 @@
 //!   Docker Hub emulator (the later ones get 429) and the same burst through berth.
 //!
 //! Run with `scripts/bench.sh` / `scripts/bench-herd.sh` / `scripts/demo-ratelimit.sh`
-//! (or `cargo bench --bench e2e -- pull|cold|manifest|herd|ratelimit`). Sizes and rates come
-//! from the environment (`BENCH_*`).
+//! (or `cargo bench --bench e2e -- pull|cold|manifest|access|herd|ratelimit`). Sizes and
+//! rates come from the environment (`BENCH_*`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -159,6 +163,8 @@ struct Target {
     label: String,
     url: String,
     curl_args: Vec<String>,
+    /// Request header lines (`Name: value`) every client sends: curl and wrk alike.
+    headers: Vec<String>,
     /// The HTTP version curl must have spoken (`1.1`, `2`), when it is not left to it.
     version: Option<&'static str>,
     pid: u32,
@@ -170,6 +176,7 @@ impl Target {
             label: label.to_owned(),
             url,
             curl_args: Vec::new(),
+            headers: Vec::new(),
             version: None,
             pid: pid.expect("the server runs"),
         }
@@ -177,6 +184,13 @@ impl Target {
 
     fn with(mut self, args: Vec<String>) -> Target {
         self.curl_args.extend(args);
+        self
+    }
+
+    /// With a request header (`Name: value`) on every request, curl's and wrk's.
+    fn header(mut self, line: String) -> Target {
+        self.curl_args.extend(["-H".to_owned(), line.clone()]);
+        self.headers.push(line);
         self
     }
 
@@ -509,14 +523,15 @@ async fn bench_cold_pull(registry: &Registry, dir: &Path, rounds: usize) {
 // ---------------------------------------------------------------------------------------
 // Cached manifests: wrk clients, requests per second and CPU per request.
 
-/// Requests per second `wrk` (1 thread, 32 connections) gets from `url` in `secs`.
-fn wrk_rate(url: &str, accept: &str, secs: u64) -> f64 {
-    let out = Command::new(support::require_tool("wrk"))
-        .args(["-t1", "-c32", &format!("-d{secs}s"), "-H"])
-        .arg(format!("Accept: {accept}"))
-        .arg(url)
-        .output()
-        .expect("run wrk");
+/// Requests per second `wrk` (1 thread, 32 connections) gets from `url` in `secs`, every
+/// request with the header lines `headers` (`Name: value`).
+fn wrk_rate(url: &str, headers: &[String], secs: u64) -> f64 {
+    let mut wrk = Command::new(support::require_tool("wrk"));
+    wrk.args(["-t1", "-c32", &format!("-d{secs}s")]);
+    for h in headers {
+        wrk.args(["-H", h]);
+    }
+    let out = wrk.arg(url).output().expect("run wrk");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         !text.contains("Non-2xx") && !text.contains("Socket errors"),
@@ -538,7 +553,9 @@ struct Rate {
 /// One wrk run at `t`: its rate, and the CPU per request of `t`'s server and of `upstream`.
 fn rate_sample(t: &Target, upstream: u32, secs: u64) -> Rate {
     let (s0, u0) = (bench::cpu_secs(t.pid), bench::cpu_secs(upstream));
-    let per_sec = wrk_rate(&t.url, MANIFEST_MEDIA_TYPE, secs);
+    let mut headers = vec![format!("Accept: {MANIFEST_MEDIA_TYPE}")];
+    headers.extend(t.headers.iter().cloned());
+    let per_sec = wrk_rate(&t.url, &headers, secs);
     let requests = per_sec * secs as f64;
     Rate {
         per_sec,
@@ -630,6 +647,157 @@ fn print_manifest_table(
             ratio(x.per_sec, m[*reference].per_sec),
             x.server_us,
             x.upstream_us
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Authentication and access rules on the hottest path: a cached manifest by tag.
+
+/// The principal of the `access` rows: a token file's name and an htpasswd user.
+const PRINCIPAL: &str = "bench";
+/// Its token, shaped like `openssl rand -hex 32`.
+const TOKEN: &str = "5f0c2b7e9a4d61c38e2f7b0a9d4c6e1f3a8b5d7c9e0f2a4b6c8d0e2f4a6b8c0d";
+/// Its htpasswd password, and the bcrypt cost it is stored with.
+const PASSWORD: &str = "bench-password-8d1e";
+const BCRYPT_COST: u32 = 10;
+/// How many `[[access]]` rules the rules row has.
+const RULES: usize = 20;
+
+/// `n` `[[access]]` rules, every one for `principal`: the first `n - 1` with two patterns
+/// each that do not match the benchmark's repository, the last with `allowed`, which does.
+/// A request is checked against every pattern before the one that lets it through.
+fn access_rules(n: usize, principal: &str, allowed: &str) -> String {
+    let mut toml = String::new();
+    for i in 1..n {
+        toml.push_str(&format!(
+            "\n[[access]]\nprincipals = [\"team-{i:02}\", \"{principal}\"]\n\
+             repositories = [\"docker.io/team-{i:02}/*\", \"docker.io/team-{i:02}-tools/**\"]\n"
+        ));
+    }
+    toml.push_str(&format!(
+        "\n[[access]]\nprincipals = [\"{principal}\"]\nrepositories = [\"{allowed}\"]\n"
+    ));
+    toml
+}
+
+/// The `access` rows: berth's configuration (top-level TOML) and the credentials header
+/// its clients send. The first row is the reference.
+fn access_configs(dir: &Path) -> Vec<(String, String, Option<String>)> {
+    let tokens = bench::tokens_dir(dir, &[(PRINCIPAL, TOKEN)]);
+    let htpasswd = bench::htpasswd_file(dir, PRINCIPAL, PASSWORD, BCRYPT_COST);
+    let tokens_auth = format!(
+        "[auth]\ntokens_dir = \"{}\"\nanonymous = false\n",
+        tokens.display()
+    );
+    let htpasswd_auth = format!(
+        "[auth]\nhtpasswd = \"{}\"\nanonymous = false\n",
+        htpasswd.display()
+    );
+    let bearer = bench::bearer_header(TOKEN);
+    vec![
+        ("no [auth] (reference)".to_owned(), String::new(), None),
+        (
+            "[auth] tokens_dir, a Bearer token on every request".to_owned(),
+            tokens_auth.clone(),
+            Some(bearer.clone()),
+        ),
+        (
+            format!("[auth] htpasswd (bcrypt cost {BCRYPT_COST}), Basic on every request"),
+            htpasswd_auth,
+            Some(bench::basic_header(PRINCIPAL, PASSWORD)),
+        ),
+        (
+            format!("tokens_dir + Bearer, {RULES} [[access]] rules, the last one matching"),
+            tokens_auth + &access_rules(RULES, PRINCIPAL, "docker.io/library/*"),
+            Some(bearer),
+        ),
+    ]
+}
+
+async fn bench_access() {
+    let rounds = env_u64("BENCH_ROUNDS", 3).max(1) as usize;
+    let secs = env_u64("BENCH_SECS", 5);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry::start(RegistryOptions::default()).await;
+    let repo = "library/small";
+    let img = push_image(&registry, dir.path(), repo, &[4096], 3).await;
+    let accept = format!("Accept: {MANIFEST_MEDIA_TYPE}");
+    let mut berths = Vec::new();
+    let mut rows = Vec::new();
+    for (label, top, credentials) in access_configs(dir.path()) {
+        let berth = Berth::start_with(&[UpstreamSpec::docker_hub(&registry.url())], &top).await;
+        let mut t = Target::new(&label, manifest_url(&berth.url(), repo, "v1"), berth.pid());
+        if let Some(line) = credentials {
+            t = t.header(line);
+        }
+        // One GET with the credentials first: the manifest into this berth's cache, and
+        // the htpasswd row's one bcrypt check (later requests hit the verified cache).
+        let mut cmd = manifest_get(&t.url);
+        cmd.args(&t.curl_args);
+        let (got, _) = bench::get_all(vec![cmd]).await;
+        assert_eq!(got[0].bytes, img.manifest_size, "{label}: {:?}", got[0]);
+        // The configuration is in force: no credentials, 401; the rules row refuses a
+        // repository no rule allows, 403.
+        if !t.headers.is_empty() {
+            let status = get_status(&t.url, &[&accept]);
+            assert_eq!(
+                status, 401,
+                "{label}: a GET without credentials got {status}"
+            );
+        }
+        if top.contains("[[access]]") {
+            let other = manifest_url(&berth.url(), "someone/else", "v1");
+            let status = get_status(&other, &[&accept, &t.headers[0]]);
+            assert_eq!(
+                status, 403,
+                "{label}: a repository no rule allows got {status}"
+            );
+        }
+        berths.push(berth);
+        rows.push(t);
+    }
+    let upstream = registry.pid().expect("registry runs");
+    let mut all = vec![Vec::new(); rows.len()];
+    for _ in 0..rounds {
+        for (t, v) in rows.iter().zip(&mut all) {
+            v.push(rate_sample(t, upstream, secs));
+        }
+    }
+    print_access_table(&rows, &all, img.manifest.len(), secs, rounds);
+}
+
+fn print_access_table(rows: &[Target], all: &[Vec<Rate>], size: usize, secs: u64, rounds: usize) {
+    println!(
+        "\n## Authentication and access rules: cached manifest ({size} B) by tag, \
+         wrk -t1 -c32 -d{secs}s, median of {rounds}\n\n\
+         One berth per configuration on the same upstream, each holding the manifest; every \
+         ratio is against berth without [auth], measured in the same rounds. CPU per \
+         request: berth's utime + stime. The range is the ratio's, round by round.\n"
+    );
+    println!(
+        "| berth configuration | req/s | / no auth | server CPU µs per request \
+         | CPU / no auth | CPU / no auth, range of rounds |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let per_sec = |v: &[Rate]| median(v.iter().map(|r| r.per_sec).collect());
+    let cpu = |v: &[Rate]| median(v.iter().map(|r| r.server_us).collect());
+    let (base_rate, base_cpu) = (per_sec(&all[0]), cpu(&all[0]));
+    for (t, v) in rows.iter().zip(all) {
+        let by_round: Vec<f64> = v
+            .iter()
+            .zip(&all[0])
+            .map(|(x, b)| x.server_us / b.server_us)
+            .collect();
+        let lo = by_round.iter().copied().fold(f64::INFINITY, f64::min);
+        println!(
+            "| {} | {:.0} | {} | {:.1} | {} | {lo:.2}–{:.2} |",
+            t.label,
+            per_sec(v),
+            ratio(per_sec(v), base_rate),
+            cpu(v),
+            ratio(cpu(v), base_cpu),
+            bench::max(&by_round),
         );
     }
 }
@@ -841,6 +1009,9 @@ async fn main() {
     }
     if all || which.iter().any(|w| w == "manifest") {
         bench_manifest().await;
+    }
+    if all || which.iter().any(|w| w == "access") {
+        bench_access().await;
     }
     if all || which.iter().any(|w| w == "herd") {
         bench_herd().await;

@@ -371,15 +371,17 @@ impl Access {
         if self.rules.is_empty() {
             return Ok(());
         }
-        let name = format!("{host}/{repository}");
+        // Split once; every pattern of every rule matches against the same segments.
+        let segments: Vec<&str> = std::iter::once(host).chain(repository.split('/')).collect();
         let allowed = self
             .rules
             .iter()
             .filter(|r| r.is_for(principal, peer))
-            .any(|r| r.repositories.iter().any(|p| p.matches(&name)));
+            .any(|r| r.repositories.iter().any(|p| p.matches_segments(&segments)));
         if allowed {
             return Ok(());
         }
+        let name = format!("{host}/{repository}");
         // Never the rule: a client learns only that this repository is not for it.
         match principal {
             Principal::Anonymous if self.challenge.is_some() => {

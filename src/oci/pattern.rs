@@ -22,6 +22,8 @@ enum Segment {
     Any,
     /// A segment, with `*` standing for any characters.
     Glob(String),
+    /// A segment without `*`: itself.
+    Literal(String),
 }
 
 /// How specific a pattern is; more specific sorts greater. Literal segments count first
@@ -66,7 +68,11 @@ impl Pattern {
                     "{s:?}: segment {seg:?} may hold letters, digits, '.', '_', '-', ':' and '*'"
                 ));
             }
-            segments.push(Segment::Glob(seg.to_owned()));
+            segments.push(if seg.contains('*') {
+                Segment::Glob(seg.to_owned())
+            } else {
+                Segment::Literal(seg.to_owned())
+            });
         }
         Ok(Pattern {
             text: s.to_owned(),
@@ -81,7 +87,7 @@ impl Pattern {
     /// The first segment when it is literal (an access rule's upstream host).
     pub fn first_literal(&self) -> Option<&str> {
         match self.segments.first() {
-            Some(Segment::Glob(g)) if !g.contains('*') => Some(g),
+            Some(Segment::Literal(g)) => Some(g),
             _ => None,
         }
     }
@@ -99,7 +105,12 @@ impl Pattern {
     /// Whether `name` (segments separated by `/`) matches.
     pub fn matches(&self, name: &str) -> bool {
         let parts: Vec<&str> = name.split('/').collect();
-        match_from(&self.segments, &parts)
+        self.matches_segments(&parts)
+    }
+
+    /// [`Self::matches`] for a name already split at `/` (split once, match many).
+    pub fn matches_segments(&self, parts: &[&str]) -> bool {
+        match_from(&self.segments, parts)
     }
 
     pub fn specificity(&self) -> Specificity {
@@ -109,12 +120,17 @@ impl Pattern {
             literal_chars: 0,
         };
         for seg in &self.segments {
-            if let Segment::Glob(g) = seg {
-                s.bounded_segments += 1;
-                if !g.contains('*') {
-                    s.literal_segments += 1;
+            match seg {
+                Segment::Any => {}
+                Segment::Glob(g) => {
+                    s.bounded_segments += 1;
+                    s.literal_chars += g.bytes().filter(|b| *b != b'*').count();
                 }
-                s.literal_chars += g.bytes().filter(|b| *b != b'*').count();
+                Segment::Literal(l) => {
+                    s.bounded_segments += 1;
+                    s.literal_segments += 1;
+                    s.literal_chars += l.len();
+                }
             }
         }
         s
@@ -159,6 +175,10 @@ fn match_from(pattern: &[Segment], parts: &[&str]) -> bool {
         }
         Some((Segment::Glob(g), rest)) => match parts.split_first() {
             Some((first, tail)) => glob(g.as_bytes(), first.as_bytes()) && match_from(rest, tail),
+            None => false,
+        },
+        Some((Segment::Literal(l), rest)) => match parts.split_first() {
+            Some((first, tail)) => l == first && match_from(rest, tail),
             None => false,
         },
     }
