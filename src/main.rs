@@ -286,10 +286,8 @@ async fn gc(
     let store = berth::open_store(&config)?;
     let before = store.used_bytes();
     let done = store
-        .evict(Some(to.map_or(
-            (config.storage.max_size.as_u64() as f64 * 0.85) as u64,
-            |t| t.as_u64(),
-        )))
+        // Without --to, the store's own low watermark (store/evict.rs), as in serve.
+        .evict(to.map(|t| t.as_u64()))
         .await
         .map_err(|e| e.to_string())?;
     println!(

@@ -9,6 +9,7 @@
 
 pub mod cert;
 mod identity;
+mod rules;
 
 pub use identity::{parse_authorization, Sent};
 
@@ -24,8 +25,7 @@ use prometheus_client::registry::Registry;
 
 use crate::config::{Config, ANONYMOUS};
 use crate::metrics::Outcome;
-use crate::net::Cidr;
-use crate::oci::{self, ErrorCode, Pattern};
+use crate::oci::{self, ErrorCode};
 use identity::{Identities, Rejected};
 
 /// Who a request is from, as rules and metrics name it.
@@ -106,49 +106,9 @@ impl AccessMetrics {
     }
 }
 
-/// One `[[access]]` rule, parsed.
-struct Rule {
-    /// `None`: any principal.
-    principals: Option<Vec<String>>,
-    networks: Vec<Cidr>,
-    repositories: Vec<Pattern>,
-}
-
-impl Rule {
-    fn is_for(&self, principal: &Principal, peer: IpAddr) -> bool {
-        let who = self
-            .principals
-            .as_ref()
-            .is_none_or(|names| names.iter().any(|n| n == principal.name()));
-        let from = self.networks.is_empty() || self.networks.iter().any(|c| c.contains(peer));
-        who && from
-    }
-}
-
-/// Docker Hub names official images with one segment (`nginx`), and berth resolves them
-/// to `library/nginx` before rules see them: a one-segment pattern under a Docker Hub
-/// upstream (`docker.io/nginx`, `docker.io/*`) is read the same way.
-fn docker_hub_library(
-    upstreams: &[crate::config::UpstreamConfig],
-    host: &str,
-    pattern: Pattern,
-) -> Result<Pattern, String> {
-    let hub = upstreams
-        .iter()
-        .filter(|u| u.host == host)
-        .flat_map(|u| std::iter::once(&u.host).chain(&u.aliases))
-        .any(|h| h == "docker.io" || h.ends_with(".docker.io"));
-    match pattern.as_str().split_once('/') {
-        Some((first, rest)) if hub && !rest.contains('/') && rest != "**" => {
-            Pattern::parse(&format!("{first}/library/{rest}"))
-        }
-        _ => Ok(pattern),
-    }
-}
-
 pub struct Access {
     identities: Option<Identities>,
-    rules: Vec<Rule>,
+    rules: Vec<rules::Rule>,
     /// `Basic realm="..."`, when clients can authenticate.
     challenge: Option<String>,
     metrics: AccessMetrics,
@@ -184,46 +144,7 @@ impl Access {
         let challenge = identities
             .as_ref()
             .map(|i| format!("Basic realm=\"{}\"", i.config().realm));
-        let mut rules = Vec::new();
-        for (i, r) in config.access.iter().enumerate() {
-            let at = format!("access[{i}]");
-            let principals = (!r.principals.is_empty() && !r.principals.iter().any(|p| p == "*"))
-                .then(|| r.principals.clone());
-            let networks = r
-                .networks
-                .iter()
-                .map(|n| Cidr::parse(n).map_err(|e| format!("{at}.networks: {e}")))
-                .collect::<Result<_, _>>()?;
-            let mut repositories = Vec::new();
-            for p in &r.repositories {
-                let pattern = Pattern::parse(p).map_err(|e| format!("{at}.repositories: {e}"))?;
-                let first = pattern
-                    .first_literal()
-                    .unwrap_or_default()
-                    .to_ascii_lowercase();
-                let host = config
-                    .upstreams
-                    .iter()
-                    .find(|u| {
-                        std::iter::once(&u.host)
-                            .chain(&u.aliases)
-                            .any(|h| h.eq_ignore_ascii_case(&first))
-                    })
-                    .map(|u| u.host.clone())
-                    .ok_or_else(|| {
-                        format!(
-                            "{at}.repositories: {p:?} does not start with a configured upstream"
-                        )
-                    })?;
-                let pattern = pattern.with_first(&host)?;
-                repositories.push(docker_hub_library(&config.upstreams, &host, pattern)?);
-            }
-            rules.push(Rule {
-                principals,
-                networks,
-                repositories,
-            });
-        }
+        let rules = rules::parse(config)?;
         Ok(Access {
             tallies: identities.as_ref().map(|_| Default::default()),
             identities,
@@ -371,14 +292,7 @@ impl Access {
         if self.rules.is_empty() {
             return Ok(());
         }
-        // Split once; every pattern of every rule matches against the same segments.
-        let segments: Vec<&str> = std::iter::once(host).chain(repository.split('/')).collect();
-        let allowed = self
-            .rules
-            .iter()
-            .filter(|r| r.is_for(principal, peer))
-            .any(|r| r.repositories.iter().any(|p| p.matches_segments(&segments)));
-        if allowed {
+        if rules::allow(&self.rules, principal, peer, host, repository) {
             return Ok(());
         }
         let name = format!("{host}/{repository}");

@@ -96,7 +96,8 @@ impl Proxy {
             let result = async {
                 let r = ImageRef::parse(image)
                     .map_err(|e| oci::Error::new(ErrorCode::NameInvalid, e.to_string()))?;
-                let (up, repo) = upstreams.resolve(None, &r.name)?;
+                let resolved = upstreams.resolve(None, &r.name)?;
+                let (up, repo) = (resolved.upstream, resolved.repo);
                 self.warm(&up, &repo, &r.reference, platforms, signatures)
                     .await
             }

@@ -204,7 +204,11 @@ async fn delete_tag(app: &App, image: &str) -> Response<Body> {
     let Reference::Tag(tag) = &parsed.reference else {
         return admin_error(StatusCode::BAD_REQUEST, "name a tag, not a digest");
     };
-    let (up, repo) = match app.upstreams.resolve(None, &parsed.name) {
+    let (up, repo) = match app
+        .upstreams
+        .resolve(None, &parsed.name)
+        .map(|r| (r.upstream, r.repo))
+    {
         Ok(r) => r,
         Err(e) => return admin_error(e.status(), &e.message),
     };

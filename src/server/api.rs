@@ -155,14 +155,12 @@ async fn serve<B>(
         );
         return Ok(resp);
     }
-    let (up, repo) = app.upstreams.resolve(route.ns.as_deref(), route.name)?;
-    // The host a path-prefix client named (`/v2/ghcr.io/org/app/...`), if any.
-    let prefix = route
-        .ns
-        .is_none()
-        .then(|| route.name.split_once('/').map(|(first, _)| first))
-        .flatten()
-        .filter(|first| app.upstreams.get(first).is_some());
+    let crate::upstream::Resolved {
+        upstream: up,
+        repo,
+        prefix,
+    } = app.upstreams.resolve(route.ns.as_deref(), route.name)?;
+    let prefix = prefix.as_deref();
     summary.upstream = up.host().to_owned();
     summary.repository = repo.to_string();
     if !caller.forwarded {

@@ -98,11 +98,7 @@ impl Upstreams {
     /// Decides the upstream and repository of a request: `?ns=` first, then a first path
     /// segment naming a configured host, then the default upstream. A host that is not
     /// configured is refused: berth never fetches from an address a client chose.
-    pub fn resolve(
-        &self,
-        ns: Option<&str>,
-        name: &str,
-    ) -> Result<(Arc<Upstream>, Repository), oci::Error> {
+    pub fn resolve(&self, ns: Option<&str>, name: &str) -> Result<Resolved, oci::Error> {
         let unknown = |host: &str| {
             oci::Error::new(
                 ErrorCode::NameUnknown,
@@ -112,13 +108,19 @@ impl Upstreams {
                 ),
             )
         };
-        let (upstream, name) = match ns {
-            Some(host) => (self.get(host).ok_or_else(|| unknown(host))?.clone(), name),
+        let (upstream, name, prefix) = match ns {
+            Some(host) => (
+                self.get(host).ok_or_else(|| unknown(host))?.clone(),
+                name,
+                None,
+            ),
             None => match name.split_once('/') {
-                Some((first, rest)) if looks_like_host(first) => {
-                    (self.get(first).ok_or_else(|| unknown(first))?.clone(), rest)
-                }
-                _ => (self.default.clone(), name),
+                Some((first, rest)) if looks_like_host(first) => (
+                    self.get(first).ok_or_else(|| unknown(first))?.clone(),
+                    rest,
+                    Some(first.to_owned()),
+                ),
+                _ => (self.default.clone(), name, None),
             },
         };
         let invalid =
@@ -129,8 +131,21 @@ impl Upstreams {
         } else {
             repo
         };
-        Ok((upstream, repo))
+        Ok(Resolved {
+            upstream,
+            repo,
+            prefix,
+        })
     }
+}
+
+/// Which upstream and repository a request is for.
+pub struct Resolved {
+    pub upstream: Arc<Upstream>,
+    pub repo: Repository,
+    /// The host a path-prefix client put before the name (`/v2/ghcr.io/org/app/...`), as
+    /// it wrote it; links berth relays must carry it, or the next page goes elsewhere.
+    pub prefix: Option<String>,
 }
 
 /// Docker's rule for "the first component is a registry host".
