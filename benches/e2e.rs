@@ -114,7 +114,9 @@ async fn tls_berth(upstream: &str, cert: &SelfSigned) -> Berth {
     Berth::start_opts(&[UpstreamSpec::docker_hub(upstream)], &extra).await
 }
 
-/// A pull-through proxy under test, started fresh on an upstream.
+/// A pull-through proxy under test, started fresh on an upstream. (A few per run: their
+/// sizes do not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Proxy {
     Berth(Berth),
     Distribution(Registry),

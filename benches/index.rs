@@ -86,7 +86,7 @@ fn insert_rate(dir: &Path, n: u64) -> Duration {
 fn build_index(path: &Path, n: u64) -> Index {
     const BLOBS: redb::TableDefinition<&str, (u64, u64)> = redb::TableDefinition::new("blobs");
     let db = redb::Database::create(path).expect("create index");
-    let now = berth::store::now_secs();
+    let now = berth::clock::now_secs();
     let batch = 100_000;
     for start in (0..n).step_by(batch) {
         let txn = db.begin_write().expect("begin");
@@ -195,7 +195,7 @@ fn bench_index() {
             BatchSize::SmallInput,
         )
     });
-    let now = berth::store::now_secs();
+    let now = berth::clock::now_secs();
     group.bench_function("touch_100", |b| {
         b.iter_batched(
             || {

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod fleet;
 #[doc(hidden)]

@@ -360,7 +360,7 @@ impl Access {
             None => tallies.entry(principal.to_owned()).or_default(),
         };
         f(t);
-        t.last_seen = crate::store::now_secs();
+        t.last_seen = crate::clock::now_secs();
     }
 
     fn refused(&self, principal: &str, reason: Reason) {

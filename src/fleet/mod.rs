@@ -258,7 +258,7 @@ impl Fleet {
     /// The headers that mark a request to replica `to` for `target` (path and query) as
     /// forwarded.
     pub fn sign(&self, to: &str, method: &str, target: &str, client: Option<&str>) -> HeaderMap {
-        let ts = crate::store::now_secs();
+        let ts = crate::clock::now_secs();
         let tag = self
             .mac(ts, &normalize(to), method, target, client.unwrap_or(""))
             .finalize();
@@ -311,7 +311,7 @@ impl Fleet {
             return Err(BadSignature("malformed"));
         };
         let ts: u64 = ts.parse().map_err(|_| BadSignature("malformed time"))?;
-        if crate::store::now_secs().abs_diff(ts) > MAX_SKEW_SECS {
+        if crate::clock::now_secs().abs_diff(ts) > MAX_SKEW_SECS {
             return Err(BadSignature("expired"));
         }
         let tag = decode_hex(hex).ok_or(BadSignature("malformed signature"))?;

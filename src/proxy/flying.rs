@@ -69,6 +69,7 @@ impl Proxy {
 #[derive(Clone)]
 pub(super) struct Parts {
     pub(super) store: crate::store::Store,
+    pub(super) clock: crate::clock::Clock,
     pub(super) shared: Option<Arc<Shared>>,
     /// The fleet, unless the request was forwarded (then it is answered here).
     pub(super) fleet: Option<Arc<Fleet>>,
@@ -81,6 +82,7 @@ impl Proxy {
     pub(super) fn clone_parts(&self, caller: &Caller) -> Parts {
         Parts {
             store: self.store.clone(),
+            clock: self.clock.clone(),
             shared: self.shared.clone(),
             fleet: self.fleet.clone().filter(|_| !caller.forwarded),
             metrics: self.metrics.clone(),

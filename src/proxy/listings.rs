@@ -18,9 +18,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use super::flight::Role;
 use super::freshness::{self, Before};
 use super::{internal, Proxy};
+use crate::clock::Clock;
 use crate::metrics::{Kind, Metrics, Outcome, UpstreamLabels};
 use crate::oci::{self, Digest, ErrorCode, Repository};
-use crate::store::{now_secs, Document, Store};
+use crate::store::{Document, Store};
 use crate::upstream::{self, Passthrough, Upstream};
 
 /// Which list, with the query that selects it.
@@ -143,10 +144,11 @@ impl Proxy {
         listing: Listing,
     ) -> Result<ListingAnswer, oci::Error> {
         let key = listing.key(up.host(), repo);
-        if let Some(doc) = fresh(&self.store, up, &key).await? {
+        if let Some(doc) = fresh(&self.store, up, &key, self.clock.now_secs()).await? {
             return Ok(ListingAnswer::kept(doc, Outcome::Hit, None));
         }
         let fetch = Fetch {
+            clock: self.clock.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             places: self.passthroughs.clone(),
@@ -196,10 +198,13 @@ async fn kept(store: &Store, key: &str) -> Result<Option<Document>, oci::Error> 
 }
 
 /// The kept answer for `key` if it was validated within the upstream's `tag_ttl`.
-async fn fresh(store: &Store, up: &Upstream, key: &str) -> Result<Option<Document>, oci::Error> {
-    Ok(kept(store, key)
-        .await?
-        .filter(|d| is_fresh(d, up, now_secs())))
+async fn fresh(
+    store: &Store,
+    up: &Upstream,
+    key: &str,
+    now: u64,
+) -> Result<Option<Document>, oci::Error> {
+    Ok(kept(store, key).await?.filter(|d| is_fresh(d, up, now)))
 }
 
 fn is_fresh(doc: &Document, up: &Upstream, now: u64) -> bool {
@@ -209,6 +214,7 @@ fn is_fresh(doc: &Document, up: &Upstream, now: u64) -> bool {
 /// One fetch of a list, with what it needs (it outlives the request that started it).
 struct Fetch {
     store: Store,
+    clock: Clock,
     metrics: Arc<Metrics>,
     places: Arc<tokio::sync::Semaphore>,
     up: Arc<Upstream>,
@@ -221,7 +227,8 @@ impl Fetch {
     async fn run(self) -> Result<ListingAnswer, oci::Error> {
         // Another flight may have refreshed it since the request looked.
         let held = kept(&self.store, &self.key).await?;
-        if let Some(doc) = held.clone().filter(|d| is_fresh(d, &self.up, now_secs())) {
+        let now = self.clock.now_secs();
+        if let Some(doc) = held.clone().filter(|d| is_fresh(d, &self.up, now)) {
             return Ok(ListingAnswer::kept(doc, Outcome::Hit, None));
         }
         // Fetches hold an upstream connection and up to 16 MiB each; a flood of distinct
@@ -254,7 +261,7 @@ impl Fetch {
                         .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_owned())))
                         .collect(),
                     body: p.body.clone(),
-                    validated_at: now_secs(),
+                    validated_at: self.clock.now_secs(),
                 };
                 self.store
                     .put_document(self.key.clone(), doc)
@@ -298,7 +305,7 @@ impl Fetch {
     }
 
     fn stale(&self, doc: Document, why: &str) -> ListingAnswer {
-        let age = now_secs().saturating_sub(doc.validated_at);
+        let age = self.clock.now_secs().saturating_sub(doc.validated_at);
         let warning = format!(
             "upstream {}: {why}; serving the {} last validated {age}s ago",
             self.up.host(),

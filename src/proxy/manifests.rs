@@ -15,7 +15,7 @@ use super::{internal, manifest_links, Caller, Proxy};
 use crate::metrics::{Metrics, Outcome, UpstreamLabels};
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository, Tag};
 use crate::quota::{Payer, Purpose};
-use crate::store::{now_secs, CommitError, StoredManifest, TagRecord};
+use crate::store::{CommitError, StoredManifest, TagRecord};
 use crate::upstream::{self, ManifestResponse, Upstream};
 
 /// A manifest to send: the upstream's exact bytes and media type.
@@ -93,11 +93,12 @@ async fn fresh_tag(
     repo: &Repository,
     tag: &Tag,
     accept: AcceptSet,
+    now: u64,
 ) -> Result<Option<ManifestAnswer>, oci::Error> {
     let Some(r) = find_tag(store, up, repo, tag, accept).await? else {
         return Ok(None);
     };
-    if freshness::before_asking(Some(r.validated_at), now_secs(), up.tag_ttl) != Before::Fresh {
+    if freshness::before_asking(Some(r.validated_at), now, up.tag_ttl) != Before::Fresh {
         return Ok(None);
     }
     Ok(store
@@ -208,7 +209,8 @@ impl Proxy {
     ) -> Result<ManifestAnswer, oci::Error> {
         let key = tag_key(up, repo, tag, accept);
         let flight_key = key.clone();
-        if let Some(hit) = fresh_tag(&self.store, up, repo, tag, accept).await? {
+        let now = self.clock.now_secs();
+        if let Some(hit) = fresh_tag(&self.store, up, repo, tag, accept, now).await? {
             return Ok(hit);
         }
         if let Some(e) = remembered_unknown(&self.negative, &self.metrics, up, repo, tag, &key) {
@@ -226,8 +228,11 @@ impl Proxy {
                 if let Some(shared) = &this.shared {
                     // Another replica may have validated it: its record is as good as ours.
                     let local = find_tag(&this.store, &up, &repo, &tag, accept).await?;
-                    adopt_shared_tag(shared, &this.store, &up, &repo, &key, local.as_ref()).await?;
-                    if let Some(hit) = fresh_tag(&this.store, &up, &repo, &tag, accept).await? {
+                    let now = this.clock.now_secs();
+                    adopt_shared_tag(shared, &this.store, &up, &repo, &key, local.as_ref(), now)
+                        .await?;
+                    if let Some(hit) = fresh_tag(&this.store, &up, &repo, &tag, accept, now).await?
+                    {
                         return Ok(hit);
                     }
                 }
@@ -374,7 +379,7 @@ impl Parts {
         let validated_at = stored.as_ref().map(|(r, _)| r.validated_at);
         // Another request may have refreshed the tag while this one queued.
         match (
-            freshness::before_asking(validated_at, now_secs(), up.tag_ttl),
+            freshness::before_asking(validated_at, self.clock.now_secs(), up.tag_ttl),
             stored,
         ) {
             (Before::Fresh, Some((record, manifest))) => Ok(ManifestAnswer::stored(
@@ -434,7 +439,7 @@ impl Parts {
         match (freshness::after_head(said), head, moved_to) {
             (AfterHead::Revalidated, _, _) => {
                 let refreshed = TagRecord {
-                    validated_at: now_secs(),
+                    validated_at: self.clock.now_secs(),
                     ..record.clone()
                 };
                 self.put_tag(key, refreshed).await?;
@@ -477,7 +482,8 @@ impl Parts {
         new: Digest,
         m: StoredManifest,
     ) -> Result<ManifestAnswer, oci::Error> {
-        self.put_tag(key, fresh_record(new.clone(), &m.media_type))
+        let now = self.clock.now_secs();
+        self.put_tag(key, fresh_record(new.clone(), &m.media_type, now))
             .await?;
         let links = manifest_links(&m.bytes, &new);
         self.store
@@ -505,7 +511,7 @@ impl Parts {
                 })
                 .inc();
         }
-        stale(up, record, m, e)
+        stale(up, record, m, e, self.clock.now_secs())
     }
 
     async fn fetch_tag(
@@ -539,7 +545,8 @@ impl Parts {
         self.keep(up, repo, &digest, &fetched)
             .await
             .map_err(FetchError::Oci)?;
-        self.put_tag(key, fresh_record(digest.clone(), &fetched.media_type))
+        let now = self.clock.now_secs();
+        self.put_tag(key, fresh_record(digest.clone(), &fetched.media_type, now))
             .await?;
         Ok(ManifestAnswer {
             digest,
@@ -605,8 +612,9 @@ fn stale(
     record: TagRecord,
     m: StoredManifest,
     e: &upstream::Error,
+    now: u64,
 ) -> ManifestAnswer {
-    let age = now_secs().saturating_sub(record.validated_at);
+    let age = now.saturating_sub(record.validated_at);
     tracing::warn!(upstream = up.host(), error = %e, "serving a stale tag");
     ManifestAnswer {
         digest: record.digest,

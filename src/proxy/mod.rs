@@ -28,6 +28,7 @@ pub use listings::{Listing, ListingAnswer};
 pub use manifests::{tag_key_prefix, ManifestAnswer};
 pub use warm::WarmReport;
 
+use crate::clock::Clock;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::oci::{self, Digest, ErrorCode, Repository};
@@ -37,6 +38,8 @@ use crate::upstream::Upstream;
 
 pub struct Proxy {
     store: Store,
+    /// When tag records and kept lists were validated, and whether they still are.
+    clock: Clock,
     /// The object store a fleet shares, behind the local store.
     shared: Option<Arc<Shared>>,
     /// The other replicas, and who owns which key.
@@ -78,6 +81,7 @@ impl Proxy {
         let local_blobs = local_blobs || shared.is_none();
         Proxy {
             store,
+            clock: Clock::system(),
             fills: fill::Fills::new(shared.clone(), local_blobs),
             shared,
             fleet,
@@ -96,6 +100,11 @@ impl Proxy {
         self.fills.limit(fills, self.metrics.clone());
         self.passthroughs = Arc::new(tokio::sync::Semaphore::new(passthroughs));
         self
+    }
+
+    /// Runs the proxy on `clock` (a test's manual clock, moved past a TTL).
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
     }
 
     pub fn shared(&self) -> Option<&Arc<Shared>> {

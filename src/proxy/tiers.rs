@@ -10,7 +10,7 @@ use crate::fleet::Fleet;
 use crate::metrics::Outcome;
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository};
 use crate::store::shared::Shared;
-use crate::store::{now_secs, Store, StoredManifest, TagRecord};
+use crate::store::{Store, StoredManifest, TagRecord};
 use crate::upstream::Upstream;
 
 impl Proxy {
@@ -43,12 +43,12 @@ pub(super) async fn adopt_shared_tag(
     repo: &Repository,
     key: &str,
     local: Option<&TagRecord>,
+    now: u64,
 ) -> Result<(), oci::Error> {
     let Ok(Some(mut record)) = shared.tag(key).await else {
         return Ok(());
     };
     // A replica whose clock runs ahead must not make its records fresh for longer.
-    let now = now_secs();
     record.validated_at = record.validated_at.min(now);
     record.fetched_at = record.fetched_at.min(now);
     if local.is_some_and(|l| l.validated_at >= record.validated_at) {
@@ -177,8 +177,7 @@ pub(super) async fn ask_owner(
 }
 
 /// A tag record for a manifest fetched now.
-pub(super) fn fresh_record(digest: Digest, media_type: &str) -> TagRecord {
-    let now = now_secs();
+pub(super) fn fresh_record(digest: Digest, media_type: &str, now: u64) -> TagRecord {
     TagRecord {
         digest,
         media_type: media_type.to_owned(),

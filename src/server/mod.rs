@@ -5,6 +5,8 @@
 
 mod admin;
 mod api;
+#[cfg(test)]
+mod api_tests;
 mod gate;
 mod idle;
 pub(crate) mod range;

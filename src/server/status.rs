@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::App;
+use crate::clock::now_secs;
 use crate::metrics::{Outcome, Source};
 use crate::quota::QuotaSnapshot;
-use crate::store::now_secs;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {

@@ -218,8 +218,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::super::now_secs;
     use super::*;
+    use crate::clock::now_secs;
     use bytes::Bytes;
 
     async fn put(store: &Store, bytes: &'static [u8]) -> Digest {

@@ -5,7 +5,6 @@
 //! last used. Tags and links exist only here.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -43,12 +42,7 @@ pub struct TagRecord {
     pub validated_at: u64,
 }
 
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::clock::now_secs;
 
 /// An index error: storage failures of redb, reported as I/O errors to callers.
 pub type Result<T> = std::result::Result<T, std::io::Error>;

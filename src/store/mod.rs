@@ -27,10 +27,11 @@ pub use documents::Document;
 pub use evict::{Evicted, Limits, VerifyReport};
 pub use index::Index;
 use index::OpenError;
-pub use index::{now_secs, TagRecord};
+pub use index::TagRecord;
 pub use temp::TempFile;
 pub use writer::{BlobWriter, CommitError, Reserver, VerifiedBlob};
 
+use crate::clock::now_secs;
 use crate::oci::Digest;
 
 /// A stored manifest: the upstream's exact bytes and media type.

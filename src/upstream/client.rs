@@ -205,7 +205,7 @@ impl Upstream {
 
     fn remember(&self, message: String) {
         let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
-        *last = Some((message, crate::store::now_secs()));
+        *last = Some((message, crate::clock::now_secs()));
     }
 
     /// The last failure and when (unix seconds).

@@ -64,7 +64,7 @@ impl Shared {
         let marker = UploadMarker {
             key: path.to_string(),
             id: id.clone(),
-            started: crate::store::now_secs(),
+            started: crate::clock::now_secs(),
             replica: self.replica.clone(),
         };
         let marker_path = self.path(["uploads", &marker_name(&marker)]);
@@ -123,7 +123,7 @@ impl Shared {
     pub async fn abort_stale_uploads(&self, older_than: Duration) -> Result<usize> {
         let base = self.path(["uploads"]);
         let markers: Vec<_> = self.objects.list(Some(&base)).collect().await;
-        let now = crate::store::now_secs();
+        let now = crate::clock::now_secs();
         let mut aborted = 0;
         for meta in markers {
             let meta = meta.map_err(|e| self.failed("list", e.to_string()))?;
