@@ -179,15 +179,12 @@ pub async fn serve(config: Config) -> Result<(), String> {
 /// the port the kernel chose) to `ports_file` as JSON, `{"listen": .., "admin": ..}`,
 /// once both listeners accept. The file appears whole (written aside, then renamed).
 pub async fn serve_reporting(
-    config: Config,
+    mut config: Config,
     ports_file: Option<&std::path::Path>,
 ) -> Result<(), String> {
     let tls = tls(&config)?;
-    let app = Arc::new(build(&config)?);
-    if let Some(fleet) = app.proxy.fleet() {
-        fleet.resolve_now().await;
-        app.upstreams.share_quota(fleet.size());
-    }
+    // Bound first: the parts are built knowing berth's own addresses (a redirect must
+    // never lead to them), which with port 0 only binding tells.
     let api = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
@@ -199,6 +196,13 @@ pub async fn serve_reporting(
         bound(&api, config.server.listen),
         bound(&admin, config.server.admin_listen),
     );
+    config.server.listen = api_addr;
+    config.server.admin_listen = admin_addr;
+    let app = Arc::new(build(&config)?);
+    if let Some(fleet) = app.proxy.fleet() {
+        fleet.resolve_now().await;
+        app.upstreams.share_quota(fleet.size());
+    }
     if let Some(path) = ports_file {
         report_ports(path, api_addr, admin_addr)
             .map_err(|e| format!("--ports-file {}: {e}", path.display()))?;

@@ -1,11 +1,18 @@
-//! The real `berth` binary under test: a generated config, free ports, a store in a temp
-//! dir, stopped by PID (SIGTERM, then SIGKILL) when dropped.
+//! The real `berth` binary under test: a generated config, a store in a temp dir, stopped
+//! by PID (SIGTERM, then SIGKILL) when dropped.
+//!
+//! Ports: berth is configured with `127.0.0.1:0` for both listeners and started with
+//! `--ports-file`; the harness reads the ports the kernel gave from that file (no race for
+//! free ports). The config is then rewritten with those ports, and every later start passes
+//! them as `--listen`/`--admin-listen` too, so a test's URLs stay valid across restarts.
+//! Only a pull API address given up front (`Extra::listen`: a fleet's replicas must know
+//! each other's) is configured as is.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One `[[upstreams]]` block.
 #[derive(Clone, Debug)]
@@ -71,8 +78,8 @@ pub struct Extra {
     pub data_dir: Option<PathBuf>,
     /// Lines in `[storage]` (e.g. `local = false`).
     pub storage: String,
-    /// The pull API's address (a free port when unset): a fleet's replicas must know
-    /// each other's before they start.
+    /// The pull API's address (port 0, the kernel's choice, when unset): a fleet's replicas
+    /// must know each other's before they start.
     pub listen: Option<SocketAddr>,
     /// Start without `server.admin_token_file` (admin mutations are then refused). By
     /// default every berth under test has a token: see `Berth::admin_token`.
@@ -90,6 +97,11 @@ pub struct Berth {
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     log_path: PathBuf,
+    /// Where berth writes the addresses it bound (`--ports-file`) at every start.
+    ports_path: PathBuf,
+    /// Whether `addr` and `admin` are the bound ones (after the first start): later starts
+    /// ask for them again.
+    ports_known: bool,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -133,19 +145,25 @@ impl Berth {
             .data_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("data"));
-        let addr: SocketAddr = extra
-            .listen
-            .unwrap_or_else(|| format!("127.0.0.1:{}", super::free_port()).parse().unwrap());
-        let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+        // Port 0: the kernel chooses, berth says which in the ports file (see `spawn`).
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let addr: SocketAddr = extra.listen.unwrap_or(any);
+        let admin: SocketAddr = any;
         // Admin mutations need a token (berth refuses them without one): every berth under
         // test has its own, unguessable enough that a test can look for it in logs.
         let (admin_token, admin_token_file) = if extra.no_admin_token {
             (None, None)
         } else {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static SEQ: AtomicU32 = AtomicU32::new(0);
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.subsec_nanos());
-            let token = format!("test-admin-token-{}-{nanos:09}", admin.port());
+            let token = format!(
+                "test-admin-token-{}-{}-{nanos:09}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            );
             let file = dir.path().join("admin-token");
             std::fs::write(&file, format!("{token}\n")).expect("write the admin token");
             (Some(token), Some(file))
@@ -176,6 +194,7 @@ impl Berth {
         let config_path = dir.path().join("berth.toml");
         std::fs::write(&config_path, toml).expect("write berth config");
         let log_path = dir.path().join("berth.log");
+        let ports_path = dir.path().join("ports.json");
         let mut berth = Berth {
             addr,
             admin,
@@ -184,10 +203,23 @@ impl Berth {
             config_path,
             data_dir,
             log_path,
+            ports_path,
+            ports_known: false,
             child: None,
             _dir: dir,
         };
         berth.spawn().await;
+        // Tools run on this config (`berth gc`, `verify`, `containerd-config`) and a start
+        // on it alone see the ports this berth has, not port 0.
+        let config = std::fs::read_to_string(&berth.config_path).expect("read berth config");
+        let generated = format!("[server]\nlisten = \"{addr}\"\nadmin_listen = \"{admin}\"\n");
+        assert!(config.starts_with(&generated), "berth config:\n{config}");
+        let bound = format!(
+            "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\n",
+            berth.addr, berth.admin
+        );
+        std::fs::write(&berth.config_path, config.replacen(&generated, &bound, 1))
+            .expect("rewrite berth config");
         berth
     }
 
@@ -197,9 +229,25 @@ impl Berth {
             .append(true)
             .open(&self.log_path)
             .expect("berth log");
-        let child = Command::new(binary())
-            .args(["--log-format", "json", "serve", "--config"])
+        // A file left by an earlier start must not pass for this one's.
+        match std::fs::remove_file(&self.ports_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("remove {}: {e}", self.ports_path.display()),
+        }
+        let mut cmd = Command::new(binary());
+        cmd.args(["--log-format", "json", "serve", "--config"])
             .arg(&self.config_path)
+            .arg("--ports-file")
+            .arg(&self.ports_path);
+        if self.ports_known {
+            // The ports of the first start, whatever the config says by now.
+            cmd.arg("--listen")
+                .arg(self.addr.to_string())
+                .arg("--admin-listen")
+                .arg(self.admin.to_string());
+        }
+        let child = cmd
             // Tests log berth's debug lines; benchmarks set BERTH_TEST_LOG=info.
             .env(
                 "RUST_LOG",
@@ -211,18 +259,20 @@ impl Berth {
             .spawn()
             .expect("spawn berth");
         self.child = Some(child);
-        // Fail fast, with berth's own words, when it exits during start-up.
-        for _ in 0..100 {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!(
-                    "berth exited during start-up ({status}); log:\n{}",
-                    self.log()
-                );
+        let (addr, admin) = self.wait_for_ports(Duration::from_secs(30)).await;
+        if self.ports_known {
+            assert_eq!(
+                (addr, admin),
+                (self.addr, self.admin),
+                "berth restarted on other ports; log:\n{}",
+                self.log()
+            );
+        } else {
+            if self.addr.port() != 0 {
+                assert_eq!(addr, self.addr, "berth's pull API; log:\n{}", self.log());
             }
-            if std::net::TcpStream::connect(self.admin).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            (self.addr, self.admin) = (addr, admin);
+            self.ports_known = true;
         }
         let status = super::wait_for_http(
             &format!("{}/healthz", self.admin_url()),
@@ -230,6 +280,46 @@ impl Berth {
         )
         .await;
         assert_eq!(status, 200, "berth /healthz; log:\n{}", self.log());
+    }
+
+    /// Waits for the ports file of the start under way: the addresses berth bound, once
+    /// both listeners accept. Fails fast, with berth's own words, when it exits first.
+    async fn wait_for_ports(&mut self, timeout: Duration) -> (SocketAddr, SocketAddr) {
+        #[derive(serde::Deserialize)]
+        struct Ports {
+            listen: SocketAddr,
+            admin: SocketAddr,
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "berth exited during start-up ({status}); log:\n{}",
+                    self.log()
+                );
+            }
+            // Written aside and renamed: once there, it is whole.
+            match std::fs::read(&self.ports_path) {
+                Ok(bytes) => {
+                    let ports: Ports = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                        panic!(
+                            "berth's ports file {}: {e}: {}",
+                            self.ports_path.display(),
+                            String::from_utf8_lossy(&bytes)
+                        )
+                    });
+                    return (ports.listen, ports.admin);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("read {}: {e}", self.ports_path.display()),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth wrote no ports file within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn url(&self) -> String {

@@ -1,5 +1,7 @@
 //! The shared harness for berth's integration tests: real peers (DESIGN.md §5), started on
-//! 127.0.0.1 free ports, each owned by a value whose `Drop` kills its process by PID.
+//! 127.0.0.1 (berth and our own servers on port 0, reported back; peers that must be told
+//! a port up front on a free one), each owned by a value whose `Drop` kills its process by
+//! PID.
 //!
 //! This module owns the small pieces every peer needs: free ports, finding a peer's binary
 //! (a missing peer fails the test, it never skips it), bounded waits, running a CLI with a
