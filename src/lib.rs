@@ -73,7 +73,8 @@ pub fn build(config: &Config) -> Result<App, String> {
     );
     let metrics = Arc::new(metrics);
     metrics
-        .store_max_bytes
+        .store
+        .max_bytes
         .set(config.storage.max_size.as_u64() as i64);
     let upstreams =
         Upstreams::from_config(config, metrics.clone(), egress).map_err(|e| e.to_string())?;
@@ -290,7 +291,7 @@ async fn keep_within_limits(app: Arc<App>) {
         if store.over_limits() {
             match store.evict(None).await {
                 Ok(done) => {
-                    app.metrics.store_evictions.inc_by(done.blobs);
+                    app.metrics.store.evictions.inc_by(done.blobs);
                 }
                 Err(e) => tracing::error!(error = %e, "eviction failed"),
             }

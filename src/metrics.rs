@@ -1,4 +1,9 @@
-//! Every metric berth exports, in one struct that is created once and passed in.
+//! berth's metrics registry, created once and passed in. Each part registers its own
+//! metrics where they are produced (`register(&mut Registry)`): the quota's buckets
+//! (`quota::QuotaMetrics`), blob fills (`proxy::FillMetrics`), the store
+//! (`store::StoreMetrics`), connections (`server::ServerMetrics`), redirects
+//! (`upstream::egress`), the fleet, the shared tier and access refusals. What is left here
+//! is what a request is: kinds, outcomes, bytes served and fetched, upstream requests.
 //!
 //! prometheus-client encodes OpenMetrics; [`Metrics::encode`] also renders the classic
 //! 0.0.4 text format for scrapers that do not ask for OpenMetrics (and for `promtool
@@ -9,7 +14,6 @@ use std::time::Duration;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -81,12 +85,6 @@ pub enum QuotaRefusal {
 label_values!(QuotaRefusal { Empty => "empty", Reserve => "reserve", Cooldown => "cooldown", Client => "client" });
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusalLabels {
-    pub upstream: String,
-    pub reason: QuotaRefusal,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub kind: Kind,
     pub outcome: Outcome,
@@ -108,21 +106,6 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
-/// A credential's bucket (`[[upstreams.credentials]]`); the upstream's own account keeps
-/// the `berth_quota_*{upstream}` series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CredentialLabels {
-    pub upstream: String,
-    pub credential: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CredentialRefusalLabels {
-    pub upstream: String,
-    pub credential: String,
-    pub reason: QuotaRefusal,
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamRequestLabels {
     pub upstream: String,
@@ -139,31 +122,14 @@ pub struct Metrics {
     pub served_bytes: Family<SourceLabels, Counter>,
     pub upstream_bytes: Family<UpstreamLabels, Counter>,
     pub upstream_requests: Family<UpstreamRequestLabels, Counter>,
-    pub fills_in_flight: Gauge,
-    pub fills_queued: Gauge,
-    pub fills_max: Gauge,
-    pub fill_failures: Family<UpstreamLabels, Counter>,
-    pub quota_counted: Family<UpstreamLabels, Counter>,
-    pub quota_refusals: Family<RefusalLabels, Counter>,
     pub quota_stale: Family<UpstreamLabels, Counter>,
     pub negative_cache_hits: Family<UpstreamLabels, Counter>,
-    pub quota_tokens: Family<UpstreamLabels, Gauge>,
-    pub quota_capacity: Family<UpstreamLabels, Gauge>,
-    pub quota_refill_seconds: Family<UpstreamLabels, Gauge>,
-    pub ratelimit_limit: Family<UpstreamLabels, Gauge>,
-    pub ratelimit_remaining: Family<UpstreamLabels, Gauge>,
-    pub credential_quota_counted: Family<CredentialLabels, Counter>,
-    pub credential_quota_refusals: Family<CredentialRefusalLabels, Counter>,
-    pub credential_quota_tokens: Family<CredentialLabels, Gauge>,
-    pub credential_quota_capacity: Family<CredentialLabels, Gauge>,
-    pub credential_quota_refill_seconds: Family<CredentialLabels, Gauge>,
-    pub credential_ratelimit_limit: Family<CredentialLabels, Gauge>,
-    pub credential_ratelimit_remaining: Family<CredentialLabels, Gauge>,
-    pub store_bytes: Gauge,
-    pub store_blobs: Gauge,
-    pub store_max_bytes: Gauge,
-    pub store_evictions: Counter,
-    pub store_full_fills: Counter,
+    /// The quota's buckets (registered by `quota`).
+    pub quota: crate::quota::QuotaMetrics,
+    /// Blob fills (registered by `proxy`).
+    pub fills: crate::proxy::FillMetrics,
+    /// The local store (registered by `store`).
+    pub store: crate::store::StoreMetrics,
 }
 
 impl Metrics {
@@ -220,42 +186,6 @@ impl Metrics {
             "Requests sent to upstreams by upstream, method, kind and status",
             upstream_requests.clone(),
         );
-        let fills_in_flight = Gauge::default();
-        registry.register(
-            "fills_in_flight",
-            "Blob fills currently streaming from upstream",
-            fills_in_flight.clone(),
-        );
-        let fills_queued = Gauge::default();
-        registry.register(
-            "fills_queued",
-            "Blob fills waiting for a place (server.max_concurrent_fills); their clients wait too",
-            fills_queued.clone(),
-        );
-        let fills_max = Gauge::default();
-        registry.register(
-            "fills_max",
-            "Blob fills allowed to run at once (server.max_concurrent_fills)",
-            fills_max.clone(),
-        );
-        let fill_failures = Family::<UpstreamLabels, Counter>::default();
-        registry.register(
-            "fill_failures",
-            "Blob fills abandoned (upstream cut, stall, digest mismatch, local I/O)",
-            fill_failures.clone(),
-        );
-        let quota_counted = Family::<UpstreamLabels, Counter>::default();
-        registry.register(
-            "quota_counted_requests",
-            "Upstream requests that spend quota (Docker Hub: manifest GETs), as sent",
-            quota_counted.clone(),
-        );
-        let quota_refusals = Family::<RefusalLabels, Counter>::default();
-        registry.register(
-            "quota_refusals",
-            "Counted upstream requests berth did not send, by reason (empty, reserve, cooldown, client)",
-            quota_refusals.clone(),
-        );
         let quota_stale = Family::<UpstreamLabels, Counter>::default();
         registry.register(
             "quota_stale_answers",
@@ -268,112 +198,9 @@ impl Metrics {
             "Manifest requests for a tag answered 404 from memory: the upstream said it has no such tag less than negative_ttl ago",
             negative_cache_hits.clone(),
         );
-        let quota_tokens = Family::<UpstreamLabels, Gauge>::default();
-        registry.register(
-            "quota_tokens",
-            "Tokens left in berth's own bucket for the upstream (whole requests)",
-            quota_tokens.clone(),
-        );
-        let quota_capacity = Family::<UpstreamLabels, Gauge>::default();
-        registry.register(
-            "quota_capacity",
-            "The size of berth's bucket for the upstream (configured, or learnt from its headers)",
-            quota_capacity.clone(),
-        );
-        let quota_refill_seconds = Family::<UpstreamLabels, Gauge>::default();
-        registry.register_with_unit(
-            "quota_refill",
-            "Time until the next token (or the end of an upstream 429 cooldown)",
-            Unit::Seconds,
-            quota_refill_seconds.clone(),
-        );
-        let ratelimit_limit = Family::<UpstreamLabels, Gauge>::default();
-        registry.register(
-            "upstream_ratelimit_limit",
-            "The upstream's ratelimit-limit header, as last seen",
-            ratelimit_limit.clone(),
-        );
-        let ratelimit_remaining = Family::<UpstreamLabels, Gauge>::default();
-        registry.register(
-            "upstream_ratelimit_remaining",
-            "The upstream's ratelimit-remaining header, as last seen",
-            ratelimit_remaining.clone(),
-        );
-        let credential_quota_counted = Family::<CredentialLabels, Counter>::default();
-        registry.register(
-            "credential_quota_counted_requests",
-            "Counted upstream requests sent with one of the upstream's [[upstreams.credentials]], as sent",
-            credential_quota_counted.clone(),
-        );
-        let credential_quota_refusals = Family::<CredentialRefusalLabels, Counter>::default();
-        registry.register(
-            "credential_quota_refusals",
-            "Counted upstream requests not sent because a credential's bucket said no, by reason (empty, reserve, cooldown)",
-            credential_quota_refusals.clone(),
-        );
-        let credential_quota_tokens = Family::<CredentialLabels, Gauge>::default();
-        registry.register(
-            "credential_quota_tokens",
-            "Tokens left in berth's bucket for one credential of the upstream (whole requests)",
-            credential_quota_tokens.clone(),
-        );
-        let credential_quota_capacity = Family::<CredentialLabels, Gauge>::default();
-        registry.register(
-            "credential_quota_capacity",
-            "The size of berth's bucket for one credential of the upstream",
-            credential_quota_capacity.clone(),
-        );
-        let credential_quota_refill_seconds = Family::<CredentialLabels, Gauge>::default();
-        registry.register_with_unit(
-            "credential_quota_refill",
-            "Time until the credential's next token (or the end of an upstream 429 cooldown)",
-            Unit::Seconds,
-            credential_quota_refill_seconds.clone(),
-        );
-        let credential_ratelimit_limit = Family::<CredentialLabels, Gauge>::default();
-        registry.register(
-            "credential_upstream_ratelimit_limit",
-            "The upstream's ratelimit-limit header on answers to requests sent with the credential, as last seen",
-            credential_ratelimit_limit.clone(),
-        );
-        let credential_ratelimit_remaining = Family::<CredentialLabels, Gauge>::default();
-        registry.register(
-            "credential_upstream_ratelimit_remaining",
-            "The upstream's ratelimit-remaining header on answers to requests sent with the credential, as last seen",
-            credential_ratelimit_remaining.clone(),
-        );
-        let store_bytes = Gauge::default();
-        registry.register_with_unit(
-            "store",
-            "Bytes of blobs and manifests in the store",
-            Unit::Bytes,
-            store_bytes.clone(),
-        );
-        let store_blobs = Gauge::default();
-        registry.register(
-            "store_blobs",
-            "Blobs and manifests in the store",
-            store_blobs.clone(),
-        );
-        let store_max_bytes = Gauge::default();
-        registry.register_with_unit(
-            "store_max",
-            "The configured store size cap",
-            Unit::Bytes,
-            store_max_bytes.clone(),
-        );
-        let store_evictions = Counter::default();
-        registry.register(
-            "store_evictions",
-            "Blobs evicted from the store to keep it under its size",
-            store_evictions.clone(),
-        );
-        let store_full_fills = Counter::default();
-        registry.register(
-            "store_full_fills",
-            "Blob fills that found the store's disk full and passed their bytes through unstored",
-            store_full_fills.clone(),
-        );
+        let fills = crate::proxy::FillMetrics::register(&mut registry);
+        let quota = crate::quota::QuotaMetrics::register(&mut registry);
+        let store = crate::store::StoreMetrics::register(&mut registry);
         Metrics {
             registry,
             requests,
@@ -381,31 +208,11 @@ impl Metrics {
             served_bytes,
             upstream_bytes,
             upstream_requests,
-            fills_in_flight,
-            fills_queued,
-            fills_max,
-            fill_failures,
-            quota_counted,
-            quota_refusals,
             quota_stale,
             negative_cache_hits,
-            quota_tokens,
-            quota_capacity,
-            quota_refill_seconds,
-            ratelimit_limit,
-            ratelimit_remaining,
-            credential_quota_counted,
-            credential_quota_refusals,
-            credential_quota_tokens,
-            credential_quota_capacity,
-            credential_quota_refill_seconds,
-            credential_ratelimit_limit,
-            credential_ratelimit_remaining,
-            store_bytes,
-            store_blobs,
-            store_max_bytes,
-            store_evictions,
-            store_full_fills,
+            quota,
+            fills,
+            store,
         }
     }
 
@@ -450,15 +257,6 @@ impl Metrics {
                 method: method.to_owned(),
                 kind,
                 status: status.map_or_else(|| "error".to_owned(), |s| s.to_string()),
-            })
-            .inc();
-    }
-
-    pub fn quota_refused(&self, upstream: &str, reason: QuotaRefusal) {
-        self.quota_refusals
-            .get_or_create(&RefusalLabels {
-                upstream: upstream.to_owned(),
-                reason,
             })
             .inc();
     }

@@ -24,6 +24,7 @@ use bytes::Bytes;
 
 pub use blobs::BlobAnswer;
 pub use body::{BlobBody, BlobSource, Piece, MAX_FILE_PIECE};
+pub use fill::FillMetrics;
 pub use listings::{Listing, ListingAnswer};
 pub use manifests::{tag_key_prefix, ManifestAnswer};
 pub use warm::WarmReport;

@@ -14,12 +14,14 @@
 
 mod bucket;
 mod budgets;
+mod metrics;
 mod report;
 
 use std::sync::Arc;
 
 pub use bucket::{secs, Denied, Purpose, Quota, QuotaSnapshot};
 pub use budgets::Budgets;
+pub use metrics::{CredentialLabels, CredentialRefusalLabels, QuotaMetrics, RefusalLabels};
 pub use report::BucketId;
 
 use crate::config::{ClientBudgetConfig, CountedRequest};
@@ -91,7 +93,7 @@ impl Ledger {
         let budget = match (&self.budgets, &payer.client) {
             (Some(b), Some(client)) => {
                 if let Err(denied) = b.acquire(client) {
-                    self.metrics.quota_refused(upstream, denied.reason);
+                    self.metrics.quota.refused(upstream, denied.reason);
                     return Err(denied);
                 }
                 Some((b, client.clone()))

@@ -5,9 +5,8 @@
 
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::metrics::{
-    CredentialLabels, CredentialRefusalLabels, Metrics, QuotaRefusal, UpstreamLabels,
-};
+use super::metrics::{CredentialLabels, CredentialRefusalLabels};
+use crate::metrics::{Metrics, QuotaRefusal, UpstreamLabels};
 
 /// Whose bucket: an upstream's own account (`credential: None`) or one of its
 /// `[[upstreams.credentials]]` entries, by name.
@@ -40,11 +39,13 @@ fn set(gauge: &Gauge, value: u64) {
 pub(super) fn counted(metrics: &Metrics, id: &BucketId) {
     match &id.credential {
         None => metrics
-            .quota_counted
+            .quota
+            .counted
             .get_or_create(&id.upstream_labels())
             .inc(),
         Some(c) => metrics
-            .credential_quota_counted
+            .quota
+            .credential_counted
             .get_or_create(&id.credential_labels(c))
             .inc(),
     };
@@ -53,10 +54,11 @@ pub(super) fn counted(metrics: &Metrics, id: &BucketId) {
 /// A counted request the bucket refused.
 pub(super) fn refused(metrics: &Metrics, id: &BucketId, reason: QuotaRefusal) {
     match &id.credential {
-        None => metrics.quota_refused(&id.upstream, reason),
+        None => metrics.quota.refused(&id.upstream, reason),
         Some(c) => {
             metrics
-                .credential_quota_refusals
+                .quota
+                .credential_refusals
                 .get_or_create(&CredentialRefusalLabels {
                     upstream: id.upstream.clone(),
                     credential: c.clone(),
@@ -78,11 +80,11 @@ pub(super) fn gauges(
         None => {
             let labels = id.upstream_labels();
             if let Some((tokens, capacity)) = tokens_capacity {
-                set(&metrics.quota_tokens.get_or_create(&labels), tokens);
-                set(&metrics.quota_capacity.get_or_create(&labels), capacity);
+                set(&metrics.quota.tokens.get_or_create(&labels), tokens);
+                set(&metrics.quota.capacity.get_or_create(&labels), capacity);
             }
             set(
-                &metrics.quota_refill_seconds.get_or_create(&labels),
+                &metrics.quota.refill_seconds.get_or_create(&labels),
                 refill_seconds,
             );
         }
@@ -90,17 +92,18 @@ pub(super) fn gauges(
             let labels = id.credential_labels(c);
             if let Some((tokens, capacity)) = tokens_capacity {
                 set(
-                    &metrics.credential_quota_tokens.get_or_create(&labels),
+                    &metrics.quota.credential_tokens.get_or_create(&labels),
                     tokens,
                 );
                 set(
-                    &metrics.credential_quota_capacity.get_or_create(&labels),
+                    &metrics.quota.credential_capacity.get_or_create(&labels),
                     capacity,
                 );
             }
             set(
                 &metrics
-                    .credential_quota_refill_seconds
+                    .quota
+                    .credential_refill_seconds
                     .get_or_create(&labels),
                 refill_seconds,
             );
@@ -119,23 +122,27 @@ pub(super) fn ratelimit(
         None => {
             let labels = id.upstream_labels();
             if let Some(v) = limit {
-                set(&metrics.ratelimit_limit.get_or_create(&labels), v);
+                set(&metrics.quota.ratelimit_limit.get_or_create(&labels), v);
             }
             if let Some(v) = remaining {
-                set(&metrics.ratelimit_remaining.get_or_create(&labels), v);
+                set(&metrics.quota.ratelimit_remaining.get_or_create(&labels), v);
             }
         }
         Some(c) => {
             let labels = id.credential_labels(c);
             if let Some(v) = limit {
                 set(
-                    &metrics.credential_ratelimit_limit.get_or_create(&labels),
+                    &metrics
+                        .quota
+                        .credential_ratelimit_limit
+                        .get_or_create(&labels),
                     v,
                 );
             }
             if let Some(v) = remaining {
                 set(
                     &metrics
+                        .quota
                         .credential_ratelimit_remaining
                         .get_or_create(&labels),
                     v,

@@ -228,8 +228,8 @@ fn metrics<B>(app: &App, req: &Request<B>) -> Response<Body> {
         }
     }
     if let Ok((blobs, bytes)) = app.proxy.store().totals() {
-        app.metrics.store_blobs.set(blobs as i64);
-        app.metrics.store_bytes.set(bytes as i64);
+        app.metrics.store.blobs.set(blobs as i64);
+        app.metrics.store.bytes.set(bytes as i64);
     }
     let openmetrics = req
         .headers()

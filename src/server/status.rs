@@ -218,9 +218,9 @@ pub fn status(app: &App) -> Status {
             root: app.proxy.store().root().display().to_string(),
             bytes,
             blobs,
-            max_bytes: m.store_max_bytes.get().max(0) as u64,
+            max_bytes: m.store.max_bytes.get().max(0) as u64,
         },
-        fills_in_flight: m.fills_in_flight.get(),
+        fills_in_flight: m.fills.in_flight.get(),
         upstreams,
         history: app.history.all(),
         fleet: app.proxy.fleet().map(|f| FleetStatus {

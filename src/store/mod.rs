@@ -11,6 +11,7 @@ mod documents;
 mod evict;
 pub mod index;
 mod memo;
+mod metrics;
 pub mod shared;
 mod temp;
 mod writer;
@@ -28,6 +29,7 @@ pub use evict::{Evicted, Limits, VerifyReport};
 pub use index::Index;
 use index::OpenError;
 pub use index::TagRecord;
+pub use metrics::StoreMetrics;
 pub use temp::TempFile;
 pub use writer::{BlobWriter, CommitError, Reserver, VerifiedBlob};
 

@@ -18,8 +18,9 @@ use hyper::body::Incoming;
 
 use super::{Outbound, Upstream};
 use crate::config::UpstreamConfig;
-use crate::metrics::{CredentialLabels, Metrics, UpstreamLabels};
+use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::{AcceptSet, Reference, Repository};
+use crate::quota::CredentialLabels;
 use crate::quota::{Ledger, Payer, Purpose};
 
 const LIMIT: u32 = 100;
@@ -226,7 +227,8 @@ async fn each_repository_goes_with_its_own_account_and_tokens() {
     assert_eq!(remaining[&Some("bee")], Some(98));
     let counted = |credential: &str| {
         metrics
-            .credential_quota_counted
+            .quota
+            .credential_counted
             .get_or_create(&CredentialLabels {
                 upstream: "registry.test".into(),
                 credential: credential.into(),
@@ -235,7 +237,8 @@ async fn each_repository_goes_with_its_own_account_and_tokens() {
     };
     assert_eq!((counted("a/*"), counted("bee")), (3, 2));
     let default_counted = metrics
-        .quota_counted
+        .quota
+        .counted
         .get_or_create(&UpstreamLabels {
             upstream: "registry.test".into(),
         })

@@ -11,6 +11,9 @@
 //! mismatch, on a stall, on its deadline, or after a bounded number of resumes.
 
 mod disk;
+mod metrics;
+
+pub use metrics::FillMetrics;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -177,7 +180,7 @@ impl Fills {
 
     /// Sets the number of fills that run at once.
     pub fn limit(&mut self, fills: usize, metrics: Arc<Metrics>) {
-        metrics.fills_max.set(fills as i64);
+        metrics.fills.max.set(fills as i64);
         self.places = Arc::new(Semaphore::new(fills));
     }
 
@@ -282,7 +285,7 @@ struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.metrics.fills_in_flight.dec();
+        self.metrics.fills.in_flight.dec();
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -295,10 +298,10 @@ impl FillTask {
         // Clients of a queued fill wait for its first byte like any other; a queued fill
         // counts in `fills_queued`, not yet in `fills_in_flight`. (The semaphore is never
         // closed; were it, the fill would run without a place rather than hang.)
-        self.metrics.fills_queued.inc();
+        self.metrics.fills.queued.inc();
         let _place = places.acquire_owned().await.ok();
-        self.metrics.fills_queued.dec();
-        self.metrics.fills_in_flight.inc();
+        self.metrics.fills.queued.dec();
+        self.metrics.fills.in_flight.inc();
         let in_flight = InFlight {
             map,
             digest: self.digest.clone(),
@@ -328,7 +331,8 @@ impl FillTask {
                 tracing::warn!(upstream = self.upstream.host(), repository = %self.repository,
                     digest = %self.digest, error = %e.message, "blob fill failed; nothing stored");
                 self.metrics
-                    .fill_failures
+                    .fills
+                    .failures
                     .get_or_create(&UpstreamLabels {
                         upstream: self.upstream.host().to_owned(),
                     })
@@ -403,7 +407,7 @@ impl FillTask {
             // Verified: release the held last chunk, then let the channels close. The
             // length is published first, so a follower whose channel closed early (it
             // was dropped as too slow) can tell an end from a cut.
-            self.metrics.store_full_fills.inc();
+            self.metrics.fills.store_full.inc();
             let pass = pass.release_last().await;
             self.tx.send_modify(|p| {
                 p.total = Some(received);
