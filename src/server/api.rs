@@ -114,30 +114,12 @@ async fn serve<B>(
 ) -> Result<Response<Body>, oci::Error> {
     let uri = req.uri();
     let route = Route::parse(req.method(), uri.path(), uri.query())?;
-    summary.kind = match &route.endpoint {
-        Endpoint::Base => Kind::Base,
-        Endpoint::Manifest(r) => {
-            summary.reference = r.to_string();
-            Kind::Manifest
-        }
-        Endpoint::Blob(d) => {
-            summary.reference = d.to_string();
-            Kind::Blob
-        }
-        Endpoint::TagsList { .. } => Kind::Tags,
-        Endpoint::Referrers { digest, .. } => {
-            summary.reference = digest.to_string();
-            Kind::Referrers
-        }
-    };
+    (summary.kind, summary.reference) = describe(&route.endpoint);
     let caller = caller(app, req, peer)?;
     summary.forwarded = caller.forwarded;
     // A replica forwarding a miss checked its client already; its signature says so.
     if !caller.forwarded {
-        summary.refused = true;
-        let cert = req.extensions().get::<crate::access::cert::ClientCert>();
-        summary.principal = app.access.identify(req.headers(), cert).await?;
-        summary.refused = false;
+        identify(app, req, summary).await?;
     }
     if route.endpoint == Endpoint::Base {
         if !caller.forwarded {
@@ -169,8 +151,61 @@ async fn serve<B>(
             .authorize(&summary.principal, peer.ip(), up.host(), repo.as_str())?;
         summary.refused = false;
     }
-    let mut resp = match route.endpoint {
-        // Answered above, before an upstream is resolved.
+    let mut resp = answer(
+        app,
+        req,
+        route.endpoint,
+        route.head,
+        &up,
+        &repo,
+        prefix,
+        &caller,
+        summary,
+    )
+    .await?;
+    if let Some(ns) = &route.ns {
+        if let Ok(v) = HeaderValue::from_str(ns) {
+            resp.headers_mut().insert("oci-namespace", v);
+        }
+    }
+    Ok(resp)
+}
+
+/// What the log line names: the kind of request, and its reference or digest.
+fn describe(endpoint: &Endpoint) -> (Kind, String) {
+    match endpoint {
+        Endpoint::Base => (Kind::Base, String::new()),
+        Endpoint::Manifest(r) => (Kind::Manifest, r.to_string()),
+        Endpoint::Blob(d) => (Kind::Blob, d.to_string()),
+        Endpoint::TagsList { .. } => (Kind::Tags, String::new()),
+        Endpoint::Referrers { digest, .. } => (Kind::Referrers, digest.to_string()),
+    }
+}
+
+/// Who the client is ([`crate::access`]); a refusal is marked as the client's.
+async fn identify<B>(app: &App, req: &Request<B>, summary: &mut Summary) -> Result<(), oci::Error> {
+    summary.refused = true;
+    let cert = req.extensions().get::<crate::access::cert::ClientCert>();
+    summary.principal = app.access.identify(req.headers(), cert).await?;
+    summary.refused = false;
+    Ok(())
+}
+
+/// Asks the proxy for what the endpoint names and writes its answer.
+#[allow(clippy::too_many_arguments)]
+async fn answer<B>(
+    app: &Arc<App>,
+    req: &Request<B>,
+    endpoint: Endpoint,
+    head: bool,
+    up: &Arc<crate::upstream::Upstream>,
+    repo: &oci::Repository,
+    prefix: Option<&str>,
+    caller: &Caller,
+    summary: &mut Summary,
+) -> Result<Response<Body>, oci::Error> {
+    Ok(match endpoint {
+        // Answered by `serve`, before an upstream is resolved.
         Endpoint::Base => Response::new(Body::empty()),
         Endpoint::Manifest(reference) => {
             let accept = AcceptSet::from_headers(
@@ -181,31 +216,28 @@ async fn serve<B>(
             );
             let answer = app
                 .proxy
-                .manifest(&up, &repo, &reference, accept, &caller)
+                .manifest(up, repo, &reference, accept, caller)
                 .await?;
             summary.outcome = answer.outcome;
-            manifest_response(answer, route.head)
+            manifest_response(answer, head)
         }
         Endpoint::Blob(digest) => {
-            let answer = app
-                .proxy
-                .blob(&up, &repo, &digest, route.head, &caller)
-                .await?;
+            let answer = app.proxy.blob(up, repo, &digest, head, caller).await?;
             summary.outcome = answer.outcome;
             blob_response(
                 app,
                 answer,
                 &digest,
                 req.headers(),
-                route.head,
+                head,
                 req.extensions().get::<Splicer>(),
             )?
         }
         Endpoint::TagsList { n, last } => {
             let listing = Listing::Tags { n, last };
-            let answer = Box::pin(app.proxy.listing(&up, &repo, listing)).await?;
+            let answer = Box::pin(app.proxy.listing(up, repo, listing)).await?;
             summary.outcome = answer.outcome;
-            listing_response(answer, route.head, prefix)
+            listing_response(answer, head, prefix)
         }
         Endpoint::Referrers {
             digest,
@@ -215,17 +247,11 @@ async fn serve<B>(
                 digest,
                 artifact_type,
             };
-            let answer = Box::pin(app.proxy.listing(&up, &repo, listing)).await?;
+            let answer = Box::pin(app.proxy.listing(up, repo, listing)).await?;
             summary.outcome = answer.outcome;
-            listing_response(answer, route.head, prefix)
+            listing_response(answer, head, prefix)
         }
-    };
-    if let Some(ns) = &route.ns {
-        if let Ok(v) = HeaderValue::from_str(ns) {
-            resp.headers_mut().insert("oci-namespace", v);
-        }
-    }
-    Ok(resp)
+    })
 }
 
 /// Who asks: a replica of the fleet (its signed header verified; it names the client it
