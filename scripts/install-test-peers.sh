@@ -8,7 +8,8 @@
 # ~/.cache/berth/peers), as the invoking user, no root needed. tests/support/garage.rs
 # looks for it in PATH, then $BERTH_PEERS_DIR/bin, then ~/.cache/berth/peers/bin.
 # cargo-fuzz (scripts/fuzz.sh, the fuzz targets in fuzz/) is installed the same way and
-# found by scripts/fuzz.sh in the same places.
+# found by scripts/fuzz.sh in the same places; so is cargo-deny (scripts/test.sh's `deny`
+# step, deny.toml), found by scripts/test.sh.
 #
 # Services are not started by the install (a policy-rc.d is in place while apt runs):
 # docker-registry would otherwise take :5000, berth's own port. The tests start every
@@ -41,6 +42,8 @@ peers=(
 GARAGE_VERSION=2.5.0
 # The cargo-fuzz scripts/fuzz.sh drives (its build flags and `list` output).
 CARGO_FUZZ_VERSION=0.13.2
+# The cargo-deny scripts/test.sh runs (deny.toml's keys are this version's).
+CARGO_DENY_VERSION=0.20.2
 peers_dir="${BERTH_PEERS_DIR:-$HOME/.cache/berth/peers}"
 
 die() {
@@ -62,6 +65,10 @@ garage_present() {
 
 cargo_fuzz_present() {
     command -v cargo-fuzz >/dev/null 2>&1 || [ -x "$peers_dir/bin/cargo-fuzz" ]
+}
+
+cargo_deny_present() {
+    command -v cargo-deny >/dev/null 2>&1 || [ -x "$peers_dir/bin/cargo-deny" ]
 }
 
 install_packages() {
@@ -126,12 +133,27 @@ install_cargo_fuzz() {
     echo "install-test-peers: installed cargo-fuzz $CARGO_FUZZ_VERSION at $peers_dir/bin/cargo-fuzz"
 }
 
+install_cargo_deny() {
+    command -v cargo >/dev/null 2>&1 ||
+        die "missing cargo-deny, and cargo is not available to build it (install Rust first)"
+    echo "install-test-peers: building cargo-deny $CARGO_DENY_VERSION into $peers_dir" \
+        "(~2 min on 2 cores)"
+    cargo install cargo-deny --locked --version "$CARGO_DENY_VERSION" --root "$peers_dir" ||
+        die "cargo install cargo-deny $CARGO_DENY_VERSION failed"
+    [ -x "$peers_dir/bin/cargo-deny" ] ||
+        die "cargo-deny not found at $peers_dir/bin/cargo-deny after install"
+    echo "install-test-peers: installed cargo-deny $CARGO_DENY_VERSION at $peers_dir/bin/cargo-deny"
+}
+
 mapfile -t packages < <(missing_packages)
 need_garage=false
 garage_present || need_garage=true
 need_cargo_fuzz=false
 cargo_fuzz_present || need_cargo_fuzz=true
-if [ "${#packages[@]}" -eq 0 ] && [ "$need_garage" = false ] && [ "$need_cargo_fuzz" = false ]; then
+need_cargo_deny=false
+cargo_deny_present || need_cargo_deny=true
+if [ "${#packages[@]}" -eq 0 ] && [ "$need_garage" = false ] && [ "$need_cargo_fuzz" = false ] &&
+    [ "$need_cargo_deny" = false ]; then
     echo "install-test-peers: all test peers present"
     exit 0
 fi
@@ -144,4 +166,7 @@ if [ "$need_garage" = true ]; then
 fi
 if [ "$need_cargo_fuzz" = true ]; then
     install_cargo_fuzz
+fi
+if [ "$need_cargo_deny" = true ]; then
+    install_cargo_deny
 fi

@@ -34,6 +34,29 @@ fi
 
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --all-targets --locked -- -D warnings
+# cargo deny (deny.toml): licenses, duplicate crate versions, crate sources. Advisories
+# need the RustSec database, a git clone from GitHub: they are checked, offline, against
+# a copy when there is one ($CARGO_DENY_ADVISORY_DB, else cargo-deny's own
+# $CARGO_HOME/advisory-dbs; either as `cargo deny fetch db` fills it), else skipped.
+cargo_deny() {
+    # Where install-test-peers.sh puts cargo-deny, after anything already in PATH.
+    local PATH="$PATH:${BERTH_PEERS_DIR:-$HOME/.cache/berth/peers}/bin:$HOME/.cache/berth/peers/bin"
+    cargo deny --locked check licenses bans sources || return
+    local db=${CARGO_DENY_ADVISORY_DB:-${CARGO_HOME:-$HOME/.cargo}/advisory-dbs} config=deny.toml
+    if ! compgen -G "$db/advisory-db-*/.git" >/dev/null; then
+        echo "==> deny: advisories SKIPPED: no RustSec database in $db; fetch one on a"
+        echo "    connected machine with 'cargo deny fetch db' (README.md, Tests)"
+        return 0
+    fi
+    if [ -n "${CARGO_DENY_ADVISORY_DB:-}" ]; then
+        # deny.toml keeps cargo-deny's default db-path; a copy of it names this one.
+        config=target/deny-advisories.toml
+        mkdir -p target
+        sed "/^\[advisories\]\$/a db-path = '$db'" deny.toml >"$config"
+    fi
+    cargo deny --locked --offline --config "$config" check advisories
+}
+step deny cargo_deny
 step test cargo test --locked --all-targets "$@"
 # Every parser of untrusted input under libFuzzer, 6 s per target (about a minute in
 # all; scripts/fuzz.sh 600 is the long run). A crash fails the suite.

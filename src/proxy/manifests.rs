@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::flying::Parts;
-use super::freshness::{self, AfterHead, Before, HeadSaid};
+use super::freshness::{self, Before};
 use super::negative::NegativeCache;
 use super::tiers::{adopt_shared_tag, fresh_record, write_through};
 use super::{internal, manifest_links, Caller, Proxy};
@@ -30,7 +30,7 @@ pub struct ManifestAnswer {
 }
 
 impl ManifestAnswer {
-    fn stored(digest: Digest, m: StoredManifest, outcome: Outcome) -> Self {
+    pub(super) fn stored(digest: Digest, m: StoredManifest, outcome: Outcome) -> Self {
         ManifestAnswer {
             digest,
             media_type: m.media_type,
@@ -55,7 +55,7 @@ pub fn tag_key_prefix(up: &Upstream, repo: &Repository, tag: &Tag) -> String {
 /// client, or the warm list) whose media type this client accepts. A variant fetched for
 /// a narrower set is never reused: the upstream may have answered it with one platform's
 /// manifest where this client would get the index.
-async fn find_tag(
+pub(super) async fn find_tag(
     store: &crate::store::Store,
     up: &Upstream,
     repo: &Repository,
@@ -355,166 +355,7 @@ impl Parts {
         Ok(())
     }
 
-    /// A tag that is stale or unknown: revalidate with HEAD when something is stored,
-    /// GET when the tag moved or was never seen, stale copy when upstream fails. What to
-    /// do at each step is decided in `freshness`; this does the I/O it asks for.
-    async fn refresh_tag(
-        &self,
-        up: &Upstream,
-        repo: &Repository,
-        tag: &Tag,
-        accept: AcceptSet,
-        key: String,
-    ) -> Result<ManifestAnswer, oci::Error> {
-        let record = find_tag(&self.store, up, repo, tag, accept).await?;
-        let stored = match &record {
-            Some(r) => self
-                .store
-                .manifest(&r.digest)
-                .await
-                .map_err(|e| internal("reading a stored manifest", e))?
-                .map(|m| (r.clone(), m)),
-            None => None,
-        };
-        let validated_at = stored.as_ref().map(|(r, _)| r.validated_at);
-        // Another request may have refreshed the tag while this one queued.
-        match (
-            freshness::before_asking(validated_at, self.clock.now_secs(), up.tag_ttl),
-            stored,
-        ) {
-            (Before::Fresh, Some((record, manifest))) => Ok(ManifestAnswer::stored(
-                record.digest,
-                manifest,
-                Outcome::Hit,
-            )),
-            (Before::Revalidate, Some((record, manifest))) => {
-                self.revalidate(up, repo, tag, accept, key, record, manifest)
-                    .await
-            }
-            _ => self
-                .fetch_tag(up, repo, tag, accept, key, Purpose::New)
-                .await
-                .map_err(|e| e.into_oci(up)),
-        }
-    }
-
-    /// A stale tag berth holds: a HEAD (free), and what `freshness::after_head` says.
-    #[allow(clippy::too_many_arguments)]
-    async fn revalidate(
-        &self,
-        up: &Upstream,
-        repo: &Repository,
-        tag: &Tag,
-        accept: AcceptSet,
-        key: String,
-        record: TagRecord,
-        manifest: StoredManifest,
-    ) -> Result<ManifestAnswer, oci::Error> {
-        let reference = Reference::Tag(tag.clone());
-        let head = up.head_manifest(repo, &reference, accept).await;
-        // Moved: a manifest berth already holds (and the client accepts) costs nothing.
-        let mut moved_to = None;
-        let said = match &head {
-            Ok(Some(h)) if h.digest.as_ref() == Some(&record.digest) => HeadSaid::Same,
-            Ok(Some(h)) => match &h.digest {
-                Some(new) => {
-                    moved_to = self
-                        .store
-                        .manifest(new)
-                        .await
-                        .map_err(|e| internal("reading a stored manifest", e))?
-                        .filter(|m| accept.accepts(&m.media_type))
-                        .map(|m| (new.clone(), m));
-                    HeadSaid::Moved {
-                        held: moved_to.is_some(),
-                    }
-                }
-                None => HeadSaid::NoDigest,
-            },
-            Ok(None) => HeadSaid::Gone,
-            Err(e) => HeadSaid::Failed {
-                stale_ok: e.allows_stale(),
-            },
-        };
-        match (freshness::after_head(said), head, moved_to) {
-            (AfterHead::Revalidated, _, _) => {
-                let refreshed = TagRecord {
-                    validated_at: self.clock.now_secs(),
-                    ..record.clone()
-                };
-                self.put_tag(key, refreshed).await?;
-                Ok(ManifestAnswer::stored(
-                    record.digest,
-                    manifest,
-                    Outcome::Revalidated,
-                ))
-            }
-            (AfterHead::Adopt, _, Some((new, m))) => self.adopt(up, repo, key, new, m).await,
-            (AfterHead::Unknown, _, _) => Err(self.unknown_tag(up, repo, tag, &key)),
-            (AfterHead::Stale, Err(e), _) => Ok(self.stale(up, record, manifest, &e)),
-            (AfterHead::Refuse, Err(e), _) => Err(e.to_oci(up.host())),
-            // The tag moved: fetching it refreshes an image berth already holds.
-            _ => match self
-                .fetch_tag(up, repo, tag, accept, key, Purpose::Refresh)
-                .await
-            {
-                Ok(mut a) => {
-                    a.outcome = Outcome::Revalidated;
-                    Ok(a)
-                }
-                Err(FetchError::Upstream(e))
-                    if freshness::after_failed_refetch(e.allows_stale()) == AfterHead::Stale =>
-                {
-                    Ok(self.stale(up, record, manifest, &e))
-                }
-                Err(e) => Err(e.into_oci(up)),
-            },
-        }
-    }
-
-    /// Points the tag at `new`, a manifest berth already holds, as the upstream's HEAD
-    /// said it moved there.
-    async fn adopt(
-        &self,
-        up: &Upstream,
-        repo: &Repository,
-        key: String,
-        new: Digest,
-        m: StoredManifest,
-    ) -> Result<ManifestAnswer, oci::Error> {
-        let now = self.clock.now_secs();
-        self.put_tag(key, fresh_record(new.clone(), &m.media_type, now))
-            .await?;
-        let links = manifest_links(&m.bytes, &new);
-        self.store
-            .link(up.host(), repo.as_str(), links)
-            .await
-            .map_err(|e| internal("writing the index", e))?;
-        Ok(ManifestAnswer::stored(new, m, Outcome::Revalidated))
-    }
-
-    fn stale(
-        &self,
-        up: &Upstream,
-        record: TagRecord,
-        m: StoredManifest,
-        e: &upstream::Error,
-    ) -> ManifestAnswer {
-        if matches!(
-            e,
-            upstream::Error::Quota(_) | upstream::Error::TooManyRequests { .. }
-        ) {
-            self.metrics
-                .quota_stale
-                .get_or_create(&crate::metrics::UpstreamLabels {
-                    upstream: up.host().to_owned(),
-                })
-                .inc();
-        }
-        stale(up, record, m, e, self.clock.now_secs())
-    }
-
-    async fn fetch_tag(
+    pub(super) async fn fetch_tag(
         &self,
         up: &Upstream,
         repo: &Repository,
@@ -560,13 +401,19 @@ impl Parts {
     /// The upstream answered 404 for this tag: remembered for its `negative_ttl`. Only
     /// a 404 gets here; auth failures, 429s, timeouts and 5xx are `upstream::Error`s,
     /// which say nothing about whether the tag exists.
-    fn unknown_tag(&self, up: &Upstream, repo: &Repository, tag: &Tag, key: &str) -> oci::Error {
+    pub(super) fn unknown_tag(
+        &self,
+        up: &Upstream,
+        repo: &Repository,
+        tag: &Tag,
+        key: &str,
+    ) -> oci::Error {
         self.negative.remember(key, up.negative_ttl);
         unknown(up, repo, &Reference::Tag(tag.clone()))
     }
 
     /// Records a tag here and in the shared tier, where every replica sees it.
-    async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), oci::Error> {
+    pub(super) async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), oci::Error> {
         self.negative.forget(&key);
         if let Some(shared) = &self.shared {
             if let Err(e) = shared.put_tag(&key, &record).await {
@@ -577,7 +424,7 @@ impl Parts {
     }
 }
 
-enum FetchError {
+pub(super) enum FetchError {
     Upstream(upstream::Error),
     Oci(oci::Error),
 }
@@ -589,7 +436,7 @@ impl From<oci::Error> for FetchError {
 }
 
 impl FetchError {
-    fn into_oci(self, up: &Upstream) -> oci::Error {
+    pub(super) fn into_oci(self, up: &Upstream) -> oci::Error {
         match self {
             FetchError::Upstream(e) => e.to_oci(up.host()),
             FetchError::Oci(e) => e,
@@ -605,25 +452,4 @@ fn mismatch(up: &Upstream, expected: &Digest, actual: &Digest) -> oci::Error {
             up.host()
         ),
     )
-}
-
-fn stale(
-    up: &Upstream,
-    record: TagRecord,
-    m: StoredManifest,
-    e: &upstream::Error,
-    now: u64,
-) -> ManifestAnswer {
-    let age = now.saturating_sub(record.validated_at);
-    tracing::warn!(upstream = up.host(), error = %e, "serving a stale tag");
-    ManifestAnswer {
-        digest: record.digest,
-        media_type: m.media_type,
-        bytes: m.bytes,
-        outcome: Outcome::Stale,
-        warning: Some(format!(
-            "upstream {} could not revalidate this tag ({e}); serving the copy last validated {age}s ago",
-            up.host()
-        )),
-    }
 }

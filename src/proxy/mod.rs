@@ -15,6 +15,7 @@ mod listings;
 mod manifests;
 mod negative;
 mod origin;
+mod revalidate;
 mod tiers;
 mod warm;
 
