@@ -1,5 +1,14 @@
 //! The few fields of a manifest or index that berth reads. Everything else is kept
 //! verbatim: berth stores and serves the upstream's exact bytes.
+//!
+//! Two readers, on purpose:
+//! - [`Manifest::parse`] is lenient: whatever an upstream serves (OCI, Docker schema 2
+//!   and its lists, descriptors without a `mediaType` or `size`) berth must store, link
+//!   and serve, and `oci-spec`'s strict types refuse some of it (a descriptor without
+//!   `mediaType`, Docker's schema 1 without `config` or `layers`).
+//! - [`referrers`] reads the referrers API's answer, which the distribution spec defines
+//!   as an OCI image index: with `oci-spec`'s `ImageIndex`, strictly. An answer that is
+//!   not one names no referrer to warm.
 
 use serde::Deserialize;
 
@@ -51,6 +60,20 @@ impl Manifest {
     }
 }
 
+/// The referrers an OCI referrers answer lists (read strictly with oci-spec); `None` when
+/// the bytes are not an OCI image index or a digest is not one berth reads.
+pub fn referrers(bytes: &[u8]) -> Option<Vec<Digest>> {
+    if !is_json_object(bytes) {
+        return None;
+    }
+    let index: oci_spec::image::ImageIndex = serde_json::from_slice(bytes).ok()?;
+    index
+        .manifests()
+        .iter()
+        .map(|d| Digest::parse(d.digest().as_ref()).ok())
+        .collect()
+}
+
 /// The `mediaType` a manifest names for itself, for registries that send a generic
 /// `Content-Type` and for manifests adopted from bare files.
 pub fn sniff_media_type(bytes: &[u8]) -> Option<String> {
@@ -93,6 +116,23 @@ mod tests {
         assert_eq!(parsed.references().count(), 2);
         assert_eq!(sniff_media_type(m.as_bytes()).as_deref(), Some("x"));
         assert!(Manifest::parse(br#"{"layers":[{"digest":"sha256:nope"}]}"#).is_none());
+    }
+
+    #[test]
+    fn referrers_answers_are_read_strictly() {
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let good = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{d}","size":7,"artifactType":"application/spdx+json"}}]}}"#
+        );
+        assert_eq!(referrers(good.as_bytes()).unwrap().len(), 1);
+        let empty = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        assert_eq!(referrers(empty.as_bytes()), Some(vec![]));
+        // A descriptor without a size is no referrer (the lenient reader would take it).
+        let sizeless = good.replace(r#","size":7"#, "");
+        assert!(referrers(sizeless.as_bytes()).is_none());
+        assert!(Manifest::parse(sizeless.as_bytes()).is_some());
+        assert!(referrers(b"[]").is_none());
+        assert!(referrers(b"not json").is_none());
     }
 
     /// Issue 11 (the `manifest` fuzz target's invariant): serde's derived readers take a

@@ -262,13 +262,16 @@ impl Proxy {
             return Ok(());
         }
         self.pin_listing(up, repo, &listing).await?;
-        let referrers = Manifest::parse(&list.body).map_or(Vec::new(), |l| l.manifests);
+        let referrers = oci::manifest::referrers(&list.body).unwrap_or_else(|| {
+            tracing::warn!(%subject, "the upstream's referrers answer is not an OCI image index");
+            Vec::new()
+        });
         if referrers.len() > MAX_REFERRERS {
             tracing::warn!(%subject, count = referrers.len(), max = MAX_REFERRERS,
                 "warming only the first referrers of a manifest");
         }
         for referrer in referrers.into_iter().take(MAX_REFERRERS) {
-            let m = self.manifest_by(up, repo, &referrer.digest).await?;
+            let m = self.manifest_by(up, repo, &referrer).await?;
             self.warm_artifact(up, repo, m, fetched).await?;
             fetched.referrers += 1;
         }
