@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::*;
 use crate::support::berth::binary;
 use crate::support::image::sha256_digest;
-use crate::support::{http, run_with_timeout_async};
+use crate::support::{http, run_with_timeout_async, wait_until};
 
 async fn get_range(url: &str, range: &str) -> reqwest::Response {
     http()
@@ -180,8 +180,14 @@ async fn sigterm_lets_inflight_responses_finish_and_slow_headers_time_out() {
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // New connections are refused while the old one drains.
+    // New connections are refused while the old one drains: once berth has taken the
+    // signal (it closes its listener), which this waits for instead of a guessed 300 ms.
+    let addr = w.berth.addr;
+    let closed = wait_until(Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(closed, "berth still accepts connections 10 s after SIGTERM");
     assert!(tokio::net::TcpStream::connect(w.berth.addr).await.is_err());
     while let Some(c) = resp.chunk().await.expect("in-flight body completes") {
         got.extend_from_slice(&c);

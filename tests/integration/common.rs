@@ -1,15 +1,17 @@
 //! A world for pull tests: the real registry with images pushed to it, the counting front
 //! before it, and berth pointed at the front as docker.io.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::time::Duration;
 
 use crate::support::berth::{Berth, UpstreamSpec};
 use crate::support::front::Front;
-use crate::support::http;
 use crate::support::image::{
     build_image, build_index, push, BuiltImage, BuiltIndex, ImageSpec, Platform, LAYOUT_REF,
 };
 use crate::support::registry::{Registry, RegistryOptions};
+use crate::support::{http, wait_until};
 
 pub const KIB: usize = 1024;
 pub const MIB: usize = 1024 * KIB;
@@ -162,6 +164,44 @@ pub async fn error_code(resp: reqwest::Response) -> (u16, String, String) {
     (status, code, message)
 }
 
+/// Repeats `attempt` until the front has seen one more `method` request whose path
+/// contains `part` than before the first attempt: the observable moment a TTL ran out and
+/// berth asked the upstream. Use it instead of sleeping past a tag TTL: tag records are
+/// stamped in whole unix seconds, so a TTL of n s runs out between n-1 and n s after the
+/// fill, and the wait ends then, however loaded the machine. Every attempt but the last
+/// was answered without asking the upstream (within the TTL: counts asserted before the
+/// wait still hold). Returns each attempt's result, the one that asked last. Panics after
+/// 20 s.
+pub async fn until_upstream_asked<T, F, Fut>(
+    front: &Front,
+    method: &str,
+    part: &str,
+    mut attempt: F,
+) -> Vec<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let before = front.count(method, part);
+    let results = RefCell::new(Vec::new());
+    let asked = wait_until(Duration::from_secs(20), || {
+        let next = attempt();
+        let results = &results;
+        async move {
+            let result = next.await;
+            results.borrow_mut().push(result);
+            front.count(method, part) > before
+        }
+    })
+    .await;
+    assert!(
+        asked,
+        "no {method} of {part} reached the upstream within 20 s: {:?}",
+        front.content_requests()
+    );
+    results.into_inner()
+}
+
 /// Whether the store holds `digest` (`sha256:...`).
 pub fn is_stored(data: &std::path::Path, digest: &str) -> bool {
     data.join(format!("blobs/sha256/{}/{}", &digest[7..9], &digest[7..]))
@@ -171,25 +211,22 @@ pub fn is_stored(data: &std::path::Path, digest: &str) -> bool {
 /// Waits (up to 10 s) for a blob to land: clients get their last byte once it is
 /// verified, a moment before it is fsynced and renamed into the store.
 pub async fn wait_stored(data: &std::path::Path, digest: &str) -> bool {
-    for _ in 0..200 {
-        if is_stored(data, digest) {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    false
+    wait_until(Duration::from_secs(10), || async {
+        is_stored(data, digest)
+    })
+    .await
+}
+
+/// Files in the store's temp directory: fills (or uploads) still in progress.
+pub fn temp_count(data: &std::path::Path) -> usize {
+    std::fs::read_dir(data.join("tmp")).map_or(0, |d| d.count())
 }
 
 /// Waits (up to 10 s) for fills in progress to end, then checks that every file under
 /// the store's blob tree hashes to its name and no temp file is left.
 pub async fn assert_store_consistent(data: &std::path::Path) {
-    for _ in 0..200 {
-        let busy = std::fs::read_dir(data.join("tmp")).map_or(0, |d| d.count());
-        if busy == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    // No early return needed: the temp-file check below reports what is left.
+    wait_until(Duration::from_secs(10), || async { temp_count(data) == 0 }).await;
     assert_blobs_hash_to_names(data, "store");
     let tmp = data.join("tmp");
     if let Ok(entries) = std::fs::read_dir(&tmp) {

@@ -8,6 +8,15 @@ use crate::support::berth::{Berth, UpstreamSpec};
 use crate::support::front::Front;
 use crate::support::image::sha256_digest;
 use crate::support::registry::{Registry, RegistryOptions};
+use crate::support::wait_until;
+
+/// Unix seconds now: the clock (and resolution) berth stamps access times with.
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_least_recently_used_goes_first_and_the_cap_holds() {
@@ -48,25 +57,47 @@ async fn the_least_recently_used_goes_first_and_the_cap_holds() {
         }
     };
     let cap = 48.0 * MIB as f64;
-    let settle = || async {
-        // The evictor looks every 2 s; access times have one-second resolution.
-        tokio::time::sleep(Duration::from_millis(2600)).await;
-        let used = w.berth.metric("berth_store_bytes").await;
+    let data = w.berth.data_dir();
+    let size = |i: usize| images[i].layers[0].1 as f64;
+    let metric = |name: &'static str| w.berth.metric(name);
+    // Access times have one-second resolution: after a pull has been stamped (a fill once
+    // the index counts its bytes, a hit when it is served), wait for the clock's next
+    // second, so that the next pull is stamped later and the LRU order is the pulls' order.
+    let next_second = |stored: f64| async move {
+        let indexed = wait_until(Duration::from_secs(10), || async {
+            metric("berth_store_bytes").await == stored
+        })
+        .await;
+        assert!(indexed, "the store never held {stored} bytes");
+        let stamped = unix_secs();
+        assert!(wait_until(Duration::from_secs(3), || async { unix_secs() > stamped }).await);
+        let used = metric("berth_store_bytes").await;
         assert!(used <= cap, "store at {used} bytes, cap {cap}");
     };
+    // The evictor looks every 2 s: wait for its pass to have removed `evictions` blobs in
+    // all (and every fill to have landed), then the cap holds.
+    let evicted = |evictions: f64| async move {
+        let done = wait_until(Duration::from_secs(20), || async {
+            temp_count(data) == 0
+                && metric("berth_store_evictions_total").await >= evictions
+                && metric("berth_store_bytes").await <= cap
+        })
+        .await;
+        let used = metric("berth_store_bytes").await;
+        assert!(done, "store at {used} bytes, cap {cap}, after 20 s");
+    };
     assert_eq!(pull(0).await, layer(0));
-    settle().await;
+    next_second(size(0)).await;
     assert_eq!(pull(1).await, layer(1));
-    settle().await;
+    next_second(size(0) + size(1)).await;
     assert_eq!(pull(0).await, layer(0)); // a is used again: b is now the oldest
-    settle().await;
+    next_second(size(0) + size(1)).await;
     assert_eq!(pull(2).await, layer(2)); // 60 MiB > 95% of 48: evict down to 85%
-    settle().await;
-    let data = w.berth.data_dir();
+    evicted(1.0).await;
     assert!(!is_stored(data, &layer(1)), "b was least recently used");
     assert!(is_stored(data, &layer(0)) && is_stored(data, &layer(2)));
     assert_eq!(pull(3).await, layer(3));
-    settle().await;
+    evicted(2.0).await;
     assert!(!is_stored(data, &layer(0)), "then a");
     assert!(is_stored(data, &layer(2)) && is_stored(data, &layer(3)));
     assert!(w.berth.metric("berth_store_evictions_total").await >= 2.0);
@@ -76,7 +107,8 @@ async fn the_least_recently_used_goes_first_and_the_cap_holds() {
         assert_eq!(pull(i).await, layer(i));
     }
     assert_eq!(w.front.count("GET", &layer(1)), 2);
-    settle().await;
+    // Four blobs stored six times, two left under the cap: four evicted, at least.
+    evicted(4.0).await;
     assert_store_consistent(data).await;
 }
 

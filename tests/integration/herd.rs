@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use crate::support::front::Faults;
-use crate::support::http;
+use crate::support::{http, wait_until};
 
 /// GETs `url` and returns the body's digest, or the error that aborted it.
 async fn fetch_digest(url: String) -> Result<String, String> {
@@ -142,7 +142,16 @@ async fn fill_outlives_the_client_that_started_it() {
         } else {
             Vec::new()
         };
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Every other client has joined the fill (answered as coalesced) before the
+        // first leaves.
+        let joined = wait_until(Duration::from_secs(10), || async {
+            w.berth
+                .metric("berth_requests_total{kind=\"blob\",outcome=\"coalesced\"}")
+                .await
+                >= others.len() as f64
+        })
+        .await;
+        assert!(joined, "the other clients never joined the fill");
         drop(first);
         for o in others {
             assert_eq!(o.await.unwrap().as_deref(), Ok(layer.as_str()));

@@ -45,9 +45,25 @@ async fn counters_are_exact_and_promtool_clean() {
             .unwrap();
     }
     w.registry.stop();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let r = get(&format!("{base}/v2/library/app/manifests/v1"), false).await;
-    assert!(r.headers().contains_key("warning"));
+    // The 1 s TTL runs out: the first answer after it (berth asked, the upstream is down)
+    // is the stale one. Answers before it are fresh (manifest hits, not counted below).
+    let manifest = format!("{base}/v2/library/app/manifests/v1");
+    let answers = until_upstream_asked(&w.front, "HEAD", "/library/app/manifests/v1", || async {
+        get(&manifest, false)
+            .await
+            .headers()
+            .contains_key("warning")
+    })
+    .await;
+    assert_eq!(
+        answers.iter().filter(|&&warned| warned).count(),
+        1,
+        "{answers:?}"
+    );
+    assert!(
+        answers.last().unwrap(),
+        "the answer after the TTL carries a Warning"
+    );
 
     let metric = |s: &'static str| {
         let b = &w.berth;
@@ -200,7 +216,6 @@ async fn warm_then_pull_every_platform_offline() {
     );
 
     w.registry.stop();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let base = w.berth.url();
     for m in &idx.manifests {
         let r = get(
@@ -218,8 +233,25 @@ async fn warm_then_pull_every_platform_offline() {
             );
         }
     }
-    let r = get(&format!("{base}/v2/library/single/manifests/v1"), false).await;
-    assert_eq!(r.status(), 200);
+    // The tag, past its 1 s TTL with the upstream down: every answer a 200, the first
+    // after the TTL stale (asked for until the upstream was asked).
+    let tag = format!("{base}/v2/library/single/manifests/v1");
+    let answers = until_upstream_asked(&w.front, "HEAD", "/library/single/manifests/v1", || {
+        let tag = tag.clone();
+        async move {
+            let r = get(&tag, false).await;
+            (r.status(), r.headers().contains_key("warning"))
+        }
+    })
+    .await;
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+    assert!(
+        answers.last().unwrap().1,
+        "stale after the TTL: {answers:?}"
+    );
 
     // berth status: the table names the upstream and shows its quota.
     let mut cmd = Command::new(binary());

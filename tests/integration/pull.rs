@@ -180,11 +180,22 @@ async fn tags_revalidate_with_head_and_digests_never_refetch() {
         w.front.content_requests()
     );
 
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let r = get(&tag_url, true).await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "docker-content-digest"), v1.manifest_digest);
-    assert_eq!(header(&r, "content-length"), v1.manifest.len().to_string());
+    // Once the TTL has run out, a HEAD of the tag revalidates it with one upstream HEAD
+    // (repeated until it does: every HEAD before that is answered from the store).
+    let answers = until_upstream_asked(&w.front, "HEAD", "/manifests/latest", || async {
+        let r = get(&tag_url, true).await;
+        (
+            r.status(),
+            header(&r, "docker-content-digest"),
+            header(&r, "content-length"),
+        )
+    })
+    .await;
+    for (status, digest, length) in answers {
+        assert_eq!(status, 200);
+        assert_eq!(digest, v1.manifest_digest);
+        assert_eq!(length, v1.manifest.len().to_string());
+    }
     assert_eq!(w.front.count("HEAD", "/manifests/latest"), 1);
     assert_eq!(
         w.front.count("GET", "/manifests/"),
@@ -196,10 +207,19 @@ async fn tags_revalidate_with_head_and_digests_never_refetch() {
     // The tag moves upstream.
     let v2 = w.push_image("library/app", "latest", &[80 * KIB], 11).await;
     w.front.clear();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let r = get(&tag_url, false).await;
-    assert_eq!(header(&r, "docker-content-digest"), v2.manifest_digest);
-    assert_eq!(r.bytes().await.unwrap().as_ref(), v2.manifest.as_slice());
+    // Within the TTL the old digest is still served; the first GET after it sees the move.
+    let mut answers = until_upstream_asked(&w.front, "HEAD", "/manifests/latest", || async {
+        let r = get(&tag_url, false).await;
+        let digest = header(&r, "docker-content-digest");
+        (digest, r.bytes().await.unwrap())
+    })
+    .await;
+    let (digest, body) = answers.pop().unwrap();
+    for (held, _) in answers {
+        assert_eq!(held, v1.manifest_digest, "served within the TTL");
+    }
+    assert_eq!(digest, v2.manifest_digest);
+    assert_eq!(body.as_ref(), v2.manifest.as_slice());
     assert_eq!(w.front.count("HEAD", "/manifests/latest"), 1);
     assert_eq!(w.front.count("GET", "/manifests/latest"), 1);
     // The old digest is still served, from the store.
@@ -231,7 +251,22 @@ async fn upstream_down_serves_cache_and_survives_restart() {
         r.bytes().await.unwrap();
     }
     w.registry.stop();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Until the 1 s TTL runs out the tag is fresh; the first answer after it, stale.
+    let manifest = format!("{base}/v2/library/app/manifests/v1");
+    let answers = until_upstream_asked(&w.front, "HEAD", "/library/app/manifests/v1", || async {
+        let r = get(&manifest, false).await;
+        (r.status(), header(&r, "warning"))
+    })
+    .await;
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+    let (_, warning) = answers.last().unwrap();
+    assert!(
+        warning.starts_with("299 - \"berth:"),
+        "warning: {warning:?}"
+    );
     for round in 0..2 {
         for url in pull_all(&img) {
             let r = get(&url, false).await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use crate::support::hub::{Hub, HubRules};
+use crate::support::wait_until;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -136,28 +137,50 @@ async fn a_day_in_the_life_counts_digests_not_pulls() {
         w.push_image("library/day", &format!("t{i}"), &[KIB], 90 + i)
             .await;
     }
-    let mut seen = HashSet::new();
+    let seen = std::cell::RefCell::new(HashSet::new());
+    let rounds = std::cell::Cell::new(0u32);
     let base = w.berth.url();
-    for round in 0..100 {
-        if round == 40 {
-            w.push_image("library/day", "t1", &[KIB], 191).await;
-            w.push_image("library/day", "t2", &[KIB], 192).await;
-        }
-        let tasks: Vec<_> = (0..5)
-            .map(|i| {
-                let url = format!("{base}/v2/library/day/manifests/t{i}?ns=docker.io");
-                tokio::spawn(async move {
-                    let r = get(&url, false).await;
-                    assert_eq!(r.status(), 200);
-                    header(&r, "docker-content-digest")
+    // One round: the 5 tags pulled at once.
+    let round = || {
+        let seen = &seen;
+        let rounds = &rounds;
+        let base = base.clone();
+        async move {
+            let tasks: Vec<_> = (0..5)
+                .map(|i| {
+                    let url = format!("{base}/v2/library/day/manifests/t{i}?ns=docker.io");
+                    tokio::spawn(async move {
+                        let r = get(&url, false).await;
+                        assert_eq!(r.status(), 200);
+                        header(&r, "docker-content-digest")
+                    })
                 })
-            })
-            .collect();
-        for t in tasks {
-            seen.insert(t.await.unwrap());
+                .collect();
+            for t in tasks {
+                let digest = t.await.unwrap();
+                seen.borrow_mut().insert(digest);
+            }
+            rounds.set(rounds.get() + 1);
         }
-        tokio::time::sleep(Duration::from_millis(40)).await;
-    }
+    };
+    // Rounds (every 20 ms, wait_until's poll) until the 1 s TTL has run out once (each
+    // tag revalidated with a HEAD), and at least 40; then two tags move, and the rounds go
+    // on until both moves are seen, 100 at least: 500 pulls or more, over several TTLs.
+    let revalidated = wait_until(Duration::from_secs(20), || async {
+        round().await;
+        rounds.get() >= 40 && w.front.count("HEAD", "/library/day/manifests/") >= 5
+    })
+    .await;
+    assert!(revalidated, "the tags were never revalidated");
+    w.push_image("library/day", "t1", &[KIB], 191).await;
+    w.push_image("library/day", "t2", &[KIB], 192).await;
+    let moves_seen = wait_until(Duration::from_secs(20), || async {
+        round().await;
+        rounds.get() >= 100 && seen.borrow().len() >= 7
+    })
+    .await;
+    let seen = seen.into_inner();
+    assert!(moves_seen, "after {} rounds: {seen:?}", rounds.get());
     assert_eq!(seen.len(), 7, "5 tags + 2 moves");
     assert_eq!(
         hub.counted() as usize,
@@ -199,7 +222,6 @@ async fn limit_reached_cached_images_still_pull() {
     assert_eq!((hub.counted(), hub.remaining("anonymous")), (3, 0));
     assert_metrics_match(&w, &hub, 3, true).await;
 
-    let window_started = std::time::Instant::now();
     // Uncached: 429 with Retry-After, naming the upstream. The headers already told berth
     // that nothing is left, so it does not even ask (the emulator refuses nothing).
     for _ in 0..3 {
@@ -219,26 +241,39 @@ async fn limit_reached_cached_images_still_pull() {
     }
     assert_eq!(hub.refused(), 0);
 
-    // Cached images still pull, their tags stale (revalidated with free HEADs).
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Cached images still pull, their tags stale (revalidated with free HEADs): each is
+    // pulled again until its 1 s TTL has run out and berth sent that HEAD.
     for name in ["a", "b", "c"] {
-        ctrd.ctr(&["images", "rm", &format!("docker.io/library/{name}:v1")])
-            .await;
-        let out = ctrd
-            .pull(&hosts, &format!("docker.io/library/{name}:v1"))
-            .await;
-        assert!(
-            out.status.success(),
-            "{name} during the limit: {}",
-            out.stderr
-        );
+        let image = format!("docker.io/library/{name}:v1");
+        let part = format!("/library/{name}/manifests/v1");
+        let pulls = until_upstream_asked(&w.front, "HEAD", &part, || async {
+            ctrd.ctr(&["images", "rm", &image]).await;
+            ctrd.pull(&hosts, &image).await
+        })
+        .await;
+        for out in pulls {
+            assert!(
+                out.status.success(),
+                "{name} during the limit: {}",
+                out.stderr
+            );
+        }
     }
     assert_eq!(hub.counted(), 3);
 
-    // After the window, the uncached image pulls.
-    if let Some(left) = window.checked_sub(window_started.elapsed()) {
-        tokio::time::sleep(left + Duration::from_millis(300)).await;
-    }
+    // After the window, the uncached image pulls: once the emulator's window has reset
+    // and berth's bucket (refilling 3 per 8 s since the last headers said 0) has a token.
+    let tokens = "berth_quota_tokens{upstream=\"docker.io\"}";
+    let reset = wait_until(Duration::from_secs(30), || async {
+        hub.remaining("anonymous") > 0 && w.berth.metric(tokens).await >= 1.0
+    })
+    .await;
+    assert!(
+        reset,
+        "no token after the window: emulator {}, berth {}",
+        hub.remaining("anonymous"),
+        w.berth.metric(tokens).await
+    );
     let out = ctrd.pull(&hosts, "docker.io/library/d:v1").await;
     assert!(
         out.status.success(),
@@ -322,15 +357,24 @@ async fn the_reserve_is_kept_for_new_images() {
     pull(&base, "library/new0", "v1").await.unwrap();
     pull(&base, "library/new1", "v1").await.unwrap(); // 2 tokens left: the reserve
     w.push_image("library/app", "v1", &[KIB], 130).await; // the tag moves
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let r = get(&format!("{base}/v2/library/app/manifests/v1"), false).await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(
-        header(&r, "docker-content-digest"),
-        old.manifest_digest,
-        "served stale"
-    );
-    assert!(header(&r, "warning").contains("quota"), "{:?}", r.headers());
+                                                          // Asked for until the 1 s TTL has run out and berth saw the move (a free HEAD); within
+                                                          // the TTL, the old digest is served fresh.
+    let tag = format!("{base}/v2/library/app/manifests/v1");
+    let answers = until_upstream_asked(&w.front, "HEAD", "/library/app/manifests/v1", || async {
+        let r = get(&tag, false).await;
+        assert_eq!(r.status(), 200);
+        (header(&r, "docker-content-digest"), r.headers().clone())
+    })
+    .await;
+    for (digest, _) in &answers {
+        assert_eq!(*digest, old.manifest_digest, "served stale");
+    }
+    let (_, headers) = answers.last().unwrap();
+    let warning = headers
+        .get("warning")
+        .map(|v| v.to_str().unwrap_or(""))
+        .unwrap_or_default();
+    assert!(warning.contains("quota"), "{headers:?}");
     assert_eq!(
         w.berth
             .metric("berth_quota_stale_answers_total{upstream=\"docker.io\"}")
@@ -427,11 +471,15 @@ async fn an_upstream_429_starts_a_cooldown() {
         1,
         "logged once"
     );
-    // The cached image is still served (its stale tag revalidated with a free HEAD).
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    pull(&base, "library/a", "v1")
-        .await
-        .expect("cached image during the cooldown");
+    // The cached image is still served (its stale tag revalidated with a free HEAD):
+    // pulled until its 1 s TTL has run out and berth sent that HEAD.
+    let pulls = until_upstream_asked(&w.front, "HEAD", "/library/a/manifests/v1", || {
+        pull(&base, "library/a", "v1")
+    })
+    .await;
+    for p in pulls {
+        p.expect("cached image during the cooldown");
+    }
     assert_eq!(
         w.berth
             .metric("berth_quota_refusals_total{upstream=\"docker.io\",reason=\"cooldown\"}")

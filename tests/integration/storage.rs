@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use crate::support::berth::{binary, Berth};
 use crate::support::front::Faults;
-use crate::support::{http, run_with_timeout_async};
+use crate::support::{http, run_with_timeout_async, wait_until};
 
 /// SIGKILL, as an OOM killer or a node losing power would: no handler runs.
 fn kill_9(berth: &Berth) {
@@ -69,8 +69,17 @@ async fn kill_9_mid_fill_then_restart() {
         Ok(small.as_str())
     );
     assert!(wait_stored(&data, &small).await, "small layer not stored");
-    // The repository link is committed just after the client's last byte.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The repository link is committed just after the client's last byte, in the index
+    // transaction that records the blob; the blob count berth reports follows it.
+    let indexed = wait_until(Duration::from_secs(10), || async {
+        w.berth.metric("berth_store_blobs").await >= 1.0
+    })
+    .await;
+    assert!(
+        indexed,
+        "the small layer was never indexed; log:\n{}",
+        w.berth.log()
+    );
 
     // 32 MiB/s per connection: the 128 MiB fill takes about 4 s.
     w.front.set_faults(Faults {
@@ -208,6 +217,7 @@ async fn kill_9_during_concurrent_fills_ten_times() {
                 (want, body.map(|b| crate::support::image::sha256_digest(&b)))
             }));
         }
+        // Not a wait for anything: where this round's kill lands (see above).
         tokio::time::sleep(Duration::from_millis(20 + round * 31)).await;
         kill_9(&w.berth);
         let cut = temp_files(&data).len();
