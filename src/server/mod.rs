@@ -19,6 +19,7 @@ pub use stack::ServerMetrics;
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,7 +139,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(idle::Activity::default());
         // Plain TCP sends stored blobs with sendfile (HTTP/1.x requests only; see splice).
-        let (conn, splicer) = match &tls {
+        let (accepted, splicer) = match &tls {
             None => {
                 let (io, splicer) = splice::SpliceIo::new(stream);
                 (Accepted::Plain(io), Some(splicer))
@@ -147,69 +148,24 @@ pub async fn serve(
         };
         // The principal of the client's certificate, known once the TLS handshake is done.
         let client_cert = Arc::new(std::sync::OnceLock::<Option<ClientCert>>::new());
-        let handler = {
-            let app = app.clone();
-            let activity = activity.clone();
-            let client_cert = client_cert.clone();
-            tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                let guard = activity.begin();
-                if let Some(splicer) = &splicer {
-                    if req.version() <= http::Version::HTTP_11 {
-                        req.extensions_mut().insert(splicer.clone());
-                    }
-                }
-                if let Some(Some(cert)) = client_cert.get() {
-                    req.extensions_mut().insert(cert.clone());
-                }
-                let app = app.clone();
-                // Boxed: the handler's future is large, and every layer of the stack and
-                // hyper would otherwise move it by value (a memcpy per poll site).
-                Box::pin(async move {
-                    let resp = match role {
-                        Role::Api => api::handle(app, req, peer).await,
-                        Role::Admin => admin::handle(app, req).await,
-                    };
-                    Ok::<_, Infallible>(resp.map(|body| idle::Tracked::new(body, guard)))
-                })
-            })
+        let handler = Handler {
+            app: app.clone(),
+            role,
+            peer,
+            activity: activity.clone(),
+            splicer,
+            client_cert: client_cert.clone(),
         };
         let svc = TowerToHyperService::new(stack::layered(handler, app.server_metrics.clone()));
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let result = match conn {
-                Accepted::Plain(io) => {
-                    let io = idle::Guarded::new(io, deadlines, activity);
-                    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-                    watcher.watch(conn).await
-                }
-                Accepted::Tls(stream, acceptor) => {
-                    // The handshake is under the head deadline of `stream` too.
-                    let stream = idle::Guarded::new(stream, deadlines, activity);
-                    let tls = match acceptor.accept(stream).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                    };
-                    let cert = tls.get_ref().1.peer_certificates().and_then(|chain| {
-                        let principal = chain.first().and_then(crate::access::cert::principal);
-                        if principal.is_none() {
-                            tracing::info!(%peer, "client certificate without a usable common name: not a principal");
-                        }
-                        principal.map(ClientCert)
-                    });
-                    let _ = client_cert.set(cert);
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .into_owned();
-                    watcher.watch(conn).await
-                }
+            let conn = Connection {
+                peer,
+                deadlines,
+                activity,
+                client_cert,
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            conn.serve(accepted, svc, builder, watcher).await;
             drop(pass);
         });
     }
@@ -221,6 +177,129 @@ pub async fn serve(
         tracing::warn!(role = ?role, "shutdown grace period over; closing remaining connections");
     }
     Ok(())
+}
+
+/// What a spawned connection needs besides its socket and service.
+struct Connection {
+    peer: SocketAddr,
+    deadlines: idle::Deadlines,
+    activity: Arc<idle::Activity>,
+    client_cert: Arc<std::sync::OnceLock<Option<ClientCert>>>,
+}
+
+impl Connection {
+    /// Serves one accepted connection (its TLS handshake first) until it ends or the
+    /// graceful shutdown is over.
+    async fn serve(
+        self,
+        accepted: Accepted,
+        svc: TowerToHyperService<stack::Layered<Handler>>,
+        builder: auto::Builder<TokioExecutor>,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let Connection {
+            peer,
+            deadlines,
+            activity,
+            client_cert,
+        } = self;
+        let result = match accepted {
+            Accepted::Plain(io) => {
+                let io = idle::Guarded::new(io, deadlines, activity);
+                let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+                watcher.watch(conn).await
+            }
+            Accepted::Tls(stream, acceptor) => {
+                // The handshake is under the head deadline of `stream` too.
+                let stream = idle::Guarded::new(stream, deadlines, activity);
+                let tls = match acceptor.accept(stream).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                };
+                let _ = client_cert.set(client_certificate(&tls, peer));
+                let conn = builder
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .into_owned();
+                watcher.watch(conn).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// The principal a TLS client's verified certificate names, if any.
+fn client_certificate<IO>(
+    tls: &tokio_rustls::server::TlsStream<IO>,
+    peer: SocketAddr,
+) -> Option<ClientCert> {
+    let chain = tls.get_ref().1.peer_certificates()?;
+    let principal = chain.first().and_then(crate::access::cert::principal);
+    if principal.is_none() {
+        tracing::info!(%peer, "client certificate without a usable common name: not a principal");
+    }
+    principal.map(ClientCert)
+}
+
+/// One connection's handler: marks the connection busy while a request runs, hands the
+/// request what the connection knows (sendfile, the client certificate), and calls the
+/// pull API or the admin API.
+#[derive(Clone)]
+struct Handler {
+    app: Arc<App>,
+    role: Role,
+    peer: SocketAddr,
+    activity: Arc<idle::Activity>,
+    /// Plain TCP: stored blobs go out with sendfile (HTTP/1.x requests only).
+    splicer: Option<splice::Splicer>,
+    client_cert: Arc<std::sync::OnceLock<Option<ClientCert>>>,
+}
+
+type HandlerFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<idle::Tracked<response::Body>>, Infallible>,
+            > + Send,
+    >,
+>;
+
+impl tower::Service<http::Request<hyper::body::Incoming>> for Handler {
+    type Response = http::Response<idle::Tracked<response::Body>>;
+    type Error = Infallible;
+    type Future = HandlerFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<hyper::body::Incoming>) -> HandlerFuture {
+        let guard = self.activity.begin();
+        if let Some(splicer) = &self.splicer {
+            if req.version() <= http::Version::HTTP_11 {
+                req.extensions_mut().insert(splicer.clone());
+            }
+        }
+        if let Some(Some(cert)) = self.client_cert.get() {
+            req.extensions_mut().insert(cert.clone());
+        }
+        let (app, role, peer) = (self.app.clone(), self.role, self.peer);
+        // Boxed: the handler's future is large, and every layer of the stack and hyper
+        // would otherwise move it by value (a memcpy per poll site).
+        Box::pin(async move {
+            let resp = match role {
+                Role::Api => api::handle(app, req, peer).await,
+                Role::Admin => admin::handle(app, req).await,
+            };
+            Ok(resp.map(|body| idle::Tracked::new(body, guard)))
+        })
+    }
 }
 
 /// Loads a TLS acceptor (HTTP/2 and HTTP/1.1 by ALPN) from PEM files.
