@@ -42,8 +42,17 @@ pub async fn status(admin: &str) -> Result<String, String> {
     Ok(render(&s))
 }
 
+/// The status as `berth status` prints it: a summary, then a row per upstream.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
+    summary(&mut out, s);
+    out.push('\n');
+    upstream_table(&mut out, s);
+    out
+}
+
+/// Uptime, hit ratio, bytes, store, fills, fleet and shared tier: a line each.
+fn summary(out: &mut String, s: &Status) {
     let up = humantime::format_duration(Duration::from_secs(s.uptime_seconds));
     let _ = writeln!(out, "berth {}, up {up}", s.version);
     let ratio = s
@@ -90,7 +99,10 @@ pub fn render(s: &Status) -> String {
         };
         let _ = writeln!(out, "shared     {} ({state})", sh.store);
     }
-    out.push('\n');
+}
+
+/// Each upstream's quota, tokens, the upstream's own count, cooldown and last error.
+fn upstream_table(out: &mut String, s: &Status) {
     let _ = writeln!(
         out,
         "{:<20} {:<24} {:>9} {:>9} {:>9}  last error",
@@ -121,7 +133,6 @@ pub fn render(s: &Status) -> String {
             u.host, quota_bar
         );
     }
-    out
 }
 
 /// Asks berth to warm `images` (with their signatures and referrers if `signatures`);

@@ -186,19 +186,8 @@ pub async fn serve_reporting(
     let tls = tls(&config)?;
     // Bound first: the parts are built knowing berth's own addresses (a redirect must
     // never lead to them), which with port 0 only binding tells.
-    let api = TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
-    let admin = TcpListener::bind(config.server.admin_listen)
-        .await
-        .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
-    let bound = |l: &TcpListener, configured| l.local_addr().unwrap_or(configured);
-    let (api_addr, admin_addr) = (
-        bound(&api, config.server.listen),
-        bound(&admin, config.server.admin_listen),
-    );
-    config.server.listen = api_addr;
-    config.server.admin_listen = admin_addr;
+    let (api, admin) = bind_listeners(&mut config).await?;
+    let (api_addr, admin_addr) = (config.server.listen, config.server.admin_listen);
     let app = Arc::new(build(&config)?);
     if let Some(fleet) = app.proxy.fleet() {
         fleet.resolve_now().await;
@@ -217,6 +206,12 @@ pub async fn serve_reporting(
         version = env!("CARGO_PKG_VERSION"),
         "berth is serving"
     );
+    if app.admin_token.is_none() {
+        tracing::info!(admin = %admin_addr,
+            "no server.admin_token_file: POST/DELETE /admin/* (warm, tag deletion) are refused; \
+             /metrics, /healthz, /readyz and the status reads stay open");
+    }
+    start_background(&app, &config);
     let limits = Limits {
         header_read_timeout: config.server.header_read_timeout,
         idle_timeout: config.server.idle_timeout,
@@ -224,11 +219,28 @@ pub async fn serve_reporting(
         max_connections: config.server.max_connections,
         max_connections_per_client: config.server.max_connections_per_client,
     };
-    if app.admin_token.is_none() {
-        tracing::info!(admin = %admin_addr,
-            "no server.admin_token_file: POST/DELETE /admin/* (warm, tag deletion) are refused; \
-             /metrics, /healthz, /readyz and the status reads stay open");
-    }
+    serve_until_signal(api, admin, app, tls, limits).await;
+    Ok(())
+}
+
+/// Binds the pull and admin listeners, and writes the bound addresses back into the
+/// configuration (a port 0 becomes the port the kernel chose).
+async fn bind_listeners(config: &mut Config) -> Result<(TcpListener, TcpListener), String> {
+    let api = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
+    let bound = |l: &TcpListener, configured| l.local_addr().unwrap_or(configured);
+    config.server.listen = bound(&api, config.server.listen);
+    config.server.admin_listen = bound(&admin, config.server.admin_listen);
+    Ok((api, admin))
+}
+
+/// The background work of a serving berth: status history, access reloads, fleet
+/// membership, eviction and access times, and the warm list.
+fn start_background(app: &Arc<App>, config: &Config) {
     tokio::spawn(sample_history(app.clone()));
     tracing::info!(access = %app.access.describe(), "who may pull what");
     access::Access::keep_reloading(&app.access);
@@ -243,6 +255,17 @@ pub async fn serve_reporting(
     if let Some(warm) = config.warm.clone() {
         tokio::spawn(keep_warm(app.clone(), warm));
     }
+}
+
+/// Serves both listeners until SIGTERM or SIGINT, then lets in-flight requests finish
+/// (within the shutdown grace).
+async fn serve_until_signal(
+    api: TcpListener,
+    admin: TcpListener,
+    app: Arc<App>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_task = tokio::spawn(server::serve(
         api,
@@ -271,7 +294,6 @@ pub async fn serve_reporting(
         }
     }
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// Evicts in the background when the store passes its high watermark (checked every

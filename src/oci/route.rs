@@ -86,59 +86,7 @@ impl<'a> Route<'a> {
         if rest == "_catalog" {
             return Err(unsupported("listing the catalog"));
         }
-        let (name, endpoint) = if let Some(name) = rest.strip_suffix("/tags/list") {
-            let n = match query_param(query, "n") {
-                Some(v) => Some(
-                    super::digits(&v)
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| {
-                            Error::new(
-                                ErrorCode::Unsupported,
-                                format!("n={} is not a number", super::Quoted(&v, 20)),
-                            )
-                        })?,
-                ),
-                None => None,
-            };
-            (
-                name,
-                Endpoint::TagsList {
-                    n,
-                    last: query_param(query, "last"),
-                },
-            )
-        } else if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
-            // Neither a tag nor a digest: it names nothing that can exist, and "not
-            // found" is how registries answer that (404 MANIFEST_UNKNOWN, not 400).
-            let reference = Reference::parse(reference).map_err(|e| {
-                Error::new(
-                    ErrorCode::ReferenceInvalid,
-                    format!("no manifest can have this reference: {e}"),
-                )
-            })?;
-            (name, Endpoint::Manifest(reference))
-        } else if rest.contains("/blobs/uploads") {
-            return Err(unsupported("pushing"));
-        } else if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
-            let digest =
-                Digest::parse(digest).map_err(|e| Error::new(ErrorCode::DigestInvalid, e.0))?;
-            (name, Endpoint::Blob(digest))
-        } else if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
-            let digest =
-                Digest::parse(digest).map_err(|e| Error::new(ErrorCode::DigestInvalid, e.0))?;
-            (
-                name,
-                Endpoint::Referrers {
-                    digest,
-                    artifact_type: query_param(query, "artifactType"),
-                },
-            )
-        } else {
-            return Err(Error::new(
-                ErrorCode::NameUnknown,
-                format!("no OCI endpoint at {}", super::Quoted(path, 200)),
-            ));
-        };
+        let (name, endpoint) = endpoint(path, rest, query)?;
         Ok(Route {
             endpoint,
             name,
@@ -146,6 +94,71 @@ impl<'a> Route<'a> {
             head,
         })
     }
+}
+
+/// The endpoint under `/v2/` that `rest` names, with the repository name before it.
+fn endpoint<'a>(
+    path: &str,
+    rest: &'a str,
+    query: Option<&str>,
+) -> Result<(&'a str, Endpoint), Error> {
+    Ok(if let Some(name) = rest.strip_suffix("/tags/list") {
+        let n = page_size(query)?;
+        (
+            name,
+            Endpoint::TagsList {
+                n,
+                last: query_param(query, "last"),
+            },
+        )
+    } else if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        // Neither a tag nor a digest: it names nothing that can exist, and "not
+        // found" is how registries answer that (404 MANIFEST_UNKNOWN, not 400).
+        let reference = Reference::parse(reference).map_err(|e| {
+            Error::new(
+                ErrorCode::ReferenceInvalid,
+                format!("no manifest can have this reference: {e}"),
+            )
+        })?;
+        (name, Endpoint::Manifest(reference))
+    } else if rest.contains("/blobs/uploads") {
+        return Err(unsupported("pushing"));
+    } else if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+        let digest =
+            Digest::parse(digest).map_err(|e| Error::new(ErrorCode::DigestInvalid, e.0))?;
+        (name, Endpoint::Blob(digest))
+    } else if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
+        let digest =
+            Digest::parse(digest).map_err(|e| Error::new(ErrorCode::DigestInvalid, e.0))?;
+        (
+            name,
+            Endpoint::Referrers {
+                digest,
+                artifact_type: query_param(query, "artifactType"),
+            },
+        )
+    } else {
+        return Err(Error::new(
+            ErrorCode::NameUnknown,
+            format!("no OCI endpoint at {}", super::Quoted(path, 200)),
+        ));
+    })
+}
+
+/// A tags list's `n`: a number, if given.
+fn page_size(query: Option<&str>) -> Result<Option<u32>, Error> {
+    let Some(v) = query_param(query, "n") else {
+        return Ok(None);
+    };
+    super::digits(&v)
+        .and_then(|n| u32::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorCode::Unsupported,
+                format!("n={} is not a number", super::Quoted(&v, 20)),
+            )
+        })
 }
 
 #[cfg(test)]

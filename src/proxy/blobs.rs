@@ -68,39 +68,61 @@ impl Proxy {
             }
         }
         if head {
-            if let Some(fill) = self.fills.in_progress(digest) {
-                if !fill.is_for(up.host(), repo) {
-                    self.authorize_blob(up, repo, digest).await?;
-                }
-                if let Some(total) = fill.started().await?.total {
-                    return Ok(BlobAnswer {
-                        size: Some(total),
-                        source: None,
-                        outcome: Outcome::Coalesced,
-                        redirect: None,
-                    });
-                }
+            return self.head_not_stored(up, repo, digest).await;
+        }
+        self.join_fill(up, repo, digest, caller).await
+    }
+
+    /// A HEAD of a blob not in the local store: answered from a fill in progress, the
+    /// bucket, or an upstream HEAD. A HEAD does not start a fill: HEADs are free upstream
+    /// and often only probe.
+    async fn head_not_stored(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<BlobAnswer, oci::Error> {
+        if let Some(fill) = self.fills.in_progress(digest) {
+            if !fill.is_for(up.host(), repo) {
+                self.authorize_blob(up, repo, digest).await?;
             }
-            if let Some(size) = self.shared_blob(up, repo, digest).await? {
+            if let Some(total) = fill.started().await?.total {
                 return Ok(BlobAnswer {
-                    size: Some(size),
+                    size: Some(total),
                     source: None,
-                    outcome: Outcome::Hit,
+                    outcome: Outcome::Coalesced,
                     redirect: None,
                 });
             }
-            // A HEAD does not start a fill: HEADs are free upstream and often only probe.
-            return match up.head_blob(repo, digest).await {
-                Ok(Some(size)) => Ok(BlobAnswer {
-                    size: Some(size),
-                    source: None,
-                    outcome: Outcome::Miss,
-                    redirect: None,
-                }),
-                Ok(None) => Err(blob_unknown(up, repo, digest)),
-                Err(e) => Err(e.to_oci(up.host())),
-            };
         }
+        if let Some(size) = self.shared_blob(up, repo, digest).await? {
+            return Ok(BlobAnswer {
+                size: Some(size),
+                source: None,
+                outcome: Outcome::Hit,
+                redirect: None,
+            });
+        }
+        match up.head_blob(repo, digest).await {
+            Ok(Some(size)) => Ok(BlobAnswer {
+                size: Some(size),
+                source: None,
+                outcome: Outcome::Miss,
+                redirect: None,
+            }),
+            Ok(None) => Err(blob_unknown(up, repo, digest)),
+            Err(e) => Err(e.to_oci(up.host())),
+        }
+    }
+
+    /// Joins the fill for the blob in progress, or starts one, and follows it.
+    async fn join_fill(
+        &self,
+        up: &Arc<Upstream>,
+        repo: &Repository,
+        digest: &Digest,
+        caller: &Caller,
+    ) -> Result<BlobAnswer, oci::Error> {
         // A herd joins the fill in progress without a look at the bucket each.
         let joined = match self.fills.in_progress(digest) {
             Some(f) => Joined::Following(f),

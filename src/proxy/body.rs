@@ -129,21 +129,8 @@ async fn pump(
     let mut pos = start;
     loop {
         if end.is_some_and(|e| pos >= e) {
-            // A fill's body ends only once its digest is verified: an empty (or fully
-            // sent) range must not look complete while the blob may yet fail.
             if let BlobSource::Filling(f) = &mut source {
-                // This client needs nothing more from a pass-through: do not hold it up.
-                f.tail.close();
-                let end_state = f
-                    .progress
-                    .wait_for(|p| p.status.complete() || matches!(p.status, Status::Failed(_)))
-                    .await
-                    .map(|p| p.status.clone());
-                if let Ok(Status::Failed(e)) = end_state {
-                    if let Ok(slot) = tx.reserve().await {
-                        fail(slot, &e.message);
-                    }
-                }
+                settle(f, &tx).await;
             }
             return;
         }
@@ -151,95 +138,142 @@ async fn pump(
         let Ok(slot) = tx.reserve().await else {
             return; // the client went away
         };
-        let (file, avail) = match &mut source {
-            BlobSource::Stored(f) => (f.clone(), end.unwrap_or(pos)),
+        let (slot, file, avail) = match &mut source {
+            BlobSource::Stored(f) => (slot, f.clone(), end.unwrap_or(pos)),
             // Served by `pump_shared`.
             BlobSource::Shared(..) => {
                 return fail(slot, "internal: a shared-tier source in the file pump")
             }
-            BlobSource::Filling(f) => {
-                let waited = tokio::time::timeout(
-                    FOLLOWER_PATIENCE,
-                    f.progress.wait_for(|p| {
-                        readable(p) > pos
-                            || p.status.complete()
-                            || matches!(p.status, Status::Failed(_))
-                            || p.passed_from.is_some_and(|from| pos >= from)
-                    }),
-                )
-                .await;
-                // Clone out of the watch guard before any await.
-                let waited = waited.map(|r| r.map(|p| p.clone()));
-                let p = match waited {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => return fail(slot, "the blob fill ended unexpectedly"),
-                    Err(_) => return fail(slot, "the blob fill stalled"),
-                };
-                if let Status::Failed(e) = &p.status {
-                    return fail(slot, &e.message);
-                }
-                if let Some(from) = p.passed_from {
-                    if pos >= from {
-                        // The disk is full: the rest comes through this client's channel.
-                        match pass_through(f, &mut pos, end, slot, &served).await {
-                            Flow::Continue => continue,
-                            Flow::Stop => return,
-                        }
-                    }
-                }
-                let avail = readable(&p);
-                if p.status.complete() && pos >= avail {
-                    // A fill of unknown size is complete, or the range ends past it.
-                    if end.is_some_and(|e| pos < e) {
-                        return fail(slot, "the blob is shorter than announced");
-                    }
-                    return;
-                }
-                let Some(reader) = p.reader.clone() else {
-                    return fail(slot, "the blob fill has no data");
-                };
-                (reader, end.map_or(avail, |e| avail.min(e)))
-            }
+            BlobSource::Filling(f) => match fill_window(f, &mut pos, end, slot, &served).await {
+                Window::Read(slot, file, avail) => (slot, file, avail),
+                Window::Again => continue,
+                Window::Stop => return,
+            },
         };
         if avail <= pos {
             return;
         }
         let n = (avail - pos).min(chunk_size) as usize;
-        let at = pos;
-        if file_pieces {
-            served.inc_by(n as u64);
-            pos += n as u64;
-            slot.send(Ok(Piece::File {
+        let piece = if file_pieces {
+            Piece::File {
                 file,
-                offset: at,
+                offset: pos,
                 len: n,
-            }));
-            continue;
-        }
-        let read = move |file: Arc<File>| {
-            let mut buf = vec![0u8; n];
-            file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
-        };
-        let chunk = if from_fill {
-            // A fill's bytes were written moments ago and sit in the page cache: reading
-            // them inline costs a memcpy, where a blocking-pool hop per read would cost a
-            // thread per follower in a herd.
-            read(file)
-        } else if let Some(chunk) = read_cached(&file, n, at) {
-            // A stored blob whose pages are cached (most hits): no thread hop either.
-            Ok(chunk)
+            }
         } else {
-            tokio::task::spawn_blocking(move || read(file))
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)))
-        };
-        let chunk = match chunk {
-            Ok(b) => b,
-            Err(e) => return fail(slot, &format!("reading the blob: {e}")),
+            match read_chunk(file, n, pos, from_fill).await {
+                Ok(b) => Piece::Bytes(b),
+                Err(e) => return fail(slot, &format!("reading the blob: {e}")),
+            }
         };
         served.inc_by(n as u64);
         pos += n as u64;
-        slot.send(Ok(Piece::Bytes(chunk)));
+        slot.send(Ok(piece));
+    }
+}
+
+/// A fill's body ends only once its digest is verified: an empty (or fully sent) range
+/// must not look complete while the blob may yet fail. Waits for the fill's end, and
+/// ends the body with its error if it failed.
+async fn settle(f: &mut Follower, tx: &mpsc::Sender<io::Result<Piece>>) {
+    // This client needs nothing more from a pass-through: do not hold it up.
+    f.tail.close();
+    let end_state = f
+        .progress
+        .wait_for(|p| p.status.complete() || matches!(p.status, Status::Failed(_)))
+        .await
+        .map(|p| p.status.clone());
+    if let Ok(Status::Failed(e)) = end_state {
+        if let Ok(slot) = tx.reserve().await {
+            fail(slot, &e.message);
+        }
+    }
+}
+
+/// What a fill lets a client read next, from `pos`.
+enum Window<'a> {
+    /// The file the fill writes, readable up to the given offset; the slot to send in.
+    Read(mpsc::Permit<'a, io::Result<Piece>>, Arc<File>, u64),
+    /// Bytes were passed through (or skipped): look again.
+    Again,
+    /// The body has ended, cleanly or with an error already sent.
+    Stop,
+}
+
+/// Waits (up to [`FOLLOWER_PATIENCE`]) until the fill has bytes past `pos`, has ended,
+/// or passes bytes through its channel (the disk is full), and says which.
+async fn fill_window<'a>(
+    f: &mut Follower,
+    pos: &mut u64,
+    end: Option<u64>,
+    slot: mpsc::Permit<'a, io::Result<Piece>>,
+    served: &prometheus_client::metrics::counter::Counter,
+) -> Window<'a> {
+    let at = *pos;
+    let waited = tokio::time::timeout(
+        FOLLOWER_PATIENCE,
+        f.progress.wait_for(|p| {
+            readable(p) > at
+                || p.status.complete()
+                || matches!(p.status, Status::Failed(_))
+                || p.passed_from.is_some_and(|from| at >= from)
+        }),
+    )
+    .await;
+    // Clone out of the watch guard before any await.
+    let waited = waited.map(|r| r.map(|p| p.clone()));
+    let stop = |slot, why: &str| {
+        fail(slot, why);
+        Window::Stop
+    };
+    let p = match waited {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return stop(slot, "the blob fill ended unexpectedly"),
+        Err(_) => return stop(slot, "the blob fill stalled"),
+    };
+    if let Status::Failed(e) = &p.status {
+        return stop(slot, &e.message);
+    }
+    if p.passed_from.is_some_and(|from| at >= from) {
+        // The disk is full: the rest comes through this client's channel.
+        return match pass_through(f, pos, end, slot, served).await {
+            Flow::Continue => Window::Again,
+            Flow::Stop => Window::Stop,
+        };
+    }
+    let avail = readable(&p);
+    if p.status.complete() && at >= avail {
+        // A fill of unknown size is complete, or the range ends past it.
+        if end.is_some_and(|e| at < e) {
+            return stop(slot, "the blob is shorter than announced");
+        }
+        return Window::Stop;
+    }
+    let Some(reader) = p.reader.clone() else {
+        return stop(slot, "the blob fill has no data");
+    };
+    Window::Read(slot, reader, end.map_or(avail, |e| avail.min(e)))
+}
+
+/// Reads `n` bytes of `file` at `at`: inline where the pages are surely cached, on the
+/// blocking pool where the read may wait for the disk.
+async fn read_chunk(file: Arc<File>, n: usize, at: u64, from_fill: bool) -> io::Result<Bytes> {
+    let read = move |file: Arc<File>| {
+        let mut buf = vec![0u8; n];
+        file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
+    };
+    if from_fill {
+        // A fill's bytes were written moments ago and sit in the page cache: reading
+        // them inline costs a memcpy, where a blocking-pool hop per read would cost a
+        // thread per follower in a herd.
+        read(file)
+    } else if let Some(chunk) = read_cached(&file, n, at) {
+        // A stored blob whose pages are cached (most hits): no thread hop either.
+        Ok(chunk)
+    } else {
+        tokio::task::spawn_blocking(move || read(file))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
     }
 }
 

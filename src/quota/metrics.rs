@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::metrics::{QuotaRefusal, UpstreamLabels};
+use crate::metrics::{family, QuotaRefusal, UpstreamLabels};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
@@ -53,107 +53,92 @@ pub struct QuotaMetrics {
 
 impl QuotaMetrics {
     pub fn register(registry: &mut Registry) -> Self {
-        let counted = Family::<UpstreamLabels, Counter>::default();
-        registry.register(
-            "quota_counted_requests",
-            "Upstream requests that spend quota (Docker Hub: manifest GETs), as sent",
-            counted.clone(),
-        );
-        let refusals = Family::<RefusalLabels, Counter>::default();
-        registry.register(
-        "quota_refusals",
-        "Counted upstream requests berth did not send, by reason (empty, reserve, cooldown, client)",
-        refusals.clone(),
-    );
-        let tokens = Family::<UpstreamLabels, Gauge>::default();
-        registry.register(
-            "quota_tokens",
-            "Tokens left in berth's own bucket for the upstream (whole requests)",
-            tokens.clone(),
-        );
-        let capacity = Family::<UpstreamLabels, Gauge>::default();
-        registry.register(
-            "quota_capacity",
-            "The size of berth's bucket for the upstream (configured, or learnt from its headers)",
-            capacity.clone(),
-        );
-        let refill_seconds = Family::<UpstreamLabels, Gauge>::default();
-        registry.register_with_unit(
-            "quota_refill",
-            "Time until the next token (or the end of an upstream 429 cooldown)",
-            Unit::Seconds,
-            refill_seconds.clone(),
-        );
-        let ratelimit_limit = Family::<UpstreamLabels, Gauge>::default();
-        registry.register(
-            "upstream_ratelimit_limit",
-            "The upstream's ratelimit-limit header, as last seen",
-            ratelimit_limit.clone(),
-        );
-        let ratelimit_remaining = Family::<UpstreamLabels, Gauge>::default();
-        registry.register(
-            "upstream_ratelimit_remaining",
-            "The upstream's ratelimit-remaining header, as last seen",
-            ratelimit_remaining.clone(),
-        );
-        let credential_counted = Family::<CredentialLabels, Counter>::default();
-        registry.register(
-        "credential_quota_counted_requests",
-        "Counted upstream requests sent with one of the upstream's [[upstreams.credentials]], as sent",
-        credential_counted.clone(),
-    );
-        let credential_refusals = Family::<CredentialRefusalLabels, Counter>::default();
-        registry.register(
-        "credential_quota_refusals",
-        "Counted upstream requests not sent because a credential's bucket said no, by reason (empty, reserve, cooldown)",
-        credential_refusals.clone(),
-    );
-        let credential_tokens = Family::<CredentialLabels, Gauge>::default();
-        registry.register(
-            "credential_quota_tokens",
-            "Tokens left in berth's bucket for one credential of the upstream (whole requests)",
-            credential_tokens.clone(),
-        );
-        let credential_capacity = Family::<CredentialLabels, Gauge>::default();
-        registry.register(
-            "credential_quota_capacity",
-            "The size of berth's bucket for one credential of the upstream",
-            credential_capacity.clone(),
-        );
-        let credential_refill_seconds = Family::<CredentialLabels, Gauge>::default();
-        registry.register_with_unit(
-            "credential_quota_refill",
-            "Time until the credential's next token (or the end of an upstream 429 cooldown)",
-            Unit::Seconds,
-            credential_refill_seconds.clone(),
-        );
-        let credential_ratelimit_limit = Family::<CredentialLabels, Gauge>::default();
-        registry.register(
-        "credential_upstream_ratelimit_limit",
-        "The upstream's ratelimit-limit header on answers to requests sent with the credential, as last seen",
-        credential_ratelimit_limit.clone(),
-    );
-        let credential_ratelimit_remaining = Family::<CredentialLabels, Gauge>::default();
-        registry.register(
-        "credential_upstream_ratelimit_remaining",
-        "The upstream's ratelimit-remaining header on answers to requests sent with the credential, as last seen",
-        credential_ratelimit_remaining.clone(),
-    );
+        let r = registry;
         QuotaMetrics {
-            counted,
-            refusals,
-            tokens,
-            capacity,
-            refill_seconds,
-            ratelimit_limit,
-            ratelimit_remaining,
-            credential_counted,
-            credential_refusals,
-            credential_tokens,
-            credential_capacity,
-            credential_refill_seconds,
-            credential_ratelimit_limit,
-            credential_ratelimit_remaining,
+            counted: family(
+                r,
+                "quota_counted_requests",
+                "Upstream requests that spend quota (Docker Hub: manifest GETs), as sent",
+                None,
+            ),
+            refusals: family(
+                r,
+                "quota_refusals",
+                "Counted upstream requests berth did not send, by reason (empty, reserve, cooldown, client)",
+                None,
+            ),
+            tokens: family(
+                r,
+                "quota_tokens",
+                "Tokens left in berth's own bucket for the upstream (whole requests)",
+                None,
+            ),
+            capacity: family(
+                r,
+                "quota_capacity",
+                "The size of berth's bucket for the upstream (configured, or learnt from its headers)",
+                None,
+            ),
+            refill_seconds: family(
+                r,
+                "quota_refill",
+                "Time until the next token (or the end of an upstream 429 cooldown)",
+                Some(Unit::Seconds),
+            ),
+            ratelimit_limit: family(
+                r,
+                "upstream_ratelimit_limit",
+                "The upstream's ratelimit-limit header, as last seen",
+                None,
+            ),
+            ratelimit_remaining: family(
+                r,
+                "upstream_ratelimit_remaining",
+                "The upstream's ratelimit-remaining header, as last seen",
+                None,
+            ),
+            credential_counted: family(
+                r,
+                "credential_quota_counted_requests",
+                "Counted upstream requests sent with one of the upstream's [[upstreams.credentials]], as sent",
+                None,
+            ),
+            credential_refusals: family(
+                r,
+                "credential_quota_refusals",
+                "Counted upstream requests not sent because a credential's bucket said no, by reason (empty, reserve, cooldown)",
+                None,
+            ),
+            credential_tokens: family(
+                r,
+                "credential_quota_tokens",
+                "Tokens left in berth's bucket for one credential of the upstream (whole requests)",
+                None,
+            ),
+            credential_capacity: family(
+                r,
+                "credential_quota_capacity",
+                "The size of berth's bucket for one credential of the upstream",
+                None,
+            ),
+            credential_refill_seconds: family(
+                r,
+                "credential_quota_refill",
+                "Time until the credential's next token (or the end of an upstream 429 cooldown)",
+                Some(Unit::Seconds),
+            ),
+            credential_ratelimit_limit: family(
+                r,
+                "credential_upstream_ratelimit_limit",
+                "The upstream's ratelimit-limit header on answers to requests sent with the credential, as last seen",
+                None,
+            ),
+            credential_ratelimit_remaining: family(
+                r,
+                "credential_upstream_ratelimit_remaining",
+                "The upstream's ratelimit-remaining header on answers to requests sent with the credential, as last seen",
+                None,
+            ),
         }
     }
 

@@ -223,73 +223,18 @@ impl Account {
         // holds by then (a concurrent request may have replaced it).
         let mut fresh: Option<String> = None;
         loop {
-            let mut req = link
-                .http
-                .request(method.clone(), url.clone())
-                .headers(headers.clone());
             let used = fresh.take().or_else(|| self.tokens.get(&scope));
-            if let Some(token) = &used {
-                req = req.bearer_auth(token);
-            } else if let (true, Some(c)) = (self.basic.load(Ordering::Relaxed), &self.credentials)
-            {
-                req = req.basic_auth(&c.username, Some(&c.password));
-            }
-            let sent = tokio::time::timeout(link.response_timeout, req.send()).await;
-            let resp = match sent {
-                Err(_) => {
-                    link.metrics
-                        .upstream_request(&link.host, method.as_str(), kind, None);
-                    return Err(Error::Timeout("waiting for response headers"));
-                }
-                Ok(Err(e)) => {
-                    link.metrics
-                        .upstream_request(&link.host, method.as_str(), kind, None);
-                    return Err(if e.is_timeout() {
-                        Error::Timeout("connecting")
-                    } else {
-                        from_reqwest(&e, Error::Connect)
-                    });
-                }
-                Ok(Ok(resp)) => resp,
-            };
-            let status = resp.status();
-            link.metrics
-                .upstream_request(&link.host, method.as_str(), kind, Some(status.as_u16()));
-            self.quota.observe(resp.headers());
-            match status {
+            let resp = self
+                .send_once(link, &method, &url, &headers, kind, used.as_deref())
+                .await?;
+            match resp.status() {
                 // Only the upstream itself may send berth to a token realm: a challenge
                 // from a host a redirect led to (a CDN) would get the credentials.
                 StatusCode::UNAUTHORIZED
                     if !retried && resp.url().origin() == link.base.origin() =>
                 {
                     retried = true;
-                    // Another request may have refreshed the token meanwhile: use theirs.
-                    let current = self.tokens.get(&scope);
-                    if current.is_some() && current != used {
-                        fresh = current;
-                        continue;
-                    }
-                    // Forget only the token this request found stale, never a newer one.
-                    if let Some(stale) = &used {
-                        self.tokens.forget_if(&scope, stale);
-                    }
-                    let challenge = resp
-                        .headers()
-                        .get(header::WWW_AUTHENTICATE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_challenge);
-                    match challenge {
-                        Some(Challenge::Bearer { realm, service, .. }) => {
-                            fresh = Some(
-                                self.fetch_token(link, &realm, service.as_deref(), &scope)
-                                    .await?,
-                            );
-                        }
-                        Some(Challenge::Basic) if self.credentials.is_some() => {
-                            self.basic.store(true, Ordering::Relaxed);
-                        }
-                        _ => return Err(self.unauthorized()),
-                    }
+                    fresh = self.answer_challenge(link, &resp, used, &scope).await?;
                 }
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(self.unauthorized()),
                 StatusCode::TOO_MANY_REQUESTS => {
@@ -300,6 +245,87 @@ impl Account {
                 }
                 _ => return Ok(resp),
             }
+        }
+    }
+
+    /// One request with `token` (or Basic credentials once the upstream asked for them),
+    /// counted, its rate-limit headers taught to the bucket.
+    async fn send_once(
+        &self,
+        link: &Link,
+        method: &Method,
+        url: &Url,
+        headers: &HeaderMap,
+        kind: Kind,
+        token: Option<&str>,
+    ) -> Result<Response, Error> {
+        let mut req = link
+            .http
+            .request(method.clone(), url.clone())
+            .headers(headers.clone());
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        } else if let (true, Some(c)) = (self.basic.load(Ordering::Relaxed), &self.credentials) {
+            req = req.basic_auth(&c.username, Some(&c.password));
+        }
+        let sent = tokio::time::timeout(link.response_timeout, req.send()).await;
+        let resp = match sent {
+            Err(_) => {
+                link.metrics
+                    .upstream_request(&link.host, method.as_str(), kind, None);
+                return Err(Error::Timeout("waiting for response headers"));
+            }
+            Ok(Err(e)) => {
+                link.metrics
+                    .upstream_request(&link.host, method.as_str(), kind, None);
+                return Err(if e.is_timeout() {
+                    Error::Timeout("connecting")
+                } else {
+                    from_reqwest(&e, Error::Connect)
+                });
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        let status = resp.status().as_u16();
+        link.metrics
+            .upstream_request(&link.host, method.as_str(), kind, Some(status));
+        self.quota.observe(resp.headers());
+        Ok(resp)
+    }
+
+    /// The upstream challenged a request sent with `used` (a token, or none): the token
+    /// to retry with (`None`: Basic credentials, now switched on), or why berth cannot.
+    async fn answer_challenge(
+        &self,
+        link: &Link,
+        resp: &Response,
+        used: Option<String>,
+        scope: &str,
+    ) -> Result<Option<String>, Error> {
+        // Another request may have refreshed the token meanwhile: use theirs.
+        let current = self.tokens.get(scope);
+        if current.is_some() && current != used {
+            return Ok(current);
+        }
+        // Forget only the token this request found stale, never a newer one.
+        if let Some(stale) = &used {
+            self.tokens.forget_if(scope, stale);
+        }
+        let challenge = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge);
+        match challenge {
+            Some(Challenge::Bearer { realm, service, .. }) => Ok(Some(
+                self.fetch_token(link, &realm, service.as_deref(), scope)
+                    .await?,
+            )),
+            Some(Challenge::Basic) if self.credentials.is_some() => {
+                self.basic.store(true, Ordering::Relaxed);
+                Ok(None)
+            }
+            _ => Err(self.unauthorized()),
         }
     }
 

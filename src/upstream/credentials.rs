@@ -158,22 +158,85 @@ fn split_key(key: &str) -> (&str, usize) {
 /// `identitytoken`) are skipped; a malformed `auth` on the chosen entry is an error, not a
 /// silent fall-back to a less specific one.
 fn from_docker_config(path: &Path, config: &UpstreamConfig) -> Result<Option<Credentials>, String> {
-    #[derive(serde::Deserialize)]
-    struct File {
-        #[serde(default)]
-        auths: std::collections::BTreeMap<String, Entry>,
+    let file = read_docker_config(path)?;
+    let wanted = wanted_hosts(config);
+    let mut candidates: Vec<(HostMatch, usize, &String, &DockerAuth)> = file
+        .auths
+        .iter()
+        .filter_map(|(key, entry)| {
+            let (host, segments) = split_key(key);
+            let matched = if host.eq_ignore_ascii_case(&config.host) {
+                HostMatch::Exact
+            } else if wanted.iter().any(|w| w.eq_ignore_ascii_case(host)) {
+                HostMatch::Alias
+            } else {
+                return None;
+            };
+            Some((matched, segments, key, entry))
+        })
+        .collect();
+    candidates.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
+    for (_, _, key, entry) in candidates {
+        if let Some(credentials) = entry.credentials(key)? {
+            return Ok(Some(credentials));
+        }
     }
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        auth: Option<String>,
-        username: Option<String>,
-        password: Option<String>,
+    Err(format!(
+        "{} has no entry for {} (looked for {})",
+        path.display(),
+        config.host,
+        wanted.join(", ")
+    ))
+}
+
+/// A docker config file (`~/.docker/config.json`, a `.dockerconfigjson` secret): only
+/// its `auths`.
+#[derive(serde::Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: std::collections::BTreeMap<String, DockerAuth>,
+}
+
+#[derive(serde::Deserialize)]
+struct DockerAuth {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl DockerAuth {
+    /// The entry's credentials: `username` and `password`, else `auth` (base64 of
+    /// `user:password`); `None` for an entry without either. `key` names it in errors.
+    fn credentials(&self, key: &str) -> Result<Option<Credentials>, String> {
+        if let (Some(u), Some(p)) = (&self.username, &self.password) {
+            return Ok(Some(Credentials {
+                username: u.clone(),
+                password: p.clone(),
+            }));
+        }
+        let Some(auth) = self.auth.as_deref().filter(|a| !a.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .map_err(|_| format!("auths.{key:?}.auth is not base64"))?;
+        let raw = String::from_utf8(raw).map_err(|_| format!("auths.{key:?}.auth is not UTF-8"))?;
+        let (u, p) = raw
+            .split_once(':')
+            .ok_or_else(|| format!("auths.{key:?}.auth is not user:password"))?;
+        Ok(Some(Credentials {
+            username: u.to_owned(),
+            password: p.to_owned(),
+        }))
     }
+}
+
+/// Reads a docker config. serde_json's messages quote the offending value, which may be
+/// a secret: an error says only the kind of error and where it is.
+fn read_docker_config(path: &Path) -> Result<DockerConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    // serde_json's messages quote the offending value, which may be a secret: report only
-    // the kind of error and where it is.
-    let file: File = serde_json::from_str(&text).map_err(|e| {
+    serde_json::from_str(&text).map_err(|e| {
         let kind = match e.classify() {
             serde_json::error::Category::Syntax => "invalid JSON",
             serde_json::error::Category::Eof => "truncated JSON",
@@ -186,8 +249,13 @@ fn from_docker_config(path: &Path, config: &UpstreamConfig) -> Result<Option<Cre
             e.line(),
             e.column()
         )
-    })?;
-    // The URL's host, and host:port when it has an explicit port (on-prem registries).
+    })
+}
+
+/// The hosts a docker config key may name for this upstream: its host, its aliases, its
+/// URL's host (and host:port when the URL has an explicit port: on-prem registries), and
+/// Docker Hub's `index.docker.io`.
+fn wanted_hosts(config: &UpstreamConfig) -> Vec<String> {
     let url_host = reqwest::Url::parse(&config.url)
         .ok()
         .and_then(|u| {
@@ -205,50 +273,7 @@ fn from_docker_config(path: &Path, config: &UpstreamConfig) -> Result<Option<Cre
     if wanted.iter().any(|h| h.ends_with("docker.io")) {
         wanted.push("index.docker.io".into());
     }
-    let mut candidates: Vec<(HostMatch, usize, &String, &Entry)> = file
-        .auths
-        .iter()
-        .filter_map(|(key, entry)| {
-            let (host, segments) = split_key(key);
-            let matched = if host.eq_ignore_ascii_case(&config.host) {
-                HostMatch::Exact
-            } else if wanted.iter().any(|w| w.eq_ignore_ascii_case(host)) {
-                HostMatch::Alias
-            } else {
-                return None;
-            };
-            Some((matched, segments, key, entry))
-        })
-        .collect();
-    candidates.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
-    for (_, _, key, entry) in candidates {
-        if let (Some(u), Some(p)) = (&entry.username, &entry.password) {
-            return Ok(Some(Credentials {
-                username: u.clone(),
-                password: p.clone(),
-            }));
-        }
-        if let Some(auth) = entry.auth.as_deref().filter(|a| !a.trim().is_empty()) {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(auth.trim())
-                .map_err(|_| format!("auths.{key:?}.auth is not base64"))?;
-            let raw =
-                String::from_utf8(raw).map_err(|_| format!("auths.{key:?}.auth is not UTF-8"))?;
-            let (u, p) = raw
-                .split_once(':')
-                .ok_or_else(|| format!("auths.{key:?}.auth is not user:password"))?;
-            return Ok(Some(Credentials {
-                username: u.to_owned(),
-                password: p.to_owned(),
-            }));
-        }
-    }
-    Err(format!(
-        "{} has no entry for {} (looked for {})",
-        path.display(),
-        config.host,
-        wanted.join(", ")
-    ))
+    wanted
 }
 
 #[cfg(test)]
