@@ -140,6 +140,46 @@ impl Metrics {
     }
 }
 
+/// Manifest and blob requests by outcome, and bytes, since start: what the status page
+/// reads (see [`Metrics::counts`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    pub hit: u64,
+    pub revalidated: u64,
+    pub stale: u64,
+    pub miss: u64,
+    pub coalesced: u64,
+    pub error: u64,
+    pub served_from_cache: u64,
+    pub served_from_fills: u64,
+    pub fetched_upstream: u64,
+}
+
+/// A metric family, registered under `name` (with `unit`, if any) and returned.
+pub fn family<L, M>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+) -> Family<L, M>
+where
+    Family<L, M>: prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + Clone
+        + Default
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let family = Family::<L, M>::default();
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, family.clone()),
+        None => registry.register(name, help, family.clone()),
+    }
+    family
+}
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -216,30 +256,44 @@ impl Metrics {
         }
     }
 
-    /// Requests of manifests and blobs so far with this outcome (for the status page).
-    pub fn lookups(&self, outcome: Outcome) -> u64 {
-        [Kind::Manifest, Kind::Blob]
-            .into_iter()
-            .map(|kind| {
-                self.requests
-                    .get_or_create(&RequestLabels { kind, outcome })
-                    .get()
-            })
-            .sum()
-    }
-
-    pub fn served(&self, source: Source) -> u64 {
-        self.served_bytes
-            .get_or_create(&SourceLabels { source })
-            .get()
-    }
-
-    pub fn fetched_upstream(&self, upstream: &str) -> u64 {
-        self.upstream_bytes
-            .get_or_create(&UpstreamLabels {
-                upstream: upstream.to_owned(),
-            })
-            .get()
+    /// The request and byte counters so far, for the status page; bytes fetched summed
+    /// over `upstreams`.
+    pub fn counts<'a>(&self, upstreams: impl IntoIterator<Item = &'a str>) -> Counts {
+        let lookups = |outcome| -> u64 {
+            [Kind::Manifest, Kind::Blob]
+                .into_iter()
+                .map(|kind| {
+                    self.requests
+                        .get_or_create(&RequestLabels { kind, outcome })
+                        .get()
+                })
+                .sum()
+        };
+        let served = |source| {
+            self.served_bytes
+                .get_or_create(&SourceLabels { source })
+                .get()
+        };
+        Counts {
+            hit: lookups(Outcome::Hit),
+            revalidated: lookups(Outcome::Revalidated),
+            stale: lookups(Outcome::Stale),
+            miss: lookups(Outcome::Miss),
+            coalesced: lookups(Outcome::Coalesced),
+            error: lookups(Outcome::Error),
+            served_from_cache: served(Source::Cache),
+            served_from_fills: served(Source::Upstream),
+            fetched_upstream: upstreams
+                .into_iter()
+                .map(|upstream| {
+                    self.upstream_bytes
+                        .get_or_create(&UpstreamLabels {
+                            upstream: upstream.to_owned(),
+                        })
+                        .get()
+                })
+                .sum(),
+        }
     }
 
     pub fn observe_request(&self, kind: Kind, outcome: Outcome, elapsed: Duration) {

@@ -2,6 +2,11 @@
 //!
 //! Every error berth answers goes through [`Error`]; its [`ErrorCode`] alone decides the
 //! status, so the code and the status can never disagree.
+//!
+//! The body is written here rather than with `oci-spec`'s `ErrorResponse`: its error code
+//! enum holds the distribution spec's codes only, and berth also answers `RANGE_INVALID`,
+//! `UNAVAILABLE` and `UNKNOWN` (as distribution does). A test reads every body berth can
+//! write with `oci-spec`, so the spec's codes are spelt as the spec spells them.
 
 use std::fmt;
 use std::time::Duration;
@@ -134,6 +139,44 @@ impl std::error::Error for Error {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every body with a distribution-spec code reads as the spec's `ErrorResponse`; the
+    /// others are berth's (and distribution's) extensions, named here.
+    #[test]
+    fn bodies_read_as_the_spec_says() {
+        use ErrorCode::*;
+        let all = [
+            BlobUnknown,
+            ManifestUnknown,
+            NameUnknown,
+            NameInvalid,
+            ReferenceInvalid,
+            DigestInvalid,
+            RangeInvalid,
+            Unsupported,
+            Unauthorized,
+            Denied,
+            TooManyRequests,
+            Unavailable,
+            UpstreamDigestMismatch,
+            UpstreamManifestInvalid,
+            UpstreamInvalid,
+            Internal,
+        ];
+        for code in all {
+            let body = Error::new(code, "why").to_json();
+            let spec = serde_json::from_str::<oci_spec::distribution::ErrorResponse>(&body);
+            let extension = matches!(
+                code.describe().0,
+                "RANGE_INVALID" | "UNAVAILABLE" | "UNKNOWN"
+            );
+            assert_eq!(spec.is_ok(), !extension, "{code:?}: {body}");
+            if let Ok(r) = spec {
+                let spelt = serde_json::to_value(r.detail()[0].code()).unwrap();
+                assert_eq!(spelt, code.describe().0);
+            }
+        }
+    }
 
     #[test]
     fn json_shape() {

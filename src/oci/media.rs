@@ -98,6 +98,15 @@ impl AcceptSet {
 mod tests {
     use super::*;
 
+    /// The media types berth negotiates are spelt as `oci-spec` spells them (berth keeps
+    /// them as constants: the Accept bit set is built from a const array).
+    #[test]
+    fn media_types_match_oci_spec() {
+        use oci_spec::image::MediaType;
+        assert_eq!(MediaType::ImageManifest.to_string(), OCI_MANIFEST);
+        assert_eq!(MediaType::ImageIndex.to_string(), OCI_INDEX);
+    }
+
     #[test]
     fn containerd_accept() {
         let a = AcceptSet::from_headers(

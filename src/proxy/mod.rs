@@ -16,6 +16,7 @@ mod manifests;
 mod negative;
 mod origin;
 mod revalidate;
+mod snapshot;
 mod tiers;
 mod warm;
 
@@ -28,6 +29,7 @@ pub use body::{BlobBody, BlobSource, Piece, MAX_FILE_PIECE};
 pub use fill::FillMetrics;
 pub use listings::{Listing, ListingAnswer};
 pub use manifests::{tag_key_prefix, ManifestAnswer};
+pub use snapshot::{FleetStatus, ProxySnapshot, Readiness, SharedStatus, StoreStatus};
 pub use warm::WarmReport;
 
 use crate::clock::Clock;

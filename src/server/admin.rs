@@ -17,6 +17,7 @@ use subtle::ConstantTimeEq as _;
 use super::response::{self, Body};
 use super::{status, App};
 use crate::oci::{ImageRef, Reference};
+use crate::proxy::Readiness;
 
 const STATUS_PAGE: &str = include_str!("status.html");
 /// The largest `POST /admin/warm` body accepted.
@@ -43,31 +44,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         }
         (Method::GET, "/metrics") => metrics(&app, &req),
         (Method::GET, "/healthz") => response::status(StatusCode::OK, "ok\n", "text/plain"),
-        (Method::GET, "/readyz") => match app.proxy.store().probe_writable().await {
-            // A shared tier in trouble degrades the replica, it does not take it out:
-            // it still serves its local disk and fetches through.
-            Ok(()) => match shared_trouble(&app).await {
-                Some(trouble) => {
-                    let text = format!(
-                        "ready (degraded): the shared store is unavailable ({trouble}); \
-                         serving from local disk and fetching through\n"
-                    );
-                    let mut resp = Response::new(Body::bytes(text.into_bytes()));
-                    resp.headers_mut()
-                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-                    resp
-                }
-                None => response::status(StatusCode::OK, "ready\n", "text/plain"),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "not ready: the store cannot be written");
-                response::status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: the store cannot be written\n",
-                    "text/plain",
-                )
-            }
-        },
+        (Method::GET, "/readyz") => readyz(&app).await,
         (Method::GET, "/admin/status") => json(StatusCode::OK, &status::status(&app)),
         (Method::POST, "/admin/warm") => warm(&app, req).await,
         (Method::DELETE, p) if p.starts_with("/admin/tags/") => {
@@ -77,16 +54,30 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// What is wrong with the shared tier, if anything: probed (one listing) unless it is
-/// already being skipped after a failure.
-async fn shared_trouble(app: &App) -> Option<String> {
-    let shared = app.proxy.shared()?;
-    if !shared.skipped() {
-        // Bounded well below a probe's timeout: a slow store must not make every replica
-        // unready at once (the Service would have no endpoint left).
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), shared.probe()).await;
+/// 200 when ready (degraded: the shared tier is unavailable, the replica serves its
+/// local disk and fetches through), 503 when the store cannot be written.
+async fn readyz(app: &App) -> Response<Body> {
+    match app.proxy.readiness().await {
+        Readiness::Ready => response::status(StatusCode::OK, "ready\n", "text/plain"),
+        Readiness::Degraded(trouble) => {
+            let text = format!(
+                "ready (degraded): the shared store is unavailable ({trouble}); \
+                 serving from local disk and fetching through\n"
+            );
+            let mut resp = Response::new(Body::bytes(text.into_bytes()));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            resp
+        }
+        Readiness::NotReady(e) => {
+            tracing::warn!(error = %e, "not ready: the store cannot be written");
+            response::status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the store cannot be written\n",
+                "text/plain",
+            )
+        }
     }
-    shared.trouble()
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
@@ -227,10 +218,7 @@ fn metrics<B>(app: &App, req: &Request<B>) -> Response<Body> {
             quota.publish();
         }
     }
-    if let Ok((blobs, bytes)) = app.proxy.store().totals() {
-        app.metrics.store.blobs.set(blobs as i64);
-        app.metrics.store.bytes.set(bytes as i64);
-    }
+    app.proxy.publish_gauges();
     let openmetrics = req
         .headers()
         .get_all(header::ACCEPT)

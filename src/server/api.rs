@@ -19,6 +19,7 @@ use crate::oci::{self, AcceptSet, Endpoint, ErrorCode, Route};
 use crate::proxy::{
     BlobAnswer, BlobBody, BlobSource, Caller, Listing, ListingAnswer, ManifestAnswer,
 };
+use crate::upstream::Resolved;
 
 /// What the log line and the metrics say about a request.
 struct Summary {
@@ -137,12 +138,8 @@ async fn serve<B>(
         );
         return Ok(resp);
     }
-    let crate::upstream::Resolved {
-        upstream: up,
-        repo,
-        prefix,
-    } = app.upstreams.resolve(route.ns.as_deref(), route.name)?;
-    let prefix = prefix.as_deref();
+    let target = app.upstreams.resolve(route.ns.as_deref(), route.name)?;
+    let (up, repo) = (&target.upstream, &target.repo);
     summary.upstream = up.host().to_owned();
     summary.repository = repo.to_string();
     if !caller.forwarded {
@@ -151,19 +148,9 @@ async fn serve<B>(
             .authorize(&summary.principal, peer.ip(), up.host(), repo.as_str())?;
         summary.refused = false;
     }
-    let mut resp = answer(
-        app,
-        req,
-        route.endpoint,
-        route.head,
-        &up,
-        &repo,
-        prefix,
-        &caller,
-        summary,
-    )
-    .await?;
-    if let Some(ns) = &route.ns {
+    let ns = route.ns.clone();
+    let mut resp = answer(app, req, route, &target, &caller, summary).await?;
+    if let Some(ns) = &ns {
         if let Ok(v) = HeaderValue::from_str(ns) {
             resp.headers_mut().insert("oci-namespace", v);
         }
@@ -191,20 +178,18 @@ async fn identify<B>(app: &App, req: &Request<B>, summary: &mut Summary) -> Resu
     Ok(())
 }
 
-/// Asks the proxy for what the endpoint names and writes its answer.
-#[allow(clippy::too_many_arguments)]
+/// Asks the proxy for what the route names in `target` and writes its answer.
 async fn answer<B>(
     app: &Arc<App>,
     req: &Request<B>,
-    endpoint: Endpoint,
-    head: bool,
-    up: &Arc<crate::upstream::Upstream>,
-    repo: &oci::Repository,
-    prefix: Option<&str>,
+    route: Route<'_>,
+    target: &Resolved,
     caller: &Caller,
     summary: &mut Summary,
 ) -> Result<Response<Body>, oci::Error> {
-    Ok(match endpoint {
+    let (up, repo, prefix) = (&target.upstream, &target.repo, target.prefix.as_deref());
+    let head = route.head;
+    Ok(match route.endpoint {
         // Answered by `serve`, before an upstream is resolved.
         Endpoint::Base => Response::new(Body::empty()),
         Endpoint::Manifest(reference) => {
@@ -341,15 +326,7 @@ fn blob_response(
     splicer: Option<&Splicer>,
 ) -> Result<Response<Body>, oci::Error> {
     if let Some(url) = &answer.redirect {
-        let mut resp = Response::new(Body::empty());
-        *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-        let h = resp.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(url.as_str()) {
-            h.insert(header::LOCATION, v);
-        }
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-        digest_headers(h, digest);
-        return Ok(resp);
+        return Ok(redirect_response(url, digest));
     }
     let range_header = req_headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, end) = match answer.size {
@@ -358,42 +335,13 @@ fn blob_response(
             RangeAnswer::Partial { start, end } => {
                 (StatusCode::PARTIAL_CONTENT, start, Some(end + 1))
             }
-            RangeAnswer::Unsatisfiable => {
-                let mut resp = response::error(
-                    &oci::Error::new(
-                        ErrorCode::RangeInvalid,
-                        format!("range {range_header:?} is outside the blob's {size} bytes"),
-                    ),
-                    head,
-                );
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                    resp.headers_mut().insert(header::CONTENT_RANGE, v);
-                }
-                return Ok(resp);
-            }
+            RangeAnswer::Unsatisfiable => return Ok(unsatisfiable(range_header, size, head)),
         },
         // Size unknown (a fill whose upstream sent no length): the whole blob, chunked.
         None => (StatusCode::OK, 0, None),
     };
-    let body = match (head, answer.source, splicer, end) {
-        // A stored file, on a connection that can: sendfile.
-        (false, Some(BlobSource::Stored(file)), Some(splicer), Some(end)) => {
-            let served = app
-                .metrics
-                .served_bytes
-                .get_or_create(&SourceLabels {
-                    source: Source::Cache,
-                })
-                .clone();
-            Body::Spliced(SplicedBody::new(splicer, file, start, end, served))
-        }
-        // Anything else through the pump: a fill's pieces still go out with sendfile where
-        // the connection can, straight from the page cache it was just written to.
-        (false, Some(source), splicer, _) => {
-            let metrics = app.metrics.clone();
-            let body = BlobBody::new(source, start, end, metrics, splicer.is_some());
-            Body::Blob(body, splicer.cloned())
-        }
+    let body = match answer.source {
+        Some(source) if !head => blob_body(app, source, start, end, splicer),
         _ => Body::empty(),
     };
     let mut resp = Response::new(body);
@@ -419,6 +367,64 @@ fn blob_response(
         }
     }
     Ok(resp)
+}
+
+/// A redirect to where the client gets the blob's bytes (a presigned URL).
+fn redirect_response(url: &reqwest::Url, digest: &oci::Digest) -> Response<Body> {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(url.as_str()) {
+        h.insert(header::LOCATION, v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    digest_headers(h, digest);
+    resp
+}
+
+/// 416 for a range outside the blob, with the blob's size in `Content-Range`.
+fn unsatisfiable(range_header: Option<&str>, size: u64, head: bool) -> Response<Body> {
+    let mut resp = response::error(
+        &oci::Error::new(
+            ErrorCode::RangeInvalid,
+            format!("range {range_header:?} is outside the blob's {size} bytes"),
+        ),
+        head,
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+        resp.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    resp
+}
+
+/// The body for bytes `start..end` of a blob.
+fn blob_body(
+    app: &Arc<App>,
+    source: BlobSource,
+    start: u64,
+    end: Option<u64>,
+    splicer: Option<&Splicer>,
+) -> Body {
+    match (source, splicer, end) {
+        // A stored file, on a connection that can: sendfile.
+        (BlobSource::Stored(file), Some(splicer), Some(end)) => {
+            let served = app
+                .metrics
+                .served_bytes
+                .get_or_create(&SourceLabels {
+                    source: Source::Cache,
+                })
+                .clone();
+            Body::Spliced(SplicedBody::new(splicer, file, start, end, served))
+        }
+        // Anything else through the pump: a fill's pieces still go out with sendfile where
+        // the connection can, straight from the page cache it was just written to.
+        (source, splicer, _) => {
+            let metrics = app.metrics.clone();
+            let body = BlobBody::new(source, start, end, metrics, splicer.is_some());
+            Body::Blob(body, splicer.cloned())
+        }
+    }
 }
 
 /// A tags list or referrers list, relayed or kept. `prefix`: the upstream host a

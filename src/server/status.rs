@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::App;
 use crate::clock::now_secs;
-use crate::metrics::{Outcome, Source};
+use crate::metrics::Counts;
+pub use crate::proxy::{FleetStatus, SharedStatus, StoreStatus};
 use crate::quota::QuotaSnapshot;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,22 +35,6 @@ pub struct Status {
     pub principals: Vec<crate::access::PrincipalStatus>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FleetStatus {
-    /// How peers reach this replica.
-    pub me: String,
-    /// Every replica, this one included.
-    pub peers: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SharedStatus {
-    pub store: String,
-    pub available: bool,
-    /// The last failure while unavailable.
-    pub error: Option<String>,
-}
-
 /// Manifest and blob requests since start. `hits` are answers that cost no upstream
 /// transfer (hit, revalidated, stale); `lookups` adds misses and requests that joined one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,14 +53,6 @@ pub struct Bytes {
     pub served_from_cache: u64,
     pub served_from_fills: u64,
     pub fetched_upstream: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoreStatus {
-    pub root: String,
-    pub bytes: u64,
-    pub blobs: u64,
-    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,7 +100,7 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(60);
 
 impl History {
     pub fn record(&self, app: &App) {
-        let requests = requests(app);
+        let requests = requests(counts(app));
         let tokens = app
             .upstreams
             .all()
@@ -157,27 +134,28 @@ impl History {
     }
 }
 
-fn requests(app: &App) -> Requests {
-    let m = &app.metrics;
-    let hits =
-        m.lookups(Outcome::Hit) + m.lookups(Outcome::Revalidated) + m.lookups(Outcome::Stale);
-    let misses = m.lookups(Outcome::Miss);
-    let coalesced = m.lookups(Outcome::Coalesced);
-    let lookups = hits + misses + coalesced;
+fn counts(app: &App) -> Counts {
+    app.metrics
+        .counts(app.upstreams.all().iter().map(|u| u.host()))
+}
+
+fn requests(c: Counts) -> Requests {
+    let hits = c.hit + c.revalidated + c.stale;
+    let lookups = hits + c.miss + c.coalesced;
     Requests {
         lookups,
         hits,
-        misses,
-        coalesced,
-        stale: m.lookups(Outcome::Stale),
-        errors: m.lookups(Outcome::Error),
+        misses: c.miss,
+        coalesced: c.coalesced,
+        stale: c.stale,
+        errors: c.error,
         hit_ratio: (lookups > 0).then(|| hits as f64 / lookups as f64),
     }
 }
 
 pub fn status(app: &App) -> Status {
-    let m = &app.metrics;
-    let (blobs, bytes) = app.proxy.store().totals().unwrap_or((0, 0));
+    let counts = counts(app);
+    let proxy = app.proxy.snapshot();
     let upstreams = app
         .upstreams
         .all()
@@ -203,38 +181,18 @@ pub fn status(app: &App) -> Status {
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: app.started.elapsed().as_secs(),
-        requests: requests(app),
+        requests: requests(counts),
         bytes: Bytes {
-            served_from_cache: m.served(Source::Cache),
-            served_from_fills: m.served(Source::Upstream),
-            fetched_upstream: app
-                .upstreams
-                .all()
-                .iter()
-                .map(|u| m.fetched_upstream(u.host()))
-                .sum(),
+            served_from_cache: counts.served_from_cache,
+            served_from_fills: counts.served_from_fills,
+            fetched_upstream: counts.fetched_upstream,
         },
-        store: StoreStatus {
-            root: app.proxy.store().root().display().to_string(),
-            bytes,
-            blobs,
-            max_bytes: m.store.max_bytes.get().max(0) as u64,
-        },
-        fills_in_flight: m.fills.in_flight.get(),
+        store: proxy.store,
+        fills_in_flight: proxy.fills_in_flight,
         upstreams,
         history: app.history.all(),
-        fleet: app.proxy.fleet().map(|f| FleetStatus {
-            me: f.me().to_owned(),
-            peers: f.peers(),
-        }),
-        shared: app.proxy.shared().map(|s| {
-            let error = s.trouble();
-            SharedStatus {
-                store: s.describe().to_owned(),
-                available: error.is_none(),
-                error,
-            }
-        }),
+        fleet: proxy.fleet,
+        shared: proxy.shared,
         principals: app.access.principals(),
     }
 }
