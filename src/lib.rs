@@ -178,7 +178,8 @@ pub async fn serve(config: Config) -> Result<(), String> {
 
 /// [`serve`], writing the addresses berth bound (a port 0 in the configuration becomes
 /// the port the kernel chose) to `ports_file` as JSON, `{"listen": .., "admin": ..}`,
-/// once both listeners accept. The file appears whole (written aside, then renamed).
+/// once both are bound (a connection made from then on waits in the backlog until berth
+/// serves). The file appears whole (written aside, then renamed).
 pub async fn serve_reporting(
     mut config: Config,
     ports_file: Option<&std::path::Path>,

@@ -33,9 +33,6 @@ use crate::store::Store;
 use crate::upstream::Upstream;
 use task::FillTask;
 
-/// How many times a cut upstream stream is resumed with a `Range` request.
-const MAX_RESUMES: u32 = 3;
-
 /// Where a fill is.
 #[derive(Clone, Debug)]
 pub enum Status {

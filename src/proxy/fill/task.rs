@@ -9,13 +9,16 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::disk::{hash_all, DiskSide, PassThrough, Sinks};
-use super::{Fill, Progress, Status, Tails, MAX_RESUMES};
+use super::{Fill, Progress, Status, Tails};
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::{self, Digest, ErrorCode, Repository};
 use crate::proxy::origin::{Answered, OpenError, Opened, Origin, Request, Via};
 use crate::store::shared::Shared;
 use crate::store::{CommitError, Store, VerifiedBlob};
 use crate::upstream::{self, Upstream};
+
+/// How many times a cut upstream stream is resumed with a `Range` request.
+const MAX_RESUMES: u32 = 3;
 
 pub(super) struct FillTask {
     pub(super) store: Store,
@@ -206,7 +209,7 @@ impl FillTask {
                 // Bytes from a peer or the bucket are its owner's to upload, or there.
                 if self.answered() == Some(Answered::Upstream) {
                     let (file, size) = verified.file();
-                    let up = super::super::tiers::upload_blob(
+                    let up = crate::proxy::tiers::upload_blob(
                         shared,
                         &self.digest,
                         file,
@@ -260,7 +263,7 @@ impl FillTask {
         if self.answered() != Some(Answered::Upstream) {
             return;
         }
-        super::super::tiers::write_through_blob(
+        crate::proxy::tiers::write_through_blob(
             shared,
             &self.store,
             &self.digest,
@@ -270,7 +273,7 @@ impl FillTask {
         .await;
     }
 
-    /// Receives the blob from upstream into `sinks`, resuming a cut transfer with a
+    /// Receives the blob from its origin into `sinks`, resuming a cut transfer with a
     /// `Range` request a bounded number of times.
     async fn stream(&self, mut sinks: Sinks, reader: Arc<File>) -> Result<u64, oci::Error> {
         let up = &self.upstream;
@@ -287,7 +290,7 @@ impl FillTask {
             let mut resp = match self.origin.open(&request).await {
                 Ok(r) => r,
                 Err(OpenError::Unknown) => {
-                    return Err(super::super::blobs::blob_unknown(
+                    return Err(crate::proxy::blobs::blob_unknown(
                         up,
                         &self.repository,
                         &self.digest,
