@@ -291,6 +291,23 @@ def check(docs, notes, values, chart_dir, problems):
         endpoint = args[args.index("--endpoint") + 1]
         expected = v["nodeConfig"]["endpoint"] or f"http://{v['service']['clusterIP']}:{v['service']['port']}"
         need(endpoint == expected, f"node DaemonSet endpoint {endpoint}, expected the pull Service {expected}")
+        # A node token (nodeConfig.tokenSecret) goes to containerd-config as a file from
+        # the Secret; without one, hosts.toml carries no credentials.
+        pod = ds["spec"]["template"]["spec"]
+        token_secret = v["nodeConfig"].get("tokenSecret") or ""
+        token_vol = next((x for x in pod.get("volumes", []) if x["name"] == "node-token"), None)
+        token_arg = args[args.index("--token-file") + 1] if "--token-file" in args else None
+        if token_secret:
+            need(token_arg == "/etc/berth/node-token/token",
+                 f"node DaemonSet: no --token-file /etc/berth/node-token/token in {args}")
+            need(token_vol is not None and token_vol["secret"]["secretName"] == token_secret
+                 and token_vol["secret"]["items"] == [{"key": v["nodeConfig"]["tokenKey"], "path": "token"}],
+                 f"node DaemonSet: volume node-token from {token_secret}/{v['nodeConfig']['tokenKey']}: {token_vol}")
+            mounts = pod["initContainers"][0].get("volumeMounts", [])
+            need({"name": "node-token", "mountPath": "/etc/berth/node-token", "readOnly": True} in mounts,
+                 f"node DaemonSet: node-token not mounted read-only at /etc/berth/node-token: {mounts}")
+        else:
+            need(token_arg is None and token_vol is None, "node DaemonSet: a token without nodeConfig.tokenSecret")
 
     # --- PodDisruptionBudget ---------------------------------------------------------------
     pdb_on = str(v["podDisruptionBudget"]["enabled"]).lower()
@@ -784,6 +801,12 @@ config:
       repositories: ["docker.io/library/*"]
     - principals: ["platform", "payments"]
       repositories: ["docker.io/myorg/*"]
+# The nodes pull as the principal of a token from an existing Secret.
+nodeConfig:
+  enabled: true
+  endpoint: http://10.96.0.50:5000
+  tokenSecret: berth-node-token
+  tokenKey: platform
 YAML
 for v in "$work"/variants/*.yaml; do
     check_values "variant-$(basename "$v" .yaml)" "$v" || failures=$((failures + 1))

@@ -195,14 +195,21 @@ pub async fn warm(
 }
 
 /// containerd's `hosts.toml` for one upstream: `server` is the registry, the one `host`
-/// is berth. Serialized by `toml` (an endpoint is quoted and escaped as TOML wants).
-fn hosts_toml(server: &str, endpoint: &str) -> Result<String, String> {
+/// is berth, with `token` as a bearer token in the header table containerd sends with
+/// every request to it (berth's `[auth] tokens_dir`). Serialized by `toml` (an endpoint
+/// is quoted and escaped as TOML wants).
+fn hosts_toml(server: &str, endpoint: &str, token: Option<&str>) -> Result<String, String> {
     let mut host = toml::Table::new();
     host.insert(
         "capabilities".into(),
         toml::Value::Array(vec!["pull".into(), "resolve".into()]),
     );
     host.insert("dial_timeout".into(), "3s".into());
+    if let Some(token) = token {
+        let mut header = toml::Table::new();
+        header.insert("Authorization".into(), format!("Bearer {token}").into());
+        host.insert("header".into(), toml::Value::Table(header));
+    }
     let mut hosts = toml::Table::new();
     hosts.insert(endpoint.into(), toml::Value::Table(host));
     let mut file = toml::Table::new();
@@ -211,15 +218,34 @@ fn hosts_toml(server: &str, endpoint: &str) -> Result<String, String> {
     toml::to_string(&file).map_err(|e| format!("hosts.toml: {e}"))
 }
 
+/// The token of `--token-file`: its content, trimmed, which must be a usable header value
+/// (visible ASCII, no spaces).
+fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "--token-file {}: a token is one word of visible ASCII characters",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
+}
+
 /// Writes `<out>/<host>/hosts.toml` for each configured upstream (or those in `only`):
 /// berth first for pull and resolve, with a short dial timeout, and the registry itself as
-/// `server`, the fallback containerd uses when berth does not answer.
+/// `server`, the fallback containerd uses when berth does not answer. With `token_file`,
+/// every request to berth carries its token (`Authorization: Bearer`), and the files,
+/// which then hold a secret, are readable by their owner only.
 pub fn containerd_config(
     config: &crate::config::Config,
     endpoint: &str,
     out: &std::path::Path,
     only: &[String],
+    token_file: Option<&std::path::Path>,
 ) -> Result<Vec<std::path::PathBuf>, String> {
+    let token = token_file.map(read_token).transpose()?;
     let url = reqwest::Url::parse(endpoint).map_err(|e| format!("--endpoint {endpoint:?}: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(format!(
@@ -246,12 +272,30 @@ pub fn containerd_config(
             "# Written by `berth containerd-config`: pull {} through berth, falling back to\n\
              # the registry itself when berth does not answer.\n{}",
             u.host,
-            hosts_toml(u.url.trim_end_matches('/'), endpoint)?
+            hosts_toml(u.url.trim_end_matches('/'), endpoint, token.as_deref())?
         );
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_file(&path, &text, token.is_some())?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// Writes `text` to `path` whole (aside, then renamed), mode 0600 if it holds a secret.
+fn write_file(path: &std::path::Path, text: &str, secret: bool) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    let aside = path.with_extension("toml.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&aside)
+        .map_err(at)?;
+    file.write_all(text.as_bytes()).map_err(at)?;
+    drop(file);
+    std::fs::rename(&aside, path).map_err(at)
 }
 
 #[cfg(test)]
@@ -260,7 +304,8 @@ mod tests {
 
     #[test]
     fn hosts_toml_reads_back_as_containerd_expects() {
-        let text = hosts_toml("https://registry-1.docker.io", "http://10.0.0.7:5000").unwrap();
+        let text =
+            hosts_toml("https://registry-1.docker.io", "http://10.0.0.7:5000", None).unwrap();
         let parsed: toml::Table = text.parse().unwrap();
         assert_eq!(
             parsed["server"].as_str(),
@@ -276,8 +321,25 @@ mod tests {
             .collect();
         assert_eq!(caps, ["pull", "resolve"]);
         // A character TOML must escape stays the endpoint's own.
-        let odd = hosts_toml("https://r.example", "http://h:1/a\"b").unwrap();
+        let odd = hosts_toml("https://r.example", "http://h:1/a\"b", None).unwrap();
         let parsed: toml::Table = odd.parse().unwrap();
         assert!(parsed["host"].get("http://h:1/a\"b").is_some(), "{odd}");
+    }
+
+    #[test]
+    fn a_token_goes_in_the_header_table() {
+        let text = hosts_toml("https://r.example", "http://b:5000", Some("tok-1")).unwrap();
+        let parsed: toml::Table = text.parse().unwrap();
+        assert_eq!(
+            parsed["host"]["http://b:5000"]["header"]["Authorization"].as_str(),
+            Some("Bearer tok-1")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "two words\n").unwrap();
+        assert!(read_token(&bad).unwrap_err().contains("one word"));
+        let good = dir.path().join("good");
+        std::fs::write(&good, "tok-2\n").unwrap();
+        assert_eq!(read_token(&good).unwrap(), "tok-2");
     }
 }

@@ -119,6 +119,10 @@ enum Command {
         /// Only these upstream hosts (comma-separated).
         #[arg(long, value_delimiter = ',')]
         upstreams: Vec<String>,
+        /// A bearer token (a file of berth's `[auth] tokens_dir`) that containerd sends
+        /// with every request to berth; the files are then written mode 0600.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// Print the version.
     Version,
@@ -179,7 +183,8 @@ fn main() -> ExitCode {
             out,
             config,
             upstreams,
-        } => containerd_config(config, &endpoint, &out, &upstreams),
+            token_file,
+        } => containerd_config(config, &endpoint, &out, &upstreams, token_file.as_deref()),
         Command::Version => {
             println!("berth {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -325,12 +330,13 @@ fn containerd_config(
     endpoint: &str,
     out: &std::path::Path,
     upstreams: &[String],
+    token_file: Option<&std::path::Path>,
 ) -> Result<ExitCode, String> {
     let config = match config {
         Some(path) => Config::load(&path).map_err(|e| e.to_string())?,
         None => Config::embedded(),
     };
-    for p in berth::cli::containerd_config(&config, endpoint, out, upstreams)? {
+    for p in berth::cli::containerd_config(&config, endpoint, out, upstreams, token_file)? {
         println!("wrote {}", p.display());
     }
     Ok(ExitCode::SUCCESS)

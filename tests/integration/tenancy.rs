@@ -304,14 +304,37 @@ async fn a_token_in_hosts_toml_pulls_until_its_file_is_removed() {
     .await;
     let base = berth.url();
     let ctrd = Containerd::start().await;
-    let hosts = ctrd.write_hosts("docker.io", &base);
-    // The header table containerd sends with every request to this host.
+    // The hosts.toml a node would get, with the header table containerd sends with every
+    // request to berth: written by `berth containerd-config --token-file`.
+    let hosts = ctrd.hosts_dir();
+    let mut cmd = std::process::Command::new(crate::support::berth::binary());
+    cmd.args(["containerd-config", "--endpoint", &base, "--out"])
+        .arg(&hosts)
+        .arg("--config")
+        .arg(&berth.config_path)
+        .args(["--upstreams", "docker.io", "--token-file"])
+        .arg(dir.join("ci"));
+    let out = crate::support::run_with_timeout_async(cmd, Duration::from_secs(20)).await;
+    assert!(out.status.success(), "containerd-config: {}", out.stderr);
     let file = hosts.join("docker.io/hosts.toml");
-    let mut text = std::fs::read_to_string(&file).unwrap();
-    text.push_str(&format!(
-        "  [host.\"{base}\".header]\n    Authorization = \"Bearer tok-ci-0123456789\"\n"
-    ));
-    std::fs::write(&file, text).unwrap();
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "a hosts.toml holding a token is the owner's only"
+    );
+    // Its fallback `server` is the registry itself, which containerd would try after
+    // berth's 401: this node cannot reach it (a dead port), so every pull goes by berth.
+    let upstream = up.front.url();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let dead = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let rewritten = text.replace(
+        &format!("server = \"{upstream}\""),
+        &format!("server = \"{dead}\""),
+    );
+    assert_ne!(rewritten, text, "no server = {upstream:?} in {text}");
+    std::fs::write(&file, rewritten).unwrap();
     let out = ctrd.pull(&hosts, "docker.io/library/tok:v1").await;
     assert!(
         out.status.success(),
