@@ -29,12 +29,12 @@ pub enum Before {
     Fetch,
 }
 
-/// `validated_at`: when the held record was last validated (seconds since the epoch),
-/// `None` when berth holds no record or not the manifest it names.
-pub fn before_asking(validated_at: Option<u64>, now: u64, ttl: Duration) -> Before {
-    match validated_at {
+/// `validated_ms`: when the held record was last validated (unix milliseconds), `None`
+/// when berth holds no record or not the manifest it names; `now_ms` likewise.
+pub fn before_asking(validated_ms: Option<u64>, now_ms: u64, ttl: Duration) -> Before {
+    match validated_ms {
         None => Before::Fetch,
-        Some(at) if Duration::from_secs(now.saturating_sub(at)) < ttl => Before::Fresh,
+        Some(at) if Duration::from_millis(now_ms.saturating_sub(at)) < ttl => Before::Fresh,
         Some(_) => Before::Revalidate,
     }
 }
@@ -99,23 +99,32 @@ mod tests {
     use super::*;
 
     const TTL: Duration = Duration::from_secs(300);
-    const NOW: u64 = 1_000_000;
+    /// Unix milliseconds.
+    const NOW: u64 = 1_000_000_000;
 
     #[test]
     fn before_asking_every_row() {
         let rows = [
-            // (validated_at, expected)
+            // (validated, expected)
             (None, Before::Fetch),
             (Some(NOW), Before::Fresh),
-            (Some(NOW - 299), Before::Fresh),
-            (Some(NOW - 300), Before::Revalidate), // the TTL is exclusive
-            (Some(NOW - 86_400), Before::Revalidate),
+            (Some(NOW - 299_999), Before::Fresh),
+            (Some(NOW - 300_000), Before::Revalidate), // the TTL is exclusive
+            (Some(NOW - 86_400_000), Before::Revalidate),
             // A record from the future (a clock stepped back) counts as just validated.
-            (Some(NOW + 60), Before::Fresh),
+            (Some(NOW + 60_000), Before::Fresh),
         ];
         for (at, want) in rows {
             assert_eq!(before_asking(at, NOW, TTL), want, "validated_at {at:?}");
         }
+        // Measured in milliseconds: a TTL of 1.5 s runs out 1.5 s after, not at a whole
+        // second.
+        let short = Duration::from_millis(1_500);
+        assert_eq!(before_asking(Some(NOW - 1_499), NOW, short), Before::Fresh);
+        assert_eq!(
+            before_asking(Some(NOW - 1_500), NOW, short),
+            Before::Revalidate
+        );
         // A zero TTL revalidates every time.
         assert_eq!(
             before_asking(Some(NOW), NOW, Duration::ZERO),

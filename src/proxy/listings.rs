@@ -144,7 +144,7 @@ impl Proxy {
         listing: Listing,
     ) -> Result<ListingAnswer, oci::Error> {
         let key = listing.key(up.host(), repo);
-        if let Some(doc) = fresh(&self.store, up, &key, self.clock.now_secs()).await? {
+        if let Some(doc) = fresh(&self.store, up, &key, self.clock.now_millis()).await? {
             return Ok(ListingAnswer::kept(doc, Outcome::Hit, None));
         }
         let fetch = Fetch {
@@ -202,13 +202,13 @@ async fn fresh(
     store: &Store,
     up: &Upstream,
     key: &str,
-    now: u64,
+    now_ms: u64,
 ) -> Result<Option<Document>, oci::Error> {
-    Ok(kept(store, key).await?.filter(|d| is_fresh(d, up, now)))
+    Ok(kept(store, key).await?.filter(|d| is_fresh(d, up, now_ms)))
 }
 
-fn is_fresh(doc: &Document, up: &Upstream, now: u64) -> bool {
-    freshness::before_asking(Some(doc.validated_at), now, up.tag_ttl) == Before::Fresh
+fn is_fresh(doc: &Document, up: &Upstream, now_ms: u64) -> bool {
+    freshness::before_asking(Some(doc.validated_ms), now_ms, up.tag_ttl) == Before::Fresh
 }
 
 /// One fetch of a list, with what it needs (it outlives the request that started it).
@@ -227,7 +227,7 @@ impl Fetch {
     async fn run(self) -> Result<ListingAnswer, oci::Error> {
         // Another flight may have refreshed it since the request looked.
         let held = kept(&self.store, &self.key).await?;
-        let now = self.clock.now_secs();
+        let now = self.clock.now_millis();
         if let Some(doc) = held.clone().filter(|d| is_fresh(d, &self.up, now)) {
             return Ok(ListingAnswer::kept(doc, Outcome::Hit, None));
         }
@@ -261,7 +261,7 @@ impl Fetch {
                         .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_owned())))
                         .collect(),
                     body: p.body.clone(),
-                    validated_at: self.clock.now_secs(),
+                    validated_ms: self.clock.now_millis(),
                 };
                 self.store
                     .put_document(self.key.clone(), doc)
@@ -305,7 +305,7 @@ impl Fetch {
     }
 
     fn stale(&self, doc: Document, why: &str) -> ListingAnswer {
-        let age = self.clock.now_secs().saturating_sub(doc.validated_at);
+        let age = self.clock.now_millis().saturating_sub(doc.validated_ms) / 1000;
         let warning = format!(
             "upstream {}: {why}; serving the {} last validated {age}s ago",
             self.up.host(),

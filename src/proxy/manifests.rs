@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::flying::Parts;
 use super::freshness::{self, Before};
 use super::negative::NegativeCache;
-use super::tiers::{adopt_shared_tag, fresh_record, write_through};
+use super::tiers::{adopt_shared_tag, write_through};
 use super::{internal, manifest_links, Caller, Proxy};
 use crate::metrics::{Metrics, Outcome, UpstreamLabels};
 use crate::oci::{self, AcceptSet, Digest, ErrorCode, Reference, Repository, Tag};
@@ -83,7 +83,7 @@ pub(super) async fn find_tag(
             fetched_for.is_some_and(|set| set.contains(accept)) && accept.accepts(&r.media_type)
         })
         .map(|(_, r)| r)
-        .max_by_key(|r| r.validated_at))
+        .max_by_key(|r| r.validated_millis()))
 }
 
 /// The stored answer for a tag validated within its TTL, if there is one.
@@ -93,12 +93,12 @@ async fn fresh_tag(
     repo: &Repository,
     tag: &Tag,
     accept: AcceptSet,
-    now: u64,
+    now_ms: u64,
 ) -> Result<Option<ManifestAnswer>, oci::Error> {
     let Some(r) = find_tag(store, up, repo, tag, accept).await? else {
         return Ok(None);
     };
-    if freshness::before_asking(Some(r.validated_at), now, up.tag_ttl) != Before::Fresh {
+    if freshness::before_asking(Some(r.validated_millis()), now_ms, up.tag_ttl) != Before::Fresh {
         return Ok(None);
     }
     Ok(store
@@ -209,7 +209,7 @@ impl Proxy {
     ) -> Result<ManifestAnswer, oci::Error> {
         let key = tag_key(up, repo, tag, accept);
         let flight_key = key.clone();
-        let now = self.clock.now_secs();
+        let now = self.clock.now_millis();
         if let Some(hit) = fresh_tag(&self.store, up, repo, tag, accept, now).await? {
             return Ok(hit);
         }
@@ -228,7 +228,7 @@ impl Proxy {
                 if let Some(shared) = &this.shared {
                     // Another replica may have validated it: its record is as good as ours.
                     let local = find_tag(&this.store, &up, &repo, &tag, accept).await?;
-                    let now = this.clock.now_secs();
+                    let now = this.clock.now_millis();
                     adopt_shared_tag(shared, &this.store, &up, &repo, &key, local.as_ref(), now)
                         .await?;
                     if let Some(hit) = fresh_tag(&this.store, &up, &repo, &tag, accept, now).await?
@@ -386,9 +386,9 @@ impl Parts {
         self.keep(up, repo, &digest, &fetched)
             .await
             .map_err(FetchError::Oci)?;
-        let now = self.clock.now_secs();
-        self.put_tag(key, fresh_record(digest.clone(), &fetched.media_type, now))
-            .await?;
+        let record =
+            TagRecord::fetched(digest.clone(), &fetched.media_type, self.clock.now_millis());
+        self.put_tag(key, record).await?;
         Ok(ManifestAnswer {
             digest,
             media_type: fetched.media_type,

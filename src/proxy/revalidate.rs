@@ -5,7 +5,6 @@
 use super::flying::Parts;
 use super::freshness::{self, AfterHead, Before, HeadSaid};
 use super::manifests::{find_tag, FetchError, ManifestAnswer};
-use super::tiers::fresh_record;
 use super::{internal, manifest_links};
 use crate::metrics::Outcome;
 use crate::oci::{self, AcceptSet, Digest, Reference, Repository, Tag};
@@ -35,10 +34,10 @@ impl Parts {
                 .map(|m| (r.clone(), m)),
             None => None,
         };
-        let validated_at = stored.as_ref().map(|(r, _)| r.validated_at);
+        let validated = stored.as_ref().map(|(r, _)| r.validated_millis());
         // Another request may have refreshed the tag while this one queued.
         match (
-            freshness::before_asking(validated_at, self.clock.now_secs(), up.tag_ttl),
+            freshness::before_asking(validated, self.clock.now_millis(), up.tag_ttl),
             stored,
         ) {
             (Before::Fresh, Some((record, manifest))) => Ok(ManifestAnswer::stored(
@@ -97,10 +96,7 @@ impl Parts {
         };
         match (freshness::after_head(said), head, moved_to) {
             (AfterHead::Revalidated, _, _) => {
-                let refreshed = TagRecord {
-                    validated_at: self.clock.now_secs(),
-                    ..record.clone()
-                };
+                let refreshed = record.clone().validated(self.clock.now_millis());
                 self.put_tag(key, refreshed).await?;
                 Ok(ManifestAnswer::stored(
                     record.digest,
@@ -141,9 +137,8 @@ impl Parts {
         new: Digest,
         m: StoredManifest,
     ) -> Result<ManifestAnswer, oci::Error> {
-        let now = self.clock.now_secs();
-        self.put_tag(key, fresh_record(new.clone(), &m.media_type, now))
-            .await?;
+        let record = TagRecord::fetched(new.clone(), &m.media_type, self.clock.now_millis());
+        self.put_tag(key, record).await?;
         let links = manifest_links(&m.bytes, &new);
         self.store
             .link(up.host(), repo.as_str(), links)
@@ -170,7 +165,7 @@ impl Parts {
                 })
                 .inc();
         }
-        stale(up, record, m, e, self.clock.now_secs())
+        stale(up, record, m, e, self.clock.now_millis())
     }
 }
 
@@ -179,9 +174,9 @@ fn stale(
     record: TagRecord,
     m: StoredManifest,
     e: &upstream::Error,
-    now: u64,
+    now_ms: u64,
 ) -> ManifestAnswer {
-    let age = now.saturating_sub(record.validated_at);
+    let age = now_ms.saturating_sub(record.validated_millis()) / 1000;
     tracing::warn!(upstream = up.host(), error = %e, "serving a stale tag");
     ManifestAnswer {
         digest: record.digest,

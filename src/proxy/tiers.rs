@@ -43,15 +43,14 @@ pub(super) async fn adopt_shared_tag(
     repo: &Repository,
     key: &str,
     local: Option<&TagRecord>,
-    now: u64,
+    now_ms: u64,
 ) -> Result<(), oci::Error> {
-    let Ok(Some(mut record)) = shared.tag(key).await else {
+    let Ok(Some(record)) = shared.tag(key).await else {
         return Ok(());
     };
     // A replica whose clock runs ahead must not make its records fresh for longer.
-    record.validated_at = record.validated_at.min(now);
-    record.fetched_at = record.fetched_at.min(now);
-    if local.is_some_and(|l| l.validated_at >= record.validated_at) {
+    let record = record.not_after(now_ms);
+    if local.is_some_and(|l| l.validated_millis() >= record.validated_millis()) {
         return Ok(());
     }
     let have = store
@@ -174,16 +173,6 @@ pub(super) async fn ask_owner(
         },
         warning: m.warning,
     }))
-}
-
-/// A tag record for a manifest fetched now.
-pub(super) fn fresh_record(digest: Digest, media_type: &str, now: u64) -> TagRecord {
-    TagRecord {
-        digest,
-        media_type: media_type.to_owned(),
-        fetched_at: now,
-        validated_at: now,
-    }
 }
 
 /// Uploads to the shared tier in flight at once, per process.

@@ -75,11 +75,21 @@ async fn upstream() -> (SocketAddr, Arc<Upstream>) {
 /// berth on `upstream` as docker.io, its store in `dir`, on a manual clock; `top` adds
 /// configuration (`[auth]`, `[[access]]`).
 fn berth(dir: &std::path::Path, upstream: SocketAddr, top: &str, clock: &Clock) -> Arc<App> {
+    berth_with_ttl(dir, upstream, top, clock, "10m")
+}
+
+fn berth_with_ttl(
+    dir: &std::path::Path,
+    upstream: SocketAddr,
+    top: &str,
+    clock: &Clock,
+    tag_ttl: &str,
+) -> Arc<App> {
     let config = Config::parse(
         &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [storage]\nroot = \"{}\"\n\
-             [[upstreams]]\nhost = \"docker.io\"\nurl = \"http://{upstream}\"\ntag_ttl = \"10m\"\n{top}",
+             [[upstreams]]\nhost = \"docker.io\"\nurl = \"http://{upstream}\"\ntag_ttl = \"{tag_ttl}\"\n{top}",
             dir.display()
         ),
         "test",
@@ -153,6 +163,32 @@ async fn a_tag_is_revalidated_once_the_clock_passes_its_ttl() {
         "{warning:?}"
     );
     assert_eq!(r.body().as_ref(), MANIFEST.as_bytes());
+}
+
+/// A TTL under a few seconds is measured in milliseconds: 1.5 s means 1.5 s, not "the
+/// next whole second or two".
+#[tokio::test]
+async fn a_short_ttl_runs_out_to_the_millisecond() {
+    let (addr, up) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(1_000_000);
+    clock.advance_millis(700); // not on a whole second
+    let app = berth_with_ttl(dir.path(), addr, "", &clock, "1500ms");
+    let path = "/v2/library/app/manifests/v1?ns=docker.io";
+    assert_eq!(get(&app, path, None).await.status(), StatusCode::OK);
+    let asked = || {
+        (
+            up.gets.load(Ordering::SeqCst),
+            up.heads.load(Ordering::SeqCst),
+        )
+    };
+    assert_eq!(asked(), (1, 0));
+    clock.advance_millis(1_499);
+    assert_eq!(get(&app, path, None).await.status(), StatusCode::OK);
+    assert_eq!(asked(), (1, 0), "fresh 1.499 s after the fill");
+    clock.advance_millis(1);
+    assert_eq!(get(&app, path, None).await.status(), StatusCode::OK);
+    assert_eq!(asked(), (1, 1), "revalidated 1.5 s after the fill");
 }
 
 /// Authentication and rules in process: the API base challenges, a token pulls what its

@@ -46,15 +46,18 @@ pub struct Document {
     /// (name, value) of the relayed headers (`Content-Type`, `Link`, `OCI-Filters-Applied`).
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
-    /// Unix seconds of the last time the upstream sent it (or confirmed it).
-    pub validated_at: u64,
+    /// Unix milliseconds of the last time the upstream sent it (or confirmed it).
+    pub validated_ms: u64,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Meta {
     status: u16,
     headers: Vec<(String, String)>,
+    /// Unix seconds; documents kept before berth wrote `validated_ms` have only this.
     validated_at: u64,
+    #[serde(default)]
+    validated_ms: Option<u64>,
 }
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> io::Result<()> {
@@ -91,7 +94,8 @@ fn encode(doc: &Document) -> io::Result<Vec<u8>> {
     let meta = serde_json::to_vec(&Meta {
         status: doc.status,
         headers: doc.headers.clone(),
-        validated_at: doc.validated_at,
+        validated_at: doc.validated_ms / 1000,
+        validated_ms: Some(doc.validated_ms),
     })
     .map_err(index::io)?;
     let len = u32::try_from(meta.len()).map_err(index::io)?;
@@ -110,7 +114,9 @@ fn decode(bytes: &[u8]) -> Option<Document> {
         status: meta.status,
         headers: meta.headers,
         body: Bytes::copy_from_slice(&bytes[4 + len..]),
-        validated_at: meta.validated_at,
+        validated_ms: meta
+            .validated_ms
+            .unwrap_or(meta.validated_at.saturating_mul(1000)),
     })
 }
 
@@ -278,12 +284,25 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// A document kept before berth wrote milliseconds reads to the second.
+    #[test]
+    fn documents_kept_in_seconds_still_read() {
+        let meta = br#"{"status":200,"headers":[],"validated_at":1750}"#;
+        let mut bytes = (meta.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(meta);
+        bytes.extend_from_slice(b"body");
+        let d = decode(&bytes).unwrap();
+        assert_eq!((d.validated_ms, d.body.as_ref()), (1_750_000, &b"body"[..]));
+        let round = decode(&encode(&doc(b"x", 1_750_250)).unwrap()).unwrap();
+        assert_eq!(round.validated_ms, 1_750_250);
+    }
+
     fn doc(body: &'static [u8], at: u64) -> Document {
         Document {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],
             body: Bytes::from_static(body),
-            validated_at: at,
+            validated_ms: at,
         }
     }
 

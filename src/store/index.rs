@@ -40,6 +40,51 @@ pub struct TagRecord {
     pub fetched_at: u64,
     /// Unix seconds of the last time upstream confirmed it (GET or HEAD).
     pub validated_at: u64,
+    /// The same moment in unix milliseconds, which the tag's TTL is measured against.
+    /// Records written before berth kept it, and by older replicas of a fleet (which
+    /// ignore it and read `validated_at`), have none: `validated_at` counts then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validated_ms: Option<u64>,
+}
+
+impl TagRecord {
+    /// A record of `digest` fetched (and so validated) at `now_ms`.
+    pub fn fetched(digest: Digest, media_type: &str, now_ms: u64) -> TagRecord {
+        TagRecord {
+            digest,
+            media_type: media_type.to_owned(),
+            fetched_at: now_ms / 1000,
+            validated_at: now_ms / 1000,
+            validated_ms: Some(now_ms),
+        }
+    }
+
+    /// When the upstream last confirmed it, in unix milliseconds.
+    pub fn validated_millis(&self) -> u64 {
+        self.validated_ms
+            .unwrap_or(self.validated_at.saturating_mul(1000))
+    }
+
+    /// The record, confirmed by the upstream at `now_ms`.
+    pub fn validated(self, now_ms: u64) -> TagRecord {
+        TagRecord {
+            validated_at: now_ms / 1000,
+            validated_ms: Some(now_ms),
+            ..self
+        }
+    }
+
+    /// The record with no time later than `now_ms` (another replica's clock may run
+    /// ahead: its records must not stay fresh for longer).
+    pub fn not_after(self, now_ms: u64) -> TagRecord {
+        let now = now_ms / 1000;
+        TagRecord {
+            fetched_at: self.fetched_at.min(now),
+            validated_at: self.validated_at.min(now),
+            validated_ms: Some(self.validated_millis().min(now_ms)),
+            ..self
+        }
+    }
 }
 
 use crate::clock::now_secs;
@@ -335,5 +380,50 @@ impl Index {
             bytes += v.value().0;
         }
         Ok((t.len().map_err(io)?, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    /// Tag records cross versions in a fleet's bucket and in an upgraded store: a record
+    /// without `validated_ms` counts to the second, and a reader that does not know the
+    /// field (an older replica) still reads the seconds.
+    #[test]
+    fn tag_records_read_across_versions() {
+        let old =
+            format!(r#"{{"digest":"{D}","media_type":"m","fetched_at":1700,"validated_at":1750}}"#);
+        let r: TagRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!(r.validated_millis(), 1_750_000);
+
+        let new = TagRecord::fetched(Digest::parse(D).unwrap(), "m", 1_800_250);
+        assert_eq!((new.fetched_at, new.validated_at), (1_800, 1_800));
+        assert_eq!(new.validated_millis(), 1_800_250);
+        let json = serde_json::to_string(&new).unwrap();
+        #[derive(Deserialize)]
+        struct Older {
+            validated_at: u64,
+        }
+        assert_eq!(
+            serde_json::from_str::<Older>(&json).unwrap().validated_at,
+            1_800
+        );
+        assert_eq!(serde_json::from_str::<TagRecord>(&json).unwrap(), new);
+
+        let again = new.clone().validated(1_900_999);
+        assert_eq!(
+            (again.validated_at, again.validated_millis()),
+            (1_900, 1_900_999)
+        );
+        // A record from a clock that runs ahead is brought back to now.
+        let ahead = again.not_after(1_850_500);
+        assert_eq!(
+            (ahead.validated_at, ahead.validated_millis()),
+            (1_850, 1_850_500)
+        );
+        assert_eq!(ahead.fetched_at, 1_800);
     }
 }

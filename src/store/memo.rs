@@ -150,6 +150,7 @@ mod tests {
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             fetched_at: n,
             validated_at: n,
+            validated_ms: None,
         }
     }
 

@@ -166,9 +166,9 @@ pub async fn error_code(resp: reqwest::Response) -> (u16, String, String) {
 
 /// Repeats `attempt` until the front has seen one more `method` request whose path
 /// contains `part` than before the first attempt: the observable moment a TTL ran out and
-/// berth asked the upstream. Use it instead of sleeping past a tag TTL: tag records are
-/// stamped in whole unix seconds, so a TTL of n s runs out between n-1 and n s after the
-/// fill, and the wait ends then, however loaded the machine. Every attempt but the last
+/// berth asked the upstream. Use it instead of sleeping past a tag TTL: the wait ends when
+/// the TTL has run out (tag records are stamped in milliseconds), however loaded the
+/// machine, and no sooner than the TTL after the fill. Every attempt but the last
 /// was answered without asking the upstream (within the TTL: counts asserted before the
 /// wait still hold). Returns each attempt's result, the one that asked last. Panics after
 /// 20 s.
