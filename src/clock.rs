@@ -1,8 +1,9 @@
 //! Wall-clock time, in one place. Every record berth keeps (when a tag was fetched, when
 //! a blob was last read, when a list was kept, how old an upload is) is stamped in unix
 //! seconds from here; what a TTL is measured against (when a tag or a kept list was last
-//! validated) also in milliseconds, so that a TTL of a second or two means what it says. Time that is only measured (timeouts, token buckets, the negative
-//! cache) uses tokio's monotonic clock, which unit tests pause and advance.
+//! validated) also in milliseconds, so that a TTL of a second or two means what it says.
+//! Time that is only measured (timeouts, token buckets, the negative cache) uses tokio's
+//! monotonic clock, which unit tests pause and advance.
 //!
 //! The proxy holds a [`Clock`] instead of asking the system, so a test can move it past a
 //! TTL (`Clock::manual`, `Clock::advance`) instead of sleeping through it.

@@ -38,7 +38,8 @@ pub struct TagRecord {
     pub media_type: String,
     /// Unix seconds of the last GET that fetched it.
     pub fetched_at: u64,
-    /// Unix seconds of the last time upstream confirmed it (GET or HEAD).
+    /// Unix seconds of the last time upstream confirmed it (GET or HEAD); `validated_ms`,
+    /// when present, says it to the millisecond.
     pub validated_at: u64,
     /// The same moment in unix milliseconds, which the tag's TTL is measured against.
     /// Records written before berth kept it, and by older replicas of a fleet (which
