@@ -414,6 +414,10 @@ impl Drop for Berth {
 }
 
 /// The berth binary cargo built for these tests.
+/// The berth binary this build made, or `BERTH_BIN` when set: a benchmark can measure
+/// another build (an A/B comparison in the same run conditions).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_berth"))
+    std::env::var_os("BERTH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_berth")))
 }
