@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One `[[upstreams]]` block.
 #[derive(Clone, Debug)]
@@ -290,35 +290,38 @@ impl Berth {
             listen: SocketAddr,
             admin: SocketAddr,
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+        // Written aside and renamed: once there, it is whole.
+        let read = |path: &Path| match std::fs::read(path) {
+            Ok(bytes) => Some(serde_json::from_slice::<Ports>(&bytes).unwrap_or_else(|e| {
                 panic!(
-                    "berth exited during start-up ({status}); log:\n{}",
-                    self.log()
-                );
-            }
-            // Written aside and renamed: once there, it is whole.
-            match std::fs::read(&self.ports_path) {
-                Ok(bytes) => {
-                    let ports: Ports = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                        panic!(
-                            "berth's ports file {}: {e}: {}",
-                            self.ports_path.display(),
-                            String::from_utf8_lossy(&bytes)
-                        )
-                    });
-                    return (ports.listen, ports.admin);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => panic!("read {}: {e}", self.ports_path.display()),
-            }
-            assert!(
-                Instant::now() < deadline,
-                "berth wrote no ports file within {timeout:?}; log:\n{}",
+                    "berth's ports file {}: {e}: {}",
+                    path.display(),
+                    String::from_utf8_lossy(&bytes)
+                )
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => panic!("read {}: {e}", path.display()),
+        };
+        let (child, path) = (&mut self.child, &self.ports_path);
+        let (mut exited, mut ports) = (None, None);
+        super::wait_until(timeout, || {
+            exited = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            ports = read(path);
+            std::future::ready(exited.is_some() || ports.is_some())
+        })
+        .await;
+        if let Some(status) = exited {
+            panic!(
+                "berth exited during start-up ({status}); log:\n{}",
                 self.log()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match ports {
+            Some(p) => (p.listen, p.admin),
+            None => panic!(
+                "berth wrote no ports file within {timeout:?}; log:\n{}",
+                self.log()
+            ),
         }
     }
 
