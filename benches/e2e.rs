@@ -686,8 +686,8 @@ fn access_rules(n: usize, principal: &str, allowed: &str) -> String {
 /// The `access` rows: berth's configuration (top-level TOML) and the credentials header
 /// its clients send. The first row is the reference.
 fn access_configs(dir: &Path) -> Vec<(String, String, Option<String>)> {
-    let tokens = bench::tokens_dir(dir, &[(PRINCIPAL, TOKEN)]);
-    let htpasswd = bench::htpasswd_file(dir, PRINCIPAL, PASSWORD, BCRYPT_COST);
+    let tokens = support::auth::tokens_dir(dir, &[(PRINCIPAL, TOKEN)]);
+    let htpasswd = support::auth::htpasswd_file(dir, &[(PRINCIPAL, PASSWORD)], BCRYPT_COST);
     let tokens_auth = format!(
         "[auth]\ntokens_dir = \"{}\"\nanonymous = false\n",
         tokens.display()

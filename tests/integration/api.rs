@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::*;
 use crate::support::berth::binary;
 use crate::support::image::sha256_digest;
+use crate::support::JsonAnswer as _;
 use crate::support::{http, run_with_timeout_async, wait_until};
 
 async fn get_range(url: &str, range: &str) -> reqwest::Response {
@@ -113,12 +114,8 @@ async fn ranges_heads_and_passthroughs() {
     }
     let v: serde_json::Value = http()
         .get(format!("{}/v2/app/tags/list", w.berth.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     assert_eq!(v["name"], "library/app");
     let mut tags: Vec<String> = serde_json::from_value(v["tags"].clone()).unwrap();
     tags.sort();

@@ -18,6 +18,7 @@ use crate::support::hub::HubRules;
 use crate::support::image::{build_image, push, BuiltImage, ImageSpec, Platform, LAYOUT_REF};
 use crate::support::registry::{Registry, RegistryOptions};
 use crate::support::token::{TokenIssuer, TokenPolicy, TokenRequest};
+use crate::support::JsonAnswer as _;
 use crate::support::{require_tool, run_with_timeout_async};
 
 const ORG_PASSWORD: &str = "orgbot-Passw0rd-17";
@@ -243,12 +244,8 @@ async fn each_repository_pulls_with_its_own_account_tokens_and_quota() {
     // The status JSON shows the credential buckets by name.
     let status: serde_json::Value = crate::support::http()
         .get(format!("{}/admin/status", berth.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     let creds = &status["upstreams"][0]["credentials"];
     assert_eq!(creds[0]["name"], "myorg", "{status}");
     assert_eq!(creds[0]["quota"]["header_remaining"], LIMIT - 2, "{status}");

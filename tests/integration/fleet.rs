@@ -983,15 +983,15 @@ async fn a_silent_bucket_is_bounded_by_its_timeout() {
 /// again. A request straight to the owner is checked there as anywhere.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fleet_checks_clients_where_they_arrive_and_forwards_signed() {
-    let tokens = tempfile::tempdir().unwrap();
-    std::fs::write(tokens.path().join("team-a"), "tok-a\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = crate::support::auth::tokens_dir(dir.path(), &[("team-a", "tok-a")]);
     let w = FleetWorld::start_with(
         "",
         "",
         &format!(
             "[auth]\ntokens_dir = \"{}\"\nanonymous = false\n\
              [[access]]\nprincipals = [\"team-a\"]\nrepositories = [\"docker.io/library/*\"]\n",
-            tokens.path().display()
+            tokens.display()
         ),
     )
     .await;

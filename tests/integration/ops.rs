@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use crate::support::berth::binary;
+use crate::support::JsonAnswer as _;
 use crate::support::{http, require_tool, run_with_timeout_async};
 
 /// Test 1: after k warm blob GETs, m misses and one stale answer, the counters say k, m
@@ -186,12 +187,8 @@ async fn warm_then_pull_every_platform_offline() {
         .berth
         .admin_request(reqwest::Method::POST, "/admin/warm")
         .json(&serde_json::json!({ "images": ["docker.io/library/multi:v1", "ghcr.io/nope/x:1"] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     let results = r["results"].as_array().unwrap();
     assert_eq!(results[0]["ok"], true, "{r}");
     assert_eq!(results[0]["digest"], idx.index_digest.as_str());

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::common::*;
 use crate::support::hub::{Hub, HubRules};
 use crate::support::wait_until;
+use crate::support::JsonAnswer as _;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -443,12 +444,8 @@ async fn an_upstream_429_starts_a_cooldown() {
             "{}/token?service=registry.docker.io",
             w.front.url()
         ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     let direct = client
         .get(format!("{}/v2/library/a/manifests/v1", w.front.url()))
         .bearer_auth(token["token"].as_str().unwrap())

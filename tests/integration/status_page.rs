@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
+use crate::support::JsonAnswer as _;
 use crate::support::{http, require_tool, run_with_timeout_async, CommandOutput};
 
 /// Runs headless Chromium on `url` with `args` appended, in a fresh profile.
@@ -114,12 +115,8 @@ async fn status_page_shows_what_admin_status_says() {
     // (tokens only refill, and docker.io's bucket is full again only after minutes).
     let status: serde_json::Value = http()
         .get(format!("{admin}/admin/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
 
     let row = upstream_row(&dom, "docker.io")
         .unwrap_or_else(|| panic!("no docker.io row in the rendered page:\n{dom}"));

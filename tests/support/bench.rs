@@ -326,34 +326,6 @@ pub async fn throttled_front(upstream: &str, rate_mib: Option<u64>) -> super::fr
 // ---------------------------------------------------------------------------------------
 // Client credentials for berth's `[auth]`.
 
-/// A `tokens_dir` under `dir` with one file per principal (its name the principal, its
-/// content the token), as a Kubernetes Secret volume lays it out.
-pub fn tokens_dir(dir: &Path, principals: &[(&str, &str)]) -> PathBuf {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).expect("create the tokens dir");
-    for (name, token) in principals {
-        std::fs::write(tokens.join(name), format!("{token}\n")).expect("write a token file");
-    }
-    tokens
-}
-
-/// An htpasswd file under `dir` with one bcrypt entry of `cost`, written by the real
-/// `htpasswd -Bbc -C <cost>` (the tool's own default cost is 5; operators are told 10+).
-pub fn htpasswd_file(dir: &Path, user: &str, password: &str, cost: u32) -> PathBuf {
-    let file = dir.join("htpasswd");
-    let mut cmd = Command::new(super::require_tool("htpasswd"));
-    cmd.args(["-Bbc", "-C", &cost.to_string()])
-        .arg(&file)
-        .args([user, password]);
-    super::run_with_timeout(cmd, Duration::from_secs(60)).expect_success("htpasswd -Bbc");
-    let entry = std::fs::read_to_string(&file).expect("read the htpasswd file");
-    assert!(
-        entry.starts_with(&format!("{user}:$2y${cost:02}$")),
-        "htpasswd wrote no bcrypt entry of cost {cost}: {entry:?}"
-    );
-    file
-}
-
 /// The header line (`-H` for curl and wrk) that sends a bearer token.
 pub fn bearer_header(token: &str) -> String {
     format!("Authorization: Bearer {token}")

@@ -12,6 +12,7 @@
 
 #![allow(dead_code)] // each test module uses a different part of the harness
 
+pub mod auth;
 pub mod bench;
 pub mod berth;
 pub mod containerd;
@@ -124,6 +125,22 @@ where
             return false;
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A request's answer read as JSON, whatever its status: `.json_answer().await` instead
+/// of `.send().await.unwrap().json().await.unwrap()`.
+pub trait JsonAnswer {
+    fn json_answer(self) -> impl std::future::Future<Output = serde_json::Value>;
+}
+
+impl JsonAnswer for reqwest::RequestBuilder {
+    async fn json_answer(self) -> serde_json::Value {
+        let resp = self.send().await.expect("send the request");
+        let status = resp.status();
+        resp.json()
+            .await
+            .unwrap_or_else(|e| panic!("a JSON answer ({status}): {e}"))
     }
 }
 
