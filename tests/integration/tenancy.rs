@@ -7,40 +7,17 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
+use crate::support::auth::tokens_dir;
 use crate::support::berth::{Berth, UpstreamSpec};
 use crate::support::containerd::Containerd;
 use crate::support::front::Front;
 use crate::support::registry::{Registry, RegistryOptions};
+use crate::support::JsonAnswer as _;
 use crate::support::{http, require_tool, run_with_timeout_async, wait_until, CommandOutput};
 
-/// An htpasswd file written by the real `htpasswd -B` (bcrypt), as operators make them.
+/// An htpasswd file of bcrypt entries at `htpasswd -B`'s own cost.
 fn htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
-    let file = dir.join("htpasswd");
-    for (i, (user, password)) in users.iter().enumerate() {
-        let create = if i == 0 { "-Bbc" } else { "-Bb" };
-        let out = Command::new(require_tool("htpasswd"))
-            .arg(create)
-            .arg(&file)
-            .args([user, password])
-            .output()
-            .expect("run htpasswd");
-        assert!(
-            out.status.success(),
-            "htpasswd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    file
-}
-
-/// A tokens_dir: one file per principal.
-fn tokens(dir: &Path, principals: &[(&str, &str)]) -> PathBuf {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    for (name, token) in principals {
-        std::fs::write(tokens.join(name), format!("{token}\n")).unwrap();
-    }
-    tokens
+    crate::support::auth::htpasswd_file(dir, users, 5)
 }
 
 /// How a client authenticates to berth.
@@ -190,6 +167,12 @@ async fn htpasswd_users_pull_with_skopeo_and_ctr_and_others_are_challenged() {
     )
     .await;
     assert!(!out.status.success(), "an anonymous skopeo pulled");
+    // Refused by berth, not failed for another reason.
+    assert!(
+        out.stderr.to_lowercase().contains("unauthorized"),
+        "{}",
+        out.stderr
+    );
 
     // ctr --user, through a hosts.toml mirror as on a node.
     let ctrd = Containerd::start().await;
@@ -257,12 +240,8 @@ async fn htpasswd_users_pull_with_skopeo_and_ctr_and_others_are_challenged() {
     // The status page lists the principals.
     let status: serde_json::Value = berth
         .admin_request(reqwest::Method::GET, "/admin/status")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     let principals = status["principals"].as_array().expect("principals");
     let of = |name: &str| principals.iter().find(|p| p["principal"] == name).cloned();
     let alice = of("alice").expect("alice on the status page");
@@ -290,7 +269,7 @@ async fn a_token_in_hosts_toml_pulls_until_its_file_is_removed() {
         1302,
     )
     .await;
-    let dir = tokens(
+    let dir = tokens_dir(
         up.dir.path(),
         &[("ci", "tok-ci-0123456789"), ("ops", "tok-ops-987")],
     );
@@ -381,6 +360,11 @@ async fn a_token_in_hosts_toml_pulls_until_its_file_is_removed() {
     ctrd.ctr(&["content", "prune", "references"]).await;
     let out = ctrd.pull(&hosts, "docker.io/library/tok:v1").await;
     assert!(!out.status.success(), "ctr pulled with a removed token");
+    assert!(
+        out.stderr.to_lowercase().contains("unauthorized"),
+        "{}",
+        out.stderr
+    );
     let _ = img;
 }
 
@@ -407,7 +391,7 @@ async fn rules_allow_one_team_its_repositories_and_refuse_the_other_from_the_cac
         1304,
     )
     .await;
-    let dir = tokens(up.dir.path(), &[("team-a", "tok-a"), ("team-b", "tok-b")]);
+    let dir = tokens_dir(up.dir.path(), &[("team-a", "tok-a"), ("team-b", "tok-b")]);
     let berth = Berth::start_with(
         &[UpstreamSpec::docker_hub(&up.front.url())],
         &format!(
@@ -454,6 +438,11 @@ async fn rules_allow_one_team_its_repositories_and_refuse_the_other_from_the_cac
     )
     .await;
     assert!(!out.status.success(), "team-a pulled teamb/app");
+    assert!(
+        out.stderr.to_lowercase().contains("denied"),
+        "{}",
+        out.stderr
+    );
     let base = berth.url();
     for url in [
         format!("{base}/v2/teamb/app/manifests/v1"),
@@ -614,6 +603,15 @@ async fn a_client_certificate_names_the_principal() {
         !out.status.success(),
         "a certificate of another CA was accepted"
     );
+    // Refused in the handshake: a certificate error, or (when skopeo retries the ping
+    // over plain HTTP) berth's TLS alert record (content type 21, `\x15\x03\x03`) as the
+    // answer it quotes (escaped once or twice).
+    assert!(
+        out.stderr.to_lowercase().contains("certificate")
+            || out.stderr.replace('\\', "").contains("x15x03x03"),
+        "{}",
+        out.stderr
+    );
     let out = copy(None, "none").await;
     assert!(
         !out.status.success(),
@@ -674,7 +672,7 @@ async fn private_content_stays_private_in_the_cache() {
     .await;
     let password = dir.path().join("robot-password");
     std::fs::write(&password, format!("{ROBOT}\n")).unwrap();
-    let tokens = tokens(dir.path(), &[("ops", "tok-ops"), ("dev", "tok-dev")]);
+    let tokens = tokens_dir(dir.path(), &[("ops", "tok-ops"), ("dev", "tok-dev")]);
     let berth = Berth::start_with(
         &[UpstreamSpec::docker_hub(&front.url()).extra(&format!(
             "redirect_allow = [\"127.0.0.1\"]\n\
@@ -736,6 +734,9 @@ async fn private_content_stays_private_in_the_cache() {
     // (Twice: the registry challenges the first HEAD, berth fetches a token, asks again.)
     assert_eq!(front.count("HEAD", &format!("public/web/blobs/{layer}")), 2);
     let asked: Vec<_> = issuer.requests()[tokens_before..].to_vec();
+    // The challenged HEAD made berth ask for a token: an empty list would pass the check
+    // below without proving anything.
+    assert!(!asked.is_empty(), "berth fetched no token for public/web");
     assert!(
         asked.iter().all(|r| r.user.is_none()),
         "the public repository was asked with credentials: {asked:?}"
@@ -769,7 +770,7 @@ async fn check_config_reads_the_auth_files() {
     let good = htpasswd(dir.path(), &[("alice", "pw")]);
     let bad = dir.path().join("bad-htpasswd");
     std::fs::write(&bad, "alice-without-a-hash\n").unwrap();
-    let tokens = tokens(dir.path(), &[("ci", "tok")]);
+    let tokens = tokens_dir(dir.path(), &[("ci", "tok")]);
     let check = |auth: String| {
         let config = dir.path().join(format!(
             "berth-{}.toml",
