@@ -158,7 +158,9 @@ impl Identities {
         let wrong = || Rejected::Password {
             user: Some(user.to_owned()),
         };
-        let given: [u8; 32] = Sha256::digest(password.as_bytes()).into();
+        // The password's SHA-256, already made for the token lookup above, is what the
+        // cache of verified bcrypt logins compares.
+        let given = digest;
         {
             let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((h, d)) = verified.get(user) {

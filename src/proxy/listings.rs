@@ -19,10 +19,10 @@ use super::flight::Role;
 use super::freshness::{self, Before};
 use super::{internal, Proxy};
 use crate::clock::Clock;
-use crate::metrics::{Kind, Metrics, Outcome, UpstreamLabels};
+use crate::metrics::{Kind, Metrics, Outcome};
 use crate::oci::{self, Digest, ErrorCode, Repository};
 use crate::store::{Document, Store};
-use crate::upstream::{self, Passthrough, Upstream};
+use crate::upstream::{Passthrough, Upstream};
 
 /// Which list, with the query that selects it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,17 +284,7 @@ impl Fetch {
             }
             Err(e) => match held {
                 Some(doc) if e.allows_stale() => {
-                    if matches!(
-                        e,
-                        upstream::Error::Quota(_) | upstream::Error::TooManyRequests { .. }
-                    ) {
-                        self.metrics
-                            .quota_stale
-                            .get_or_create(&UpstreamLabels {
-                                upstream: self.up.host().to_owned(),
-                            })
-                            .inc();
-                    }
+                    super::count_quota_stale(&self.metrics, self.up.host(), &e);
                     tracing::warn!(upstream = self.up.host(), error = %e,
                         "serving a stale {}", self.listing.noun());
                     Ok(self.stale(doc, &format!("could not answer ({e})")))

@@ -204,6 +204,22 @@ impl Proxy {
     }
 }
 
+/// Counts a stale answer the quota caused (berth's bucket, or the upstream's 429), for
+/// `berth_quota_stale_answers_total`; other failures a stale copy covers are not counted.
+fn count_quota_stale(metrics: &Metrics, upstream: &str, e: &crate::upstream::Error) {
+    if matches!(
+        e,
+        crate::upstream::Error::Quota(_) | crate::upstream::Error::TooManyRequests { .. }
+    ) {
+        metrics
+            .quota_stale
+            .get_or_create(&crate::metrics::UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .inc();
+    }
+}
+
 fn internal(what: &str, e: impl std::fmt::Display) -> oci::Error {
     tracing::error!(error = %e, "{what}");
     oci::Error::new(ErrorCode::Internal, format!("{what}: {e}"))

@@ -45,9 +45,8 @@ impl Parts {
                 manifest,
                 Outcome::Hit,
             )),
-            (Before::Revalidate, Some((record, manifest))) => {
-                self.revalidate(up, repo, tag, accept, key, record, manifest)
-                    .await
+            (Before::Revalidate, Some(held)) => {
+                self.revalidate(up, repo, tag, accept, key, held).await
             }
             _ => self
                 .fetch_tag(up, repo, tag, accept, key, Purpose::New)
@@ -56,8 +55,8 @@ impl Parts {
         }
     }
 
-    /// A stale tag berth holds: a HEAD (free), and what `freshness::after_head` says.
-    #[allow(clippy::too_many_arguments)]
+    /// A stale tag berth holds (its record and manifest): a HEAD (free), and what
+    /// `freshness::after_head` says.
     async fn revalidate(
         &self,
         up: &Upstream,
@@ -65,8 +64,7 @@ impl Parts {
         tag: &Tag,
         accept: AcceptSet,
         key: String,
-        record: TagRecord,
-        manifest: StoredManifest,
+        (record, manifest): (TagRecord, StoredManifest),
     ) -> Result<ManifestAnswer, oci::Error> {
         let reference = Reference::Tag(tag.clone());
         let head = up.head_manifest(repo, &reference, accept).await;
@@ -154,17 +152,7 @@ impl Parts {
         m: StoredManifest,
         e: &upstream::Error,
     ) -> ManifestAnswer {
-        if matches!(
-            e,
-            upstream::Error::Quota(_) | upstream::Error::TooManyRequests { .. }
-        ) {
-            self.metrics
-                .quota_stale
-                .get_or_create(&crate::metrics::UpstreamLabels {
-                    upstream: up.host().to_owned(),
-                })
-                .inc();
-        }
+        super::count_quota_stale(&self.metrics, up.host(), e);
         stale(up, record, m, e, self.clock.now_millis())
     }
 }

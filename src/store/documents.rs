@@ -129,17 +129,17 @@ impl index::Index {
             .and_then(|v| decode(v.value())))
     }
 
-    /// Writes `doc` under `key` (pinned if `pin`, or if it was), then removes the oldest
-    /// unpinned documents while over the bounds; returns how many it removed.
-    pub fn put_document(&self, key: &str, doc: &Document, pin: bool) -> io::Result<usize> {
-        self.put_document_bounded(key, doc, pin, MAX_BYTES, MAX_COUNT)
+    /// Writes `doc` under `key` (still pinned if it was: `pin_document` pins), then
+    /// removes the oldest unpinned documents while over the bounds; returns how many it
+    /// removed.
+    pub fn put_document(&self, key: &str, doc: &Document) -> io::Result<usize> {
+        self.put_document_bounded(key, doc, MAX_BYTES, MAX_COUNT)
     }
 
     fn put_document_bounded(
         &self,
         key: &str,
         doc: &Document,
-        pin: bool,
         max_bytes: u64,
         max_count: u64,
     ) -> io::Result<usize> {
@@ -156,7 +156,7 @@ impl index::Index {
                 .map_err(index::io)?
                 .map_or((0, 0, 0), |v| v.value());
             let old = sizes.get(key).map_err(index::io)?.map(|v| v.value());
-            let mut pinned = pin;
+            let mut pinned = false;
             if let Some((size, written, was_pinned)) = old {
                 bytes = bytes.saturating_sub(size);
                 count = count.saturating_sub(1);
@@ -258,7 +258,7 @@ impl Store {
             return Ok(());
         }
         let s = self.clone();
-        let removed = blocking(move || s.inner.index.put_document(&key, &doc, false)).await?;
+        let removed = blocking(move || s.inner.index.put_document(&key, &doc)).await?;
         if removed > 0 {
             tracing::debug!(
                 removed,
@@ -321,25 +321,14 @@ mod tests {
         let index = &store.inner.index;
         assert!(index.pin_document("a").unwrap());
         assert!(!index.pin_document("nothing").unwrap());
-        index
-            .put_document_bounded("b", &d, false, u64::MAX, 2)
-            .unwrap();
-        assert_eq!(
-            index
-                .put_document_bounded("c", &d, false, u64::MAX, 2)
-                .unwrap(),
-            1
-        );
+        index.put_document_bounded("b", &d, u64::MAX, 2).unwrap();
+        assert_eq!(index.put_document_bounded("c", &d, u64::MAX, 2).unwrap(), 1);
         assert!(index.document("a").unwrap().is_some(), "pinned");
         assert!(index.document("b").unwrap().is_none(), "oldest unpinned");
         assert!(index.document("c").unwrap().is_some(), "just written");
         // Rewriting a pinned document keeps it pinned.
-        index
-            .put_document_bounded("a", &d, false, u64::MAX, 2)
-            .unwrap();
-        index
-            .put_document_bounded("d", &d, false, u64::MAX, 2)
-            .unwrap();
+        index.put_document_bounded("a", &d, u64::MAX, 2).unwrap();
+        index.put_document_bounded("d", &d, u64::MAX, 2).unwrap();
         assert!(index.document("a").unwrap().is_some());
         assert!(index.document("c").unwrap().is_none());
         store.remove_document("a".into()).await.unwrap();
@@ -349,7 +338,7 @@ mod tests {
         let size = encode(&d).unwrap().len() as u64;
         for i in 0..3 {
             index
-                .put_document_bounded(&format!("{long}{i}"), &d, false, 2 * size + 1000, 100)
+                .put_document_bounded(&format!("{long}{i}"), &d, 2 * size + 1000, 100)
                 .unwrap();
         }
         let kept = (0..3)
@@ -369,13 +358,7 @@ mod tests {
         for round in 0..3 {
             for i in 0..20 {
                 index
-                    .put_document_bounded(
-                        &format!("k{}", (i * 7 + round) % 30),
-                        &d,
-                        false,
-                        u64::MAX,
-                        10,
-                    )
+                    .put_document_bounded(&format!("k{}", (i * 7 + round) % 30), &d, u64::MAX, 10)
                     .unwrap();
             }
         }

@@ -80,7 +80,6 @@ pub struct Upstream {
     accounts: Accounts,
     pub tag_ttl: Duration,
     pub negative_ttl: Duration,
-    pub response_timeout: Duration,
     pub stall_timeout: Duration,
     pub fill_deadline: Duration,
     /// Decides, with the account's bucket, whether a counted request may go (shared by
@@ -160,7 +159,6 @@ impl Upstream {
             last_error: std::sync::Mutex::new(None),
             tag_ttl: config.tag_ttl,
             negative_ttl: config.negative_ttl,
-            response_timeout: config.response_timeout,
             stall_timeout: config.stall_timeout,
             fill_deadline: config.fill_deadline,
         })
